@@ -1,0 +1,7 @@
+"""fastformer: fused Triton and C++/CUDA kernels for transformers, as drop-in PyTorch ops and modules."""
+
+from .ops import attention, backends, scaled_dot_product_attention, use_backend
+
+__version__ = "0.1.0"
+
+__all__ = ["attention", "backends", "scaled_dot_product_attention", "use_backend", "__version__"]

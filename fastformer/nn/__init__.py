@@ -1,0 +1,1 @@
+"""Drop-in replacements for torch.nn transformer modules, running on fastformer's kernels."""

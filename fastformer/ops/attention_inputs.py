@@ -1,0 +1,224 @@
+"""Validation and normalisation of scaled-dot-product-attention arguments.
+
+Every backend receives the same normalised problem: 4-D tensors
+``q (B, Hq, L, E)``, ``k (B, Hkv, S, E)``, ``v (B, Hkv, S, Ev)`` with
+``Hq % Hkv == 0`` and a mask that is either ``None`` or a *view* broadcast to
+``(B, Hq, L, S)`` (stride 0 along broadcast dimensions, never copied), so
+kernels read any mask layout through its strides.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass
+class AttentionProblem:
+    """A validated attention call in the canonical 4-D layout."""
+
+    q: Tensor  # (B, Hq, L, E)
+    k: Tensor  # (B, Hkv, S, E)
+    v: Tensor  # (B, Hkv, S, Ev)
+    mask: Optional[Tensor]  # None, or bool/float view broadcast to (B, Hq, L, S)
+    dropout_p: float
+    is_causal: bool
+    causal_bottom_right: bool
+    scale: float
+    out_shape: tuple  # shape of the user-facing output: query.shape[:-1] + (Ev,)
+
+    @property
+    def batch(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def heads_q(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def heads_kv(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def len_q(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def len_k(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.q.shape[3]
+
+    @property
+    def head_dim_v(self) -> int:
+        return self.v.shape[3]
+
+    @property
+    def needs_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (self.q, self.k, self.v)
+        )
+
+    @property
+    def mask_needs_grad(self) -> bool:
+        return self.mask is not None and self.mask.requires_grad and torch.is_grad_enabled()
+
+
+def _check_tensor(name: str, t) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+            f"got dtype {t.dtype}"
+        )
+    if t.dim() < 2:
+        raise ValueError(f"{name} must have at least 2 dimensions (..., L, E), got shape {tuple(t.shape)}")
+
+
+def _broadcastable(src: tuple, dst: tuple) -> bool:
+    if len(src) > len(dst):
+        return False
+    for s, d in zip(reversed(src), reversed(dst)):
+        if s != 1 and s != d:
+            return False
+    return True
+
+
+def validate_attention_inputs(
+    query,
+    key,
+    value,
+    attn_mask=None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+    causal_bottom_right: bool = False,
+) -> AttentionProblem:
+    """Check the arguments of ``scaled_dot_product_attention`` as torch does and
+    return the canonical :class:`AttentionProblem`.
+
+    Errors name the offending argument: ``TypeError`` for wrong types/dtypes,
+    ``ValueError`` for shapes and values, ``RuntimeError`` for device mixes.
+    """
+    _check_tensor("query", query)
+    _check_tensor("key", key)
+    _check_tensor("value", value)
+
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(
+            "query, key and value must have the same dtype, got "
+            f"query.dtype={query.dtype}, key.dtype={key.dtype}, value.dtype={value.dtype}"
+        )
+    if not (query.device == key.device == value.device):
+        raise RuntimeError(
+            "query, key and value must be on the same device, got "
+            f"query.device={query.device}, key.device={key.device}, value.device={value.device}"
+        )
+    if not (query.dim() == key.dim() == value.dim()):
+        raise ValueError(
+            "query, key and value must have the same number of dimensions, got "
+            f"query.shape={tuple(query.shape)}, key.shape={tuple(key.shape)}, value.shape={tuple(value.shape)}"
+        )
+    if query.shape[-1] != key.shape[-1]:
+        raise ValueError(
+            f"key's last dimension (head dim E) must equal query's: query.shape={tuple(query.shape)}, "
+            f"key.shape={tuple(key.shape)}"
+        )
+    if key.shape[-2] != value.shape[-2]:
+        raise ValueError(
+            f"key and value must have the same sequence length S (dim -2): key.shape={tuple(key.shape)}, "
+            f"value.shape={tuple(value.shape)}"
+        )
+
+    ndim = query.dim()
+    batch_dims = tuple(query.shape[:-3]) if ndim >= 3 else ()
+    for name, t in (("key", key), ("value", value)):
+        if ndim >= 4 and tuple(t.shape[:-3]) != batch_dims:
+            raise ValueError(
+                f"{name}'s batch dimensions {tuple(t.shape[:-3])} must equal query's {batch_dims} "
+                f"(query.shape={tuple(query.shape)}, {name}.shape={tuple(t.shape)})"
+            )
+    if key.shape[:-2] != value.shape[:-2]:
+        raise ValueError(
+            f"key and value must have the same batch and head dimensions: key.shape={tuple(key.shape)}, "
+            f"value.shape={tuple(value.shape)}"
+        )
+
+    hq = query.shape[-3] if ndim >= 3 else 1
+    hkv = key.shape[-3] if ndim >= 3 else 1
+    if hq != hkv:
+        if not enable_gqa:
+            raise ValueError(
+                f"query has {hq} heads (dim -3) but key/value have {hkv}; heads must match "
+                "unless enable_gqa=True"
+            )
+        if hkv == 0 or hq % hkv != 0:
+            raise ValueError(
+                f"enable_gqa=True requires the number of query heads ({hq}) to be a multiple of the "
+                f"number of key/value heads ({hkv})"
+            )
+
+    if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool):
+        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
+    if not (0.0 <= float(dropout_p) <= 1.0) or math.isnan(dropout_p):
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
+    if scale is not None:
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+            raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+        scale = float(scale)
+    else:
+        scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] > 0 else 1.0
+
+    L, E = query.shape[-2], query.shape[-1]
+    S, Ev = key.shape[-2], value.shape[-1]
+    B = math.prod(batch_dims)
+    q4 = query.reshape(B, hq, L, E)
+    k4 = key.reshape(B, hkv, S, E)
+    v4 = value.reshape(B, hkv, S, Ev)
+
+    mask4 = None
+    if attn_mask is not None:
+        if is_causal:
+            raise ValueError(
+                "attn_mask must be None when is_causal=True (as in torch): pass either an explicit "
+                "mask or is_causal, not both"
+            )
+        if not isinstance(attn_mask, Tensor):
+            raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+            raise TypeError(
+                f"attn_mask must be a bool tensor or have query's dtype ({query.dtype}), got {attn_mask.dtype}"
+            )
+        if attn_mask.device != query.device:
+            raise RuntimeError(
+                f"attn_mask must be on query's device ({query.device}), got {attn_mask.device}"
+            )
+        full = (*batch_dims, hq, L, S) if ndim >= 3 else (L, S)
+        if not _broadcastable(tuple(attn_mask.shape), full):
+            raise ValueError(
+                f"attn_mask of shape {tuple(attn_mask.shape)} is not broadcastable to the attention "
+                f"weights' shape {full} (batch..., heads, L, S)"
+            )
+        mask4 = attn_mask.expand(full).reshape(B, hq, L, S)
+
+    return AttentionProblem(
+        q=q4,
+        k=k4,
+        v=v4,
+        mask=mask4,
+        dropout_p=float(dropout_p),
+        is_causal=bool(is_causal),
+        causal_bottom_right=bool(causal_bottom_right),
+        scale=scale,
+        out_shape=(*query.shape[:-1], Ev),
+    )

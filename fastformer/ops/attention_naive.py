@@ -1,0 +1,118 @@
+"""The ``"naive"`` backend: textbook attention that materialises the L x S matrix.
+
+It is the baseline the benchmarks compare against (its memory grows as L*S),
+written as any user would: ``softmax(mask(Q Kᵀ · scale)) · V`` with the
+softmax in float32. It goes through the fused-op machinery (forward and a
+hand-written backward) so that the custom-op plumbing every fused backend
+uses is exercised and tested on any machine.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .dispatch import AttentionBackend, register_backend
+from .fused_attention import fused_attention, register_fused_kernels
+
+
+def causal_mask(L: int, S: int, bottom_right: bool, device) -> Tensor:
+    """Bool (L, S) mask, True = attend. Top-left: key j visible to query i when j <= i;
+    bottom-right: when j <= i + (S - L), the alignment used when decoding with a cache."""
+    offset = S - L if bottom_right else 0
+    i = torch.arange(L, device=device)[:, None]
+    j = torch.arange(S, device=device)[None, :]
+    return j <= i + offset
+
+
+def _expand_kv(t: Tensor, heads_q: int) -> Tensor:
+    groups = heads_q // t.shape[1]
+    return t if groups == 1 else t.repeat_interleave(groups, dim=1)
+
+
+def _reduce_kv(grad: Tensor, heads_kv: int) -> Tensor:
+    B, Hq, S, D = grad.shape
+    return grad if Hq == heads_kv else grad.view(B, heads_kv, Hq // heads_kv, S, D).sum(2)
+
+
+def dropout_keep_mask(rng_state: Tensor, shape, p: float, device) -> Tensor:
+    """The naive backend's dropout mask (True = keep), a pure function of ``rng_state``."""
+    gen = torch.Generator(device=device)
+    seed, offset = (int(x) for x in rng_state.tolist())
+    gen.manual_seed(seed * 1_000_003 + offset)
+    return torch.rand(shape, generator=gen, device=device) >= p
+
+
+def _scores(q, k, mask, is_causal, causal_bottom_right, scale) -> Tensor:
+    """Scaled, masked scores in float32, (B, Hq, L, S)."""
+    s = torch.matmul(q, _expand_kv(k, q.shape[1]).transpose(-2, -1)).float() * scale
+    if is_causal:
+        s = s.masked_fill(~causal_mask(q.shape[2], k.shape[2], causal_bottom_right, q.device), float("-inf"))
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.float()
+    return s
+
+
+def _probabilities(s: Tensor, lse: Tensor) -> Tensor:
+    # Rows with every key masked have lse = -inf; they attend to nothing (torch gives 0).
+    p = torch.exp(s - lse[..., None])
+    return torch.where(torch.isneginf(lse)[..., None], torch.zeros_like(p), p)
+
+
+def _keep_scale(p: float) -> float:
+    return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
+
+
+def naive_forward(q, k, v, mask, rng_state, dropout_p, is_causal, causal_bottom_right, scale):
+    s = _scores(q, k, mask, is_causal, causal_bottom_right, scale)
+    lse = torch.logsumexp(s, dim=-1)
+    p = _probabilities(s, lse)
+    if dropout_p > 0.0:
+        p = p * dropout_keep_mask(rng_state, p.shape, dropout_p, q.device) * _keep_scale(dropout_p)
+    out = torch.matmul(p.to(v.dtype), _expand_kv(v, q.shape[1]))
+    return out, lse
+
+
+def naive_backward(dout, q, k, v, out, lse, mask, rng_state, dropout_p, is_causal, causal_bottom_right, scale):
+    Hkv = k.shape[1]
+    k_full, v_full = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
+    p = _probabilities(_scores(q, k, mask, is_causal, causal_bottom_right, scale), lse)
+    dp = torch.matmul(dout.float(), v_full.float().transpose(-2, -1))
+    p_used = p
+    if dropout_p > 0.0:
+        keep = dropout_keep_mask(rng_state, p.shape, dropout_p, q.device) * _keep_scale(dropout_p)
+        p_used = p * keep
+        dp = dp * keep
+    dv = torch.matmul(p_used.transpose(-2, -1), dout.float())
+    delta = (dout.float() * out.float()).sum(-1, keepdim=True)  # rowsum(P ∘ dP)
+    ds = p * (dp - delta) * scale
+    dq = torch.matmul(ds, k_full.float())
+    dk = torch.matmul(ds.transpose(-2, -1), q.float())
+    return dq.to(q.dtype), _reduce_kv(dk, Hkv).to(k.dtype), _reduce_kv(dv, Hkv).to(v.dtype)
+
+
+register_fused_kernels("naive", naive_forward, naive_backward)
+
+
+def _always_available() -> Optional[str]:
+    return None
+
+
+def _naive_unsupported(problem) -> Optional[str]:
+    if problem.mask_needs_grad:
+        return "attn_mask requires grad (use the reference backend)"
+    return None
+
+
+register_backend(
+    AttentionBackend(
+        name="naive",
+        description="textbook baseline: materialises Q·Kᵀ (memory grows as L·S)",
+        availability=_always_available,
+        unsupported=_naive_unsupported,
+        run=lambda problem: fused_attention(problem, "naive"),
+        auto=False,
+    )
+)

@@ -1,0 +1,138 @@
+"""Attention backends: what exists, what is available here, and which one runs.
+
+A backend is an :class:`AttentionBackend`: a name, a check of whether it can
+run on this machine at all (``availability``), a check of whether it supports
+a given problem (``unsupported``), and ``run``. Backends register themselves
+with :func:`register_backend` when their module is imported; the modules named
+in ``_BACKEND_MODULES`` are imported lazily, so a missing Triton, extension or
+GPU never breaks ``import fastformer``.
+
+``"auto"`` tries :data:`AUTO_ORDER` for the device type and falls back to
+``"reference"``, which handles every valid input. A backend asked for by name
+raises a clear error instead of falling back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional
+
+from .attention_inputs import AttentionProblem
+
+BACKEND_NAMES = ("auto", "reference", "naive", "triton", "cuda", "cpu")
+
+# Fastest first. "naive" is a baseline and never picked automatically.
+AUTO_ORDER: Dict[str, List[str]] = {
+    "cuda": ["cuda", "triton"],
+    "cpu": ["cpu"],
+}
+
+# Importing these modules registers the backend. A module that fails to import
+# makes its backend unavailable, with the import error as the reason.
+_BACKEND_MODULES: Dict[str, str] = {
+    "reference": "fastformer.ops.attention_reference",
+    "naive": "fastformer.ops.attention_naive",
+    "triton": "fastformer.ops.attention_triton",
+    "cuda": "fastformer.ops.attention_cuda",
+    "cpu": "fastformer.ops.attention_cpu",
+}
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    name: str
+    description: str
+    availability: Callable[[], Optional[str]]  # None when usable on this machine, else why not
+    unsupported: Callable[[AttentionProblem], Optional[str]]  # None when it supports the problem, else why not
+    run: Callable[[AttentionProblem], object]  # -> out (B, Hq, L, Ev), differentiable
+    auto: bool = True  # may "auto" pick it (a kernel never validated on hardware must not)
+
+
+_REGISTRY: Dict[str, AttentionBackend] = {}
+_IMPORT_ERRORS: Dict[str, str] = {}
+_DEFAULT_STACK: List[str] = []
+
+
+def register_backend(backend: AttentionBackend) -> None:
+    _REGISTRY[backend.name] = backend
+
+
+def _load(name: str) -> Optional[AttentionBackend]:
+    if name not in _REGISTRY and name not in _IMPORT_ERRORS:
+        try:
+            importlib.import_module(_BACKEND_MODULES[name])
+        except Exception as exc:  # any failure means "not available", with the reason
+            _IMPORT_ERRORS[name] = f"{type(exc).__name__}: {exc}"
+        if name not in _REGISTRY and name not in _IMPORT_ERRORS:
+            _IMPORT_ERRORS[name] = f"module {_BACKEND_MODULES[name]} registered no backend"
+    return _REGISTRY.get(name)
+
+
+def _why_unavailable(name: str) -> Optional[str]:
+    backend = _load(name)
+    if backend is None:
+        return _IMPORT_ERRORS[name]
+    return backend.availability()
+
+
+def _check_name(backend: str) -> None:
+    if not isinstance(backend, str) or backend not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+
+
+@contextlib.contextmanager
+def use_backend(backend: str) -> Iterator[None]:
+    """Make ``backend`` the default attention backend inside a ``with`` block.
+
+    Calls that pass ``backend="auto"`` (the default) use it instead; an explicit
+    ``backend=`` argument still wins. Blocks nest. The setting is process-wide
+    (not per thread), which keeps it visible to ``torch.compile``.
+    """
+    _check_name(backend)
+    _DEFAULT_STACK.append(backend)
+    try:
+        yield
+    finally:
+        _DEFAULT_STACK.pop()
+
+
+def select_backend(problem: AttentionProblem, backend: str = "auto") -> AttentionBackend:
+    """The backend that will run ``problem``; see the module docstring for the rules."""
+    _check_name(backend)
+    if backend == "auto" and _DEFAULT_STACK:
+        backend = _DEFAULT_STACK[-1]
+    if backend != "auto":
+        reason = _why_unavailable(backend)
+        if reason is not None:
+            raise RuntimeError(f"attention backend {backend!r} is not available: {reason}")
+        chosen = _REGISTRY[backend]
+        reason = chosen.unsupported(problem)
+        if reason is not None:
+            raise ValueError(f"attention backend {backend!r} does not support these inputs: {reason}")
+        return chosen
+    for name in AUTO_ORDER.get(problem.q.device.type, []):
+        if _why_unavailable(name) is None:
+            candidate = _REGISTRY[name]
+            if candidate.auto and candidate.unsupported(problem) is None:
+                return candidate
+    return _load("reference")
+
+
+def backends() -> Dict[str, Dict[str, object]]:
+    """Every attention backend with whether it is available here and, if not, why.
+
+    Returns ``{name: {"available": bool, "auto": bool, "reason": str, "description": str}}``.
+    """
+    report = {}
+    for name in BACKEND_NAMES[1:]:
+        reason = _why_unavailable(name)
+        backend = _REGISTRY.get(name)
+        report[name] = {
+            "available": reason is None,
+            "auto": bool(backend and backend.auto),
+            "reason": reason or "",
+            "description": backend.description if backend else "",
+        }
+    return report

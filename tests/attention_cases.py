@@ -1,0 +1,178 @@
+"""The attention feature matrix shared by every backend's tests.
+
+Each case is small enough for the Triton interpreter (<= 128 tokens). A case
+builds fresh random inputs, runs the backend under test, PyTorch in the same
+dtype, and PyTorch in float64 on the upcast inputs, and applies the error
+rule to the output and to the gradients of q, k, v (and of a float mask where
+the backend supports mask gradients).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastformer
+from error_rule import assert_close_by_rule
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    batch: Tuple[int, ...] = (2,)  # leading dims before heads; () means 3-D input (H, L, E)
+    hq: int = 3
+    hkv: Optional[int] = None
+    L: int = 17
+    S: Optional[int] = None
+    E: int = 16
+    Ev: Optional[int] = None
+    mask: Optional[str] = None  # "bool" / "float"
+    mask_shape: str = "LS"  # LS, 11LS, B11S, BHLS
+    is_causal: bool = False
+    bottom_right: bool = False
+    scale: Optional[float] = None
+    dead_rows: bool = False  # some query rows have every key masked
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def gqa(self) -> bool:
+        return self.hkv is not None and self.hkv != self.hq
+
+
+CASES = [
+    Case("basic"),
+    Case("3d_input", batch=()),
+    Case("one_token", L=1, S=1),
+    Case("cross_Lq<Lk", L=13, S=29),
+    Case("cross_Lq>Lk", L=37, S=11),
+    Case("Ev!=E", E=24, Ev=8),
+    Case("head_dim_40", E=40, L=20),
+    Case("head_dim_5", E=5, Ev=7, L=9, S=12),
+    Case("scale", scale=0.37),
+    Case("causal", is_causal=True),
+    Case("causal_Lq<Lk", is_causal=True, L=9, S=23),
+    Case("causal_Lq>Lk", is_causal=True, L=23, S=9),
+    Case("causal_bottom_right", is_causal=True, bottom_right=True, L=9, S=23),
+    Case("causal_long", is_causal=True, L=70, S=70, batch=(1,), hq=2),
+    Case("bool_mask_LS", mask="bool", mask_shape="LS", L=19, S=21),
+    Case("bool_mask_11LS", mask="bool", mask_shape="11LS"),
+    Case("bool_mask_B11S", mask="bool", mask_shape="B11S", L=15, S=33),
+    Case("bool_mask_BHLS", mask="bool", mask_shape="BHLS"),
+    Case("float_mask_LS", mask="float", mask_shape="LS"),
+    Case("float_mask_B11S", mask="float", mask_shape="B11S", S=26),
+    Case("float_mask_BHLS", mask="float", mask_shape="BHLS"),
+    Case("dead_rows_bool", mask="bool", mask_shape="BHLS", dead_rows=True),
+    Case("dead_rows_float", mask="float", mask_shape="LS", dead_rows=True),
+    Case("gqa", hq=4, hkv=2),
+    Case("mqa_causal", hq=4, hkv=1, is_causal=True),
+    Case("gqa_mask", hq=6, hkv=3, mask="bool", mask_shape="B11S"),
+    Case("5d_input", batch=(2, 2), hq=2, L=11),
+]
+
+
+def _mask_shape(case: Case, B: int) -> tuple:
+    L, S = case.L, case.S or case.L
+    return {"LS": (L, S), "11LS": (1, 1, L, S), "B11S": (B, 1, 1, S), "BHLS": (B, case.hq, L, S)}[case.mask_shape]
+
+
+def make_inputs(case: Case, dtype: torch.dtype, device, requires_grad: bool = True):
+    """q, k, v and mask in ``dtype`` (drawn in float64 so the upcast is exact)."""
+    S, Ev, hkv = case.S or case.L, case.Ev or case.E, case.hkv or case.hq
+    lead = case.batch
+    q = torch.randn(*lead, case.hq, case.L, case.E, dtype=torch.float64)
+    k = torch.randn(*lead, hkv, S, case.E, dtype=torch.float64)
+    v = torch.randn(*lead, hkv, S, Ev, dtype=torch.float64)
+    mask = None
+    if case.mask is not None:
+        B = lead[0] if lead else 1
+        shape = _mask_shape(case, B)
+        if case.mask_shape in ("BHLS", "B11S") and len(lead) == 0:
+            shape = shape[1:]
+        keep = torch.rand(shape) > 0.3
+        keep[..., 0] = True  # at least one visible key per row unless a dead row is asked for
+        if case.dead_rows:
+            keep[..., 1, :] = False
+        if case.mask == "bool":
+            mask = keep
+        else:
+            mask = torch.randn(shape, dtype=torch.float64).masked_fill(~keep, float("-inf"))
+    tensors = [t.to(dtype).to(device) for t in (q, k, v)]
+    if mask is not None:
+        mask = mask.to(device) if mask.dtype == torch.bool else mask.to(dtype).to(device)
+    if requires_grad:
+        for t in tensors:
+            t.requires_grad_(True)
+    return (*tensors, mask)
+
+
+def torch_attention(case: Case, q, k, v, mask):
+    """PyTorch's SDPA on the given tensors (bottom-right causal as an explicit mask)."""
+    is_causal = case.is_causal
+    if case.bottom_right and case.is_causal:
+        L, S = q.shape[-2], k.shape[-2]
+        mask = torch.ones(L, S, dtype=torch.bool, device=q.device).tril(S - L)
+        is_causal = False
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=is_causal, scale=case.scale, enable_gqa=case.gqa
+    )
+
+
+def _upcast(t):
+    if t is None:
+        return None
+    u = t.detach().double() if t.is_floating_point() else t.detach()
+    return u.requires_grad_(t.requires_grad)
+
+
+def check_case(case: Case, backend: str, dtype: torch.dtype, device, grads: bool = True, mask_grad: bool = False):
+    """Run ``case`` on ``backend`` and assert the error rule on output and gradients."""
+    q, k, v, mask = make_inputs(case, dtype, device, requires_grad=grads)
+    if mask_grad and mask is not None and mask.is_floating_point():
+        mask.requires_grad_(True)
+    ours = fastformer.attention(
+        q, k, v, attn_mask=mask, is_causal=case.is_causal, scale=case.scale, enable_gqa=case.gqa,
+        causal_bottom_right=case.bottom_right, backend=backend,
+    )
+    same = torch_attention(case, *[_upcast(t).to(dtype) if t is not None and t.is_floating_point() else t
+                                   for t in (q, k, v)], _same_mask(mask, dtype))
+    ref_inputs = [_upcast(t) for t in (q, k, v, mask)]
+    ref = torch_attention(case, *ref_inputs)
+    assert_close_by_rule(ours, ref, same, name=f"{backend}/{case.id}/out")
+    if not grads:
+        return
+    dout = torch.randn_like(ref)
+    diff_ours = [t for t in (q, k, v, mask) if t is not None and t.requires_grad]
+    g_ours = torch.autograd.grad(ours, diff_ours, dout.to(dtype))
+    diff_ref = [t for t in ref_inputs if t is not None and t.requires_grad]
+    g_ref = torch.autograd.grad(ref, diff_ref, dout)
+    same_inputs = [_upcast(t).to(dtype).requires_grad_(True) for t in (q, k, v)]
+    same_mask = _same_mask(mask, dtype)
+    if same_mask is not None and mask.requires_grad:
+        same_mask.requires_grad_(True)
+    same = torch_attention(case, *same_inputs, same_mask)
+    diff_same = same_inputs + ([same_mask] if same_mask is not None and same_mask.requires_grad else [])
+    g_same = torch.autograd.grad(same, diff_same, dout.to(dtype))
+    for name, a, r, s in zip(("dq", "dk", "dv", "dmask"), g_ours, g_ref, g_same):
+        assert_close_by_rule(a, r, s, name=f"{backend}/{case.id}/{name}")
+
+
+def _same_mask(mask, dtype):
+    if mask is None:
+        return None
+    return mask.detach().clone() if mask.dtype == torch.bool else mask.detach().to(dtype).clone()
+
+
+def require_backend(name: str) -> None:
+    """Skip when ``name`` is unavailable, unless FASTFORMER_EXPECT_BACKENDS lists it (then fail)."""
+    info = fastformer.backends()[name]
+    if info["available"]:
+        return
+    expected = [b for b in os.environ.get("FASTFORMER_EXPECT_BACKENDS", "").split(",") if b]
+    if name in expected:
+        pytest.fail(f"backend {name!r} expected (FASTFORMER_EXPECT_BACKENDS) but unavailable: {info['reason']}")
+    pytest.skip(f"backend {name!r} unavailable: {info['reason']}")
