@@ -47,7 +47,7 @@ def scaled_dot_product_attention(
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
     )
     out = select_backend(problem, backend).run(problem)
-    return out.reshape(problem.out_shape)
+    return out if query.dim() == 4 else out.reshape(problem.out_shape)
 
 
 def attention(
@@ -72,7 +72,8 @@ def attention(
         return_lse: also return the float32 log-sum-exp of each row of scaled,
             masked scores, shaped ``query.shape[:-1]`` (``-inf`` for fully masked
             rows). Only fused backends produce it; ``"auto"`` then falls back to the
-            ``"naive"`` kernels where no fused backend supports the inputs.
+            ``"naive"`` kernels where no fused backend supports the inputs. The
+            log-sum-exp is returned detached (not differentiable).
 
     Returns:
         ``out`` or ``(out, lse)``.

@@ -60,6 +60,8 @@ def register_backend(backend: AttentionBackend) -> None:
 
 
 def _load(name: str) -> Optional[AttentionBackend]:
+    if name not in _BACKEND_MODULES:
+        return None
     if name not in _REGISTRY and name not in _IMPORT_ERRORS:
         try:
             importlib.import_module(_BACKEND_MODULES[name])

@@ -44,6 +44,10 @@ def register_fused_kernels(name: str, forward: Callable, backward: Callable) -> 
 
 
 def _kernels(backend: str) -> FusedKernels:
+    if backend not in FUSED_KERNELS:
+        from .dispatch import _load  # backend modules register their kernels on import
+
+        _load(backend)
     try:
         return FUSED_KERNELS[backend]
     except KeyError:
@@ -113,10 +117,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, mask, rng_state = ctx.saved_tensors
     dropout_p, is_causal, causal_bottom_right, scale, backend = ctx.options
-    # Only the output is differentiable; a real gradient flowing into the log-sum-exp
-    # would be silently dropped, so refuse it (autograd passes None or zeros otherwise).
-    if dlse is not None and bool((dlse != 0).any()):
-        raise RuntimeError("fastformer attention: gradients through the returned log-sum-exp are not supported")
+    # Only the output is differentiable: the public API hands the log-sum-exp out
+    # detached (see fused_attention), so dlse carries nothing and is ignored.
     dq, dk, dv = attention_bwd(
         dout.contiguous(), q, k, v, out, lse, mask, rng_state, dropout_p, is_causal, causal_bottom_right, scale, backend
     )
@@ -148,4 +150,5 @@ def fused_attention(problem, backend: str, return_lse: bool = False):
         problem.scale,
         backend,
     )
-    return (out, lse) if return_lse else out
+    # lse is returned detached: the kernels' backward differentiates the output only.
+    return (out, lse.detach()) if return_lse else out

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# The one prepared GPU check: build, CUDA tests, sanitizer, benchmarks, ceilings.
+#
+#   bash bench/gpu.sh            # on a lent GPU (device tool: timeout_s 540); < 8 minutes
+#   bash bench/gpu.sh --dry-run  # on a CPU machine: exercises every step's plumbing
+#
+# Writes to $OUT when set (the device tool's return folder), else bench/results/gpu-run/:
+#   summary.txt       the step table and the key numbers (also printed last)
+#   gpu_log.txt       every step's full output
+#   results.tgz       bench JSON (<device>/<topic>.json) + junit XML: unpack into bench/results/
+# At most a handful of files, because the device tool returns at most 8.
+set -uo pipefail
+
+DRY_RUN=0
+[ "${1:-}" = "--dry-run" ] && DRY_RUN=1
+
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+OUT_DIR=${OUT:-$REPO/bench/results/gpu-run}
+mkdir -p "$OUT_DIR"
+WORK=$(mktemp -d)
+LOG="$OUT_DIR/gpu_log.txt"
+SUMMARY="$OUT_DIR/summary.txt"
+: >"$LOG"
+: >"$SUMMARY"
+PY=${PYTHON:-python3}
+[ -x "$REPO/.venv/bin/python" ] && [ "$DRY_RUN" = 1 ] && PY="$REPO/.venv/bin/python"
+export PYTHONUNBUFFERED=1
+export FASTFORMER_RESULTS_DIR="$WORK/results"
+T0=$(date +%s)
+
+# step NAME LIMIT_SECONDS COMMAND...: run, log, record ok/FAILED/TIMEOUT with its time.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local t=$(date +%s)
+  echo "===== $name (limit ${limit}s): $*" | tee -a "$LOG"
+  timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
+  local rc=$?
+  local status=ok
+  [ $rc -ne 0 ] && status="FAILED (rc $rc)"
+  [ $rc -eq 124 ] && status="TIMEOUT"
+  printf '%-28s %-16s %4ss\n' "$name" "$status" "$(( $(date +%s) - t ))" | tee -a "$SUMMARY"
+  tail -n 5 "$LOG" | sed 's/^/    /'
+  return 0
+}
+
+echo "fastformer GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')" | tee -a "$SUMMARY"
+
+if [ "$DRY_RUN" = 1 ]; then
+  echo "dry run: CPU stand-ins for each step" | tee -a "$SUMMARY"
+  step "environment" 60 "$PY" -m fastformer.info
+  step "cuda tests (collect only)" 120 "$PY" -m pytest -q -m cuda --collect-only -p no:cacheprovider tests
+  step "benchmarks (cpu, quick)" 300 "$PY" bench/suite.py --device cpu --quick
+else
+  step "environment" 60 bash -c "nvidia-smi; $PY -c 'import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())'"
+  step "build extension" 270 env MAX_JOBS=16 FASTFORMER_REQUIRE_EXT=1 "$PY" -m pip install --no-build-isolation --no-deps -q -e .
+  step "info" 60 "$PY" -m fastformer.info
+  step "cuda tests" 150 "$PY" -m pytest -q -m cuda -p no:cacheprovider --junitxml="$WORK/junit.xml" tests
+  if [ -f bench/sanitize_cuda.sh ]; then
+    step "compute-sanitizer" 60 bash bench/sanitize_cuda.sh
+  fi
+  # Whatever time is left (of ~450 s in all) goes to the benchmarks.
+  left=$(( 450 - ($(date +%s) - T0) ))
+  [ $left -lt 60 ] && left=60
+  step "benchmarks" "$left" "$PY" bench/suite.py --device cuda --budget $(( left - 30 ))
+fi
+
+# Key numbers last, where the device tool's reply shows them.
+"$PY" - "$WORK/results" >>"$SUMMARY" 2>&1 <<'EOF'
+import json, pathlib, sys
+root = pathlib.Path(sys.argv[1])
+for path in sorted(root.glob("*/*.json")):
+    data = json.loads(path.read_text())
+    env = data.get("environment", {})
+    print(f"{path.parent.name}/{path.name}: {env.get('device')} torch {env.get('torch')} triton {env.get('triton')}")
+    if "ceilings" in data:
+        print("  ceilings: " + ", ".join(f"{k} {v:.4g}" for k, v in data["ceilings"].items()))
+    for r in data.get("results", []):
+        if "speedup_vs_best_peer" in r and r.get("provider", "").startswith("ff-") and r["provider"] != "ff-naive":
+            print(f"  {r['provider']:<12} {r['mode']:<7} {r['dtype']:<8} L{r['seqlen']:<6} d{r['head_dim']:<4}"
+                  f" {'causal' if r['causal'] else 'full  '} {r['tflops']:8.3f} TFLOP/s"
+                  f" x{r['speedup_vs_best_peer']:.2f} vs {r['best_peer']}")
+EOF
+
+tar czf "$OUT_DIR/results.tgz" -C "$WORK" . 2>>"$LOG"
+rm -rf "$WORK"
+echo "total $(( $(date +%s) - T0 ))s; files in $OUT_DIR" | tee -a "$SUMMARY"
+echo
+cat "$SUMMARY"

@@ -1,0 +1,63 @@
+"""Run every benchmark available on this machine, one after another.
+
+    python bench/suite.py                   # this machine's default sets
+    python bench/suite.py --quick           # CI smoke: tiny sets, valid JSON
+    python bench/suite.py --device cuda     # what bench/gpu.sh runs
+
+Each entry of SUITE is a script in bench/ taking ``--device`` and ``--quick``;
+entries whose script is missing are reported and skipped. Each runs in its own
+process under a time limit, so one failure or hang cannot sink the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+
+# (script, time limit in seconds on the GPU set, extra arguments). Fixed order.
+SUITE = [
+    ("attention.py", 240, []),
+]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--only", nargs="*", help="run only these scripts")
+    p.add_argument("--budget", type=float, default=None, help="stop starting new entries after this many seconds")
+    args = p.parse_args(argv)
+    start = time.time()
+    failures = []
+    for script, limit, extra in SUITE:
+        if args.only and script not in args.only:
+            continue
+        path = BENCH / script
+        if not path.exists():
+            print(f"== {script}: missing, skipped", flush=True)
+            continue
+        if args.budget is not None and time.time() - start > args.budget:
+            print(f"== {script}: skipped (suite budget of {args.budget:.0f}s spent)", flush=True)
+            failures.append(script)
+            continue
+        cmd = [sys.executable, str(path), "--device", args.device, *(["--quick"] if args.quick else []), *extra]
+        print(f"== {script}: {' '.join(cmd[1:])}", flush=True)
+        t0 = time.time()
+        try:
+            rc = subprocess.run(cmd, timeout=limit * (1 if not args.quick else 0.5)).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        print(f"== {script}: {'ok' if rc == 0 else f'FAILED ({rc})'} in {time.time() - t0:.0f}s", flush=True)
+        if rc != 0:
+            failures.append(script)
+    print(f"== suite done in {time.time() - start:.0f}s; failures: {failures or 'none'}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""``python -m fastformer.info``: versions, device and the attention backend table."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from . import __version__, _ext
+from .ops.dispatch import AUTO_ORDER, backends
+
+
+def describe() -> str:
+    lines = [f"fastformer {__version__}", f"python {platform.python_version()}", f"torch {torch.__version__}"]
+    try:
+        import triton
+
+        lines.append(f"triton {triton.__version__}")
+    except Exception as exc:
+        lines.append(f"triton: not importable ({type(exc).__name__})")
+    if torch.cuda.is_available():
+        lines.append(f"device: {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})")
+    else:
+        lines.append("device: CPU only (no CUDA GPU visible)")
+    if _ext.C is not None:
+        lines.append(
+            f"extension fastformer._C: built ({'with' if _ext.C.with_cuda else 'without'} CUDA); "
+            f"CPU features: {', '.join(_ext.C.cpu_features()) or 'baseline'}"
+        )
+    else:
+        lines.append(f"extension fastformer._C: unavailable ({_ext.LOAD_ERROR})")
+    lines.append("")
+    lines.append(f"{'backend':<10} {'available':<10} {'auto':<5} description / reason unavailable")
+    for name, info in backends().items():
+        text = info["description"] if info["available"] else info["reason"]
+        lines.append(f"{name:<10} {'yes' if info['available'] else 'no':<10} {'yes' if info['auto'] else 'no':<5} {text}")
+    lines.append("")
+    order = "; ".join(f"{dev}: {' > '.join(names + ['reference'])}" for dev, names in AUTO_ORDER.items())
+    lines.append(f'"auto" tries, per device: {order}; other devices: reference')
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(describe())

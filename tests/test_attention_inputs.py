@@ -1,0 +1,143 @@
+"""Bad input to scaled_dot_product_attention raises a clear error naming the argument."""
+
+import pytest
+import torch
+
+import fastformer
+
+sdpa = fastformer.scaled_dot_product_attention
+
+
+def qkv(B=2, H=2, L=5, S=7, E=8, Ev=8, dtype=torch.float32, hkv=None):
+    return (
+        torch.randn(B, H, L, E, dtype=dtype),
+        torch.randn(B, hkv or H, S, E, dtype=dtype),
+        torch.randn(B, hkv or H, S, Ev, dtype=dtype),
+    )
+
+
+@pytest.mark.parametrize("backend", ["reference", "naive"])
+def test_rank_mismatch(backend):
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="same number of dimensions"):
+        sdpa(q, k[0], v, backend=backend)
+
+
+def test_rank_too_small():
+    with pytest.raises(ValueError, match="query must have at least 2 dimensions"):
+        sdpa(torch.randn(4), torch.randn(4, 4), torch.randn(4, 4))
+
+
+def test_head_count_mismatch_without_gqa():
+    q, k, v = qkv(H=4, hkv=2)
+    with pytest.raises(ValueError, match="enable_gqa"):
+        sdpa(q, k, v)
+
+
+def test_gqa_heads_not_divisible():
+    q, k, v = qkv(H=3, hkv=2)
+    with pytest.raises(ValueError, match="multiple"):
+        sdpa(q, k, v, enable_gqa=True)
+
+
+def test_head_dim_mismatch():
+    q, _, v = qkv()
+    k = torch.randn(2, 2, 7, 6)
+    with pytest.raises(ValueError, match="key's last dimension"):
+        sdpa(q, k, v)
+
+
+def test_key_value_length_mismatch():
+    q, k, _ = qkv()
+    v = torch.randn(2, 2, 6, 8)
+    with pytest.raises(ValueError, match="same sequence length"):
+        sdpa(q, k, v)
+
+
+def test_batch_mismatch():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="batch dimensions"):
+        sdpa(q, k[:1], v[:1])
+
+
+@pytest.mark.parametrize("shape", [(5, 6), (2, 3, 5, 7), (3, 1, 1, 7)])
+def test_mask_not_broadcastable(shape):
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"attn_mask of shape .* not broadcastable"):
+        sdpa(q, k, v, attn_mask=torch.ones(shape, dtype=torch.bool))
+
+
+def test_mask_wrong_dtype():
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match="attn_mask must be a bool tensor or have query's dtype"):
+        sdpa(q, k, v, attn_mask=torch.zeros(5, 7, dtype=torch.float64))
+    with pytest.raises(TypeError, match="attn_mask"):
+        sdpa(q, k, v, attn_mask=torch.zeros(5, 7, dtype=torch.int64))
+
+
+def test_mask_wrong_type():
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match="attn_mask must be a torch.Tensor"):
+        sdpa(q, k, v, attn_mask=[[True]])
+
+
+def test_dtype_mix():
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match="same dtype"):
+        sdpa(q.half(), k, v)
+
+
+def test_integer_inputs():
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match="query must be a floating-point tensor"):
+        sdpa(q.long(), k.long(), v.long())
+
+
+def test_non_tensor_input():
+    _, k, v = qkv()
+    with pytest.raises(TypeError, match="query must be a torch.Tensor"):
+        sdpa([1.0], k, v)
+
+
+@pytest.mark.skipif(not hasattr(torch, "device"), reason="")
+def test_device_mix():
+    q, k, v = qkv()
+    with pytest.raises(RuntimeError, match="same device"):
+        sdpa(q, k.to("meta"), v)
+    with pytest.raises(RuntimeError, match="attn_mask must be on query's device"):
+        sdpa(q, k, v, attn_mask=torch.ones(5, 7, dtype=torch.bool, device="meta"))
+
+
+def test_causal_with_mask():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="attn_mask must be None when is_causal=True"):
+        sdpa(q, k, v, attn_mask=torch.ones(5, 7, dtype=torch.bool), is_causal=True)
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.5, float("nan")])
+def test_bad_dropout(p):
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        sdpa(q, k, v, dropout_p=p)
+
+
+def test_bad_scale_type():
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match="scale must be a float"):
+        sdpa(q, k, v, scale="0.1")
+
+
+def test_unknown_backend():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        sdpa(q, k, v, backend="flash")
+
+
+def test_forced_unavailable_backend_says_why(monkeypatch):
+    from fastformer.ops import dispatch
+
+    q, k, v = qkv()
+    monkeypatch.setitem(dispatch._IMPORT_ERRORS, "cuda", "ImportError: built without CUDA")
+    monkeypatch.delitem(dispatch._REGISTRY, "cuda", raising=False)
+    with pytest.raises(RuntimeError, match="attention backend 'cuda' is not available: ImportError: built without CUDA"):
+        sdpa(q, k, v, backend="cuda")

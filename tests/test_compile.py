@@ -1,0 +1,72 @@
+"""The attention ops are torch.library custom ops: opcheck passes and torch.compile
+(fullgraph=True) traces a model using them with no graph break, forward and backward."""
+
+import pytest
+import torch
+
+import fastformer
+from fastformer.ops.fused_attention import attention_bwd, attention_fwd
+
+
+def _args(mask=None, dropout_p=0.0, causal=False, backend="naive"):
+    q = torch.randn(2, 4, 9, 8, requires_grad=True)
+    k = torch.randn(2, 2, 11, 8, requires_grad=True)
+    v = torch.randn(2, 2, 11, 6, requires_grad=True)
+    rng = torch.randint(0, 2**31 - 1, (2,)) if dropout_p else None
+    return (q, k, v, mask, rng, dropout_p, causal, False, 8**-0.5, backend)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"causal": True}, {"mask": torch.rand(9, 11) > 0.3}, {"dropout_p": 0.2}],
+    ids=["plain", "causal", "bool_mask", "dropout"],
+)
+def test_opcheck_attention_fwd(kwargs):
+    torch.library.opcheck(attention_fwd, _args(**kwargs))
+
+
+def test_opcheck_attention_bwd():
+    q, k, v, *rest = _args()
+    q, k, v = q.detach(), k.detach(), v.detach()
+    out, lse = attention_fwd(q, k, v, *rest)
+    dout = torch.randn_like(out)
+    torch.library.opcheck(attention_bwd, (dout, q, k, v, out, lse, *rest))
+
+
+class TinyAttentionModel(torch.nn.Module):
+    def __init__(self, dim=32, heads=4, backend="naive"):
+        super().__init__()
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.proj = torch.nn.Linear(dim, dim)
+        self.heads, self.backend = heads, backend
+
+    def forward(self, x):
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, h, L, d)
+        y = fastformer.scaled_dot_product_attention(q, k, v, is_causal=True, backend=self.backend)
+        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+
+
+@pytest.mark.parametrize("backend", ["naive", "reference", "auto"])
+def test_compile_fullgraph_forward_backward(backend):
+    torch._dynamo.reset()
+    model = TinyAttentionModel(backend=backend)
+    x = torch.randn(2, 10, 32)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    eager_out = model(x)
+    out = compiled(x)
+    torch.testing.assert_close(out, eager_out)
+    out.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    eager_out.sum().backward()
+    for g, e in zip(grads, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(g, e)
+
+
+def test_compile_fullgraph_inductor_naive():
+    torch._dynamo.reset()
+    model = TinyAttentionModel(backend="naive")
+    x = torch.randn(2, 10, 32)
+    out = torch.compile(model, fullgraph=True)(x)
+    torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,84 @@
+"""Backend selection: auto, forced, use_backend, the availability report, fallbacks."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastformer
+from fastformer.ops import dispatch
+from fastformer.ops.attention_inputs import validate_attention_inputs
+
+
+def problem(**kw):
+    q, k, v = (torch.randn(1, 2, 4, 8) for _ in range(3))
+    return validate_attention_inputs(q, k, v, **kw)
+
+
+def test_backends_report_shape():
+    report = fastformer.backends()
+    assert set(report) == {"reference", "naive", "triton", "cuda", "cpu"}
+    for name, info in report.items():
+        assert set(info) == {"available", "auto", "reason", "description"}
+        assert info["available"] or info["reason"], f"{name} unavailable without a reason"
+    assert report["reference"]["available"] and report["naive"]["available"]
+    assert not report["naive"]["auto"], "the naive baseline must never be picked automatically"
+
+
+def test_auto_never_picks_naive_and_falls_back_to_reference(monkeypatch):
+    monkeypatch.setitem(dispatch.AUTO_ORDER, "cpu", ["naive"])
+    assert dispatch.select_backend(problem()).name == "reference"
+
+
+def test_auto_skips_backend_that_does_not_support_inputs(monkeypatch):
+    fake = dispatch.AttentionBackend(
+        name="cpu", description="test double", availability=lambda: None,
+        unsupported=lambda p: "head dim 8 unsupported", run=lambda p: None,
+    )
+    monkeypatch.setitem(dispatch._REGISTRY, "cpu", fake)
+    assert dispatch.select_backend(problem()).name == "reference"
+    with pytest.raises(ValueError, match="'cpu' does not support these inputs: head dim 8 unsupported"):
+        dispatch.select_backend(problem(), "cpu")
+
+
+def test_auto_skips_unvalidated_backend(monkeypatch):
+    fake = dispatch.AttentionBackend(
+        name="cpu", description="never run on hardware", availability=lambda: None,
+        unsupported=lambda p: None, run=lambda p: None, auto=False,
+    )
+    monkeypatch.setitem(dispatch._REGISTRY, "cpu", fake)
+    assert dispatch.select_backend(problem()).name == "reference"
+    assert dispatch.select_backend(problem(), "cpu") is fake  # still usable when asked for
+
+
+def test_use_backend_context_nests_and_restores():
+    p = problem()
+    default = dispatch.select_backend(p).name
+    with fastformer.use_backend("naive"):
+        assert dispatch.select_backend(p).name == "naive"
+        with fastformer.use_backend("reference"):
+            assert dispatch.select_backend(p).name == "reference"
+        assert dispatch.select_backend(p).name == "naive"
+        assert dispatch.select_backend(p, "reference").name == "reference"  # explicit wins
+    assert dispatch.select_backend(p).name == default
+
+
+def test_use_backend_rejects_unknown_name():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with fastformer.use_backend("fast"):
+            pass
+
+
+def test_use_backend_restores_after_exception():
+    with pytest.raises(KeyError):
+        with fastformer.use_backend("naive"):
+            raise KeyError
+    assert dispatch._DEFAULT_STACK == []
+
+
+def test_info_prints_backend_table():
+    out = subprocess.run([sys.executable, "-m", "fastformer.info"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for word in ("torch", "triton", "reference", "naive", "cpu", "cuda", "available"):
+        assert word in out.stdout
