@@ -41,8 +41,9 @@ fi
 
 need=()
 python -c "import triton" >/dev/null 2>&1 || need+=("triton==3.6.0")
-for mod in pytest pytest_benchmark hypothesis ninja pybind11; do
-  python -c "import $mod" >/dev/null 2>&1 || need+=("${mod//_/-}")
+for mod in pytest pytest_benchmark hypothesis ninja pybind11 transformers sklearn matplotlib safetensors; do
+  pkg=${mod//_/-}; [ "$mod" = sklearn ] && pkg=scikit-learn
+  python -c "import $mod" >/dev/null 2>&1 || need+=("$pkg")
 done
 if ! has_gpu && ! python -c "import numpy, sys; sys.exit(tuple(map(int, numpy.__version__.split('.')[:2])) >= (2, 4))" >/dev/null 2>&1; then
   need+=("numpy<2.4")  # triton 3.6's CPU interpreter breaks on numpy 2.4

@@ -9,4 +9,3 @@ python -m fastformer.info
 # Backends that must be present here: their tests fail instead of skipping if missing.
 export FASTFORMER_EXPECT_BACKENDS=${FASTFORMER_EXPECT_BACKENDS-cpu,triton}
 python -m pytest tests -q -p no:cacheprovider --durations=15 "$@"
-bash bench/gpu.sh --dry-run >/dev/null && echo "bench/gpu.sh --dry-run: ok"
