@@ -1,7 +1,8 @@
 """fastformer: fused Triton and C++/CUDA kernels for transformers, as drop-in PyTorch ops and modules."""
 
 from .ops import attention, backends, scaled_dot_product_attention, use_backend
+from .ops import decode_attention
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "backends", "scaled_dot_product_attention", "use_backend", "__version__"]
+__all__ = ["attention", "backends", "scaled_dot_product_attention", "use_backend", "decode_attention", "__version__"]

@@ -1,6 +1,7 @@
 """Functional ops: validation, backend dispatch and autograd around the kernels."""
 
 from .attention import attention, scaled_dot_product_attention
+from .decode_attention import decode_attention
 from .dispatch import backends, use_backend
 
-__all__ = ["attention", "scaled_dot_product_attention", "backends", "use_backend"]
+__all__ = ["attention", "scaled_dot_product_attention", "backends", "use_backend", "decode_attention"]
