@@ -62,6 +62,11 @@ class AttentionProblem:
         return self.v.shape[3]
 
     @property
+    def is_empty(self) -> bool:
+        """True when there is nothing to attend: zero batch, heads, queries or keys."""
+        return self.q.numel() == 0 or self.k.shape[2] == 0 or self.v.shape[3] == 0
+
+    @property
     def needs_grad(self) -> bool:
         return torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (self.q, self.k, self.v)

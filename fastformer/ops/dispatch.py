@@ -114,6 +114,8 @@ def select_backend(problem: AttentionProblem, backend: str = "auto") -> Attentio
         if reason is not None:
             raise ValueError(f"attention backend {backend!r} does not support these inputs: {reason}")
         return chosen
+    if problem.is_empty:
+        return _load("reference")  # nothing to compute: torch's shapes and zeros, no kernel launch
     for name in AUTO_ORDER.get(problem.q.device.type, []):
         if _why_unavailable(name) is None:
             candidate = _REGISTRY[name]

@@ -1,0 +1,65 @@
+"""Property-based fuzzing: random valid shapes, masks, causal flags, GQA ratios,
+dtypes and backends, each checked by the error rule against the float64 reference.
+
+Profiles: the default ("ci") draws a few dozen cases and runs in well under a
+minute on CPU (reference, naive, cpu and — through the interpreter — triton);
+FASTFORMER_FUZZ_PROFILE=gpu draws hundreds, on CUDA tensors (bench/gpu.sh).
+Any failure hypothesis finds becomes a regular case in attention_cases.CASES.
+"""
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fastformer
+from attention_cases import Case, check_case
+
+PROFILE = os.environ.get("FASTFORMER_FUZZ_PROFILE", "ci")
+settings.register_profile("ci", max_examples=30, deadline=None, derandomize=True,
+                          suppress_health_check=list(HealthCheck))
+settings.register_profile("gpu", max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+settings.load_profile(PROFILE)
+
+ON_GPU = PROFILE == "gpu" and torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+# (backend, dtype) pairs worth fuzzing on this device; unavailable backends are dropped.
+CANDIDATES = (
+    [("triton", torch.bfloat16), ("triton", torch.float16), ("cuda", torch.bfloat16), ("reference", torch.float16)]
+    if ON_GPU
+    else [("reference", torch.float32), ("naive", torch.float32), ("cpu", torch.float32), ("cpu", torch.bfloat16),
+          ("triton", torch.float32), ("triton", torch.float16)]
+)
+AVAILABLE = [(b, d) for b, d in CANDIDATES if fastformer.backends()[b]["available"]]
+
+
+@st.composite
+def cases(draw):
+    hkv = draw(st.integers(1, 3))
+    hq = hkv * draw(st.integers(1, 3))
+    L = draw(st.integers(1, 40))
+    S = draw(st.integers(1, 40))
+    E = draw(st.sampled_from([1, 3, 8, 16, 24, 40, 64]))
+    Ev = draw(st.sampled_from([E, 8, 20]))
+    mask = draw(st.sampled_from([None, "bool", "float"]))
+    causal = mask is None and draw(st.booleans())
+    return Case(
+        id="fuzz",
+        batch=draw(st.sampled_from([(1,), (2,), ()])),
+        hq=hq, hkv=hkv, L=L, S=S, E=E, Ev=Ev,
+        mask=mask,
+        mask_shape=draw(st.sampled_from(["LS", "11LS", "B11S", "BHLS"])),
+        is_causal=causal,
+        bottom_right=causal and draw(st.booleans()),
+        scale=draw(st.sampled_from([None, 0.05, 1.0])),
+        dead_rows=mask is not None and L > 1 and draw(st.booleans()),
+    )
+
+
+@pytest.mark.skipif(not AVAILABLE, reason="no backend to fuzz")
+@given(case=cases(), pick=st.integers(0, 10**6))
+def test_fuzz_attention(case, pick):
+    backend, dtype = AVAILABLE[pick % len(AVAILABLE)]
+    check_case(case, backend, dtype, DEVICE)
