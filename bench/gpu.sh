@@ -57,6 +57,7 @@ else
   step "build extension" 270 env MAX_JOBS=16 FASTFORMER_REQUIRE_EXT=1 "$PY" -m pip install --no-build-isolation --no-deps -q -e .
   step "info" 60 "$PY" -m fastformer.info
   step "cuda tests" 150 "$PY" -m pytest -q -m cuda -p no:cacheprovider --junitxml="$WORK/junit.xml" tests
+  step "fuzz (gpu profile)" 60 env FASTFORMER_FUZZ_PROFILE=gpu "$PY" -m pytest -q -x -p no:cacheprovider tests/test_fuzz.py
   if [ -f bench/sanitize_cuda.sh ]; then
     step "compute-sanitizer" 60 bash bench/sanitize_cuda.sh
   fi
