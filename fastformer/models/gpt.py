@@ -1,0 +1,246 @@
+"""GPT: a decoder-only transformer in the style of nanoGPT, on fastformer's attention.
+
+Reads top-down: attention → MLP → block → config → model. Learned (GPT-2) or
+rotary positions, grouped-query attention, tied input/output embeddings,
+gradient checkpointing, and ``generate`` with a preallocated KV cache whose
+decoding steps run :func:`fastformer.decode_attention`.
+
+Parameter names follow nanoGPT / Hugging Face GPT-2 (``transformer.h.0.attn.c_attn``),
+so :meth:`GPT.from_hf` only transposes GPT-2's ``Conv1D`` weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+import fastformer
+from ._layers import activation, apply_rotary, layer_norm, rotary_cos_sin
+from .kv_cache import KVCache
+from .sampling import sample_next
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: "GPTConfig"):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head or config.n_head
+        if config.n_embd % config.n_head or self.n_head % self.n_kv_head:
+            raise ValueError(f"n_embd ({config.n_embd}) must divide by n_head ({config.n_head}) and n_head by "
+                             f"n_kv_head ({self.n_kv_head})")
+        self.head_dim = config.n_embd // config.n_head
+        kv_dim = self.n_kv_head * self.head_dim
+        self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_dim, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
+
+    def forward(self, x: Tensor, rope=None, cache: Optional[KVCache] = None, layer: int = 0) -> Tensor:
+        B, T, C = x.shape
+        kv_dim = self.n_kv_head * self.head_dim
+        q, k, v = self.c_attn(x).split([C, kv_dim, kv_dim], dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        gqa = self.n_kv_head != self.n_head
+        if cache is None or cache.length == 0:
+            if cache is not None:  # prefill: attend within the prompt, then remember it
+                cache.write(layer, k, v)
+            y = fastformer.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True, enable_gqa=gqa)
+        else:  # decoding: the new tokens attend over everything cached so far
+            k_all, v_all = cache.write(layer, k, v)
+            y = fastformer.decode_attention(q, k_all, v_all, cache.length + T)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, nh * hs)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: "GPTConfig"):
+        super().__init__()
+        hidden = int(config.mlp_ratio * config.n_embd)
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.act = activation(config.activation)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: "GPTConfig"):
+        super().__init__()
+        self.ln_1 = layer_norm(config.n_embd, config.layer_norm_eps, config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = layer_norm(config.n_embd, config.layer_norm_eps, config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, rope=None, cache: Optional[KVCache] = None, layer: int = 0) -> Tensor:
+        x = x + self.attn(self.ln_1(x), rope, cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50304
+    block_size: int = 1024  # longest sequence (the learned position table's length)
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: Optional[int] = None  # < n_head: grouped-query attention
+    n_embd: int = 768
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    bias: bool = True
+    pos_embedding: str = "learned"  # "learned" (GPT-2) or "rotary"
+    rotary_base: float = 10000.0
+    tie_embeddings: bool = True
+    layer_norm_eps: float = 1e-5
+    activation: str = "gelu_tanh"  # GPT-2's "gelu_new"
+    use_checkpoint: bool = False  # recompute each block in the backward pass to save memory
+
+
+class GPT(nn.Module):
+    """Decoder-only language model.
+
+    ``forward(ids (B, T))`` → logits ``(B, T, vocab_size)``; with ``targets (B, T)``
+    → ``(logits, loss)`` (cross-entropy, targets ``-1`` ignored).
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        if config.pos_embedding not in ("learned", "rotary"):
+            raise ValueError(f"pos_embedding must be 'learned' or 'rotary', got {config.pos_embedding!r}")
+        self.config = config
+        modules = dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=layer_norm(config.n_embd, config.layer_norm_eps, config.bias),
+        )
+        if config.pos_embedding == "learned":
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        self.transformer = nn.ModuleDict(modules)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def _embed(self, ids: Tensor, start: int):
+        T = ids.shape[1]
+        if start + T > self.config.block_size and self.config.pos_embedding == "learned":
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        pos = torch.arange(start, start + T, device=ids.device)
+        x = self.transformer.wte(ids)
+        rope = None
+        if self.config.pos_embedding == "learned":
+            x = x + self.transformer.wpe(pos)
+        else:
+            rope = rotary_cos_sin(pos, self.config.n_embd // self.config.n_head, self.config.rotary_base, x.dtype)
+        return self.transformer.drop(x), rope
+
+    def hidden_states(self, ids: Tensor, cache: Optional[KVCache] = None) -> Tensor:
+        """Final-norm hidden states ``(B, T, n_embd)``; with ``cache``, ``ids`` are the
+        tokens after the ``cache.length`` already cached (the cache is advanced)."""
+        if ids.dim() != 2:
+            raise ValueError(f"ids must be (B, T) token indices, got shape {tuple(ids.shape)}")
+        start = cache.length if cache is not None else 0
+        x, rope = self._embed(ids, start)
+        for i, block in enumerate(self.transformer.h):
+            if self.config.use_checkpoint and self.training and cache is None and torch.is_grad_enabled():
+                x = checkpoint(block, x, rope, use_reentrant=False)
+            else:
+                x = block(x, rope, cache, i)
+        if cache is not None:
+            cache.advance(ids.shape[1])
+        return self.transformer.ln_f(x)
+
+    def forward(self, ids: Tensor, targets: Optional[Tensor] = None, cache: Optional[KVCache] = None):
+        x = self.hidden_states(ids, cache)
+        logits = self.lm_head(x)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty cache for ``batch`` sequences of up to ``max_len`` tokens, in the model's dtype."""
+        c = self.config
+        w = self.transformer.wte.weight
+        return KVCache(c.n_layer, batch, c.n_kv_head or c.n_head, max_len, c.n_embd // c.n_head,
+                       dtype=w.dtype, device=w.device)
+
+    @torch.no_grad()
+    def generate(self, ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
+                 top_p: Optional[float] = None, eos_token_id: Optional[int] = None, use_cache: bool = True,
+                 generator: Optional[torch.Generator] = None) -> Tensor:
+        """Continue ``ids (B, T)`` by up to ``max_new_tokens`` tokens → ``(B, T + n)``.
+
+        ``temperature=0`` is greedy decoding (argmax); otherwise tokens are sampled
+        from the softmax of ``logits / temperature`` restricted to the ``top_k`` most
+        likely and/or the smallest set with probability ``>= top_p``. Sequences that
+        emit ``eos_token_id`` are padded with it; generation stops when all have.
+        ``use_cache=False`` recomputes the whole sequence each step (the reference
+        that the cached path must reproduce token for token).
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        B, T = ids.shape
+        cache = self.new_cache(B, T + max_new_tokens) if use_cache else None
+        done = torch.zeros(B, dtype=torch.bool, device=ids.device)
+        out = ids
+        step_input = ids
+        for _ in range(max_new_tokens):
+            if use_cache:
+                logits = self(step_input, cache=cache)[:, -1]
+            else:
+                logits = self(out)[:, -1]
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                done |= nxt == eos_token_id
+            out = torch.cat([out, nxt[:, None]], dim=1)
+            step_input = nxt[:, None]
+            if eos_token_id is not None and bool(done.all()):
+                break
+        return out
+
+    # ------------------------------------------------------------------ Hugging Face
+    @classmethod
+    def from_hf(cls, model_or_path, **overrides) -> "GPT":
+        """Load a Hugging Face GPT-2 (``GPT2LMHeadModel``/``GPT2Model`` object, or a local
+        directory with ``config.json`` + ``*.safetensors``); no network."""
+        from .hf_convert import gpt2_from_hf
+
+        return gpt2_from_hf(cls, model_or_path, **overrides)
+
+    def to_hf(self):
+        """This model as a ``transformers.GPT2LMHeadModel`` (learned positions, MHA only)."""
+        from .hf_convert import gpt2_to_hf
+
+        return gpt2_to_hf(self)
