@@ -13,10 +13,15 @@ CPU_COMBOS = [
     ("reference", "cpu", torch.bfloat16),
     ("naive", "cpu", torch.float32),
     ("naive", "cpu", torch.bfloat16),
+    ("triton", "cpu", torch.float32),
+    ("triton", "cpu", torch.float16),
 ]
 GPU_COMBOS = [
     ("reference", "cuda", torch.bfloat16),
     ("naive", "cuda", torch.float16),
+    ("triton", "cuda", torch.bfloat16),
+    ("triton", "cuda", torch.float16),
+    ("triton", "cuda", torch.float32),
 ]
 
 

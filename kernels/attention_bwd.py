@@ -1,0 +1,379 @@
+"""Fused attention backward (FlashAttention-2 style), deterministic: no atomics.
+
+Three kernels, as Triton's fused-attention tutorial:
+
+* ``_attn_bwd_preprocess``: ``delta_i = rowsum(dO_i * O_i)`` (fp32), the
+  ``rowsum(P * dP)`` term of the softmax gradient.
+* ``_attn_bwd_dkdv``: one program per ``BLOCK_N`` keys of one KV head; it
+  recomputes ``Pᵀ = exp2(K Qᵀ * scale * log2 e - lse * log2 e)`` tile by tile
+  over the query rows that see these keys, for every query head of the GQA
+  group in turn, accumulating ``dV += Pᵀ dO`` and ``dK += dSᵀ Q`` in
+  registers, so the group's sum is formed in a fixed order (deterministic,
+  no repeated K/V, no atomics).
+* ``_attn_bwd_dq``: one program per ``BLOCK_M`` query rows; ``dQ += dS K``.
+
+With dropout, the keep-mask is regenerated from the same Philox counters as the
+forward (``_dropout_keep``): ``dV`` uses the dropped, rescaled ``P``, and ``dP``
+is dropped and rescaled before ``dS = P * (dP - delta)``.
+
+Layouts and causal alignment as in ``attention_fwd``; ``LSE``/``DELTA`` share
+one layout. Tiles past the causal diagonal are skipped; masking (causal,
+bounds) is applied only on the diagonal/tail tiles.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .attention_common import _dropout_keep, _load_mask_tile, interpreting
+
+
+def bwd_configs(block_m_small: bool):
+    """(BLOCK_M, BLOCK_N) sweeps. dK/dV programs hold a key tile and stream queries
+    (``block_m_small``: queries are the short side); dQ programs the opposite."""
+    if interpreting():
+        small, big = 16, 32
+        bm, bn = (small, big) if block_m_small else (big, small)
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=1)]
+    pairs = [(32, 64), (32, 128), (64, 64), (64, 128)] if block_m_small else [(64, 32), (128, 32), (64, 64), (128, 64)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn in pairs
+        for s in (2, 3)
+        for w in (4, 8)
+    ]
+
+
+def _keep_bwd(conf, named_args) -> bool:
+    bm, bn = conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_N"]
+    d = max(named_args["BLOCK_D"], named_args["BLOCK_DV"])
+    if d >= 256 and (bm * bn > 64 * 64 or conf.num_stages > 2):  # shared memory
+        return False
+    if d >= 128 and bm * bn >= 128 * 64 and conf.num_warps < 8:
+        return False
+    return True
+
+
+def prune_bwd(configs, named_args, **kwargs):
+    kept = [c for c in configs if _keep_bwd(c, {**kwargs, **named_args})]
+    return kept or configs[:1]
+
+
+@triton.jit
+def _attn_bwd_preprocess(
+    O, DO, DELTA, CU_Q,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_lb, stride_lh, stride_lm,
+    H, SEQLEN_Q, MAX_SEQLEN_Q, HEAD_DIM_V,
+    VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(MAX_SEQLEN_Q, BLOCK_M)
+    bh = pid // num_m
+    pid_m = pid % num_m
+    b = bh // H
+    h = bh % H
+    if VARLEN:
+        q_start = tl.load(CU_Q + b).to(tl.int64)
+        seqlen_q = (tl.load(CU_Q + b + 1) - tl.load(CU_Q + b)).to(tl.int32)
+    else:
+        q_start = 0
+        seqlen_q = SEQLEN_Q
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    ok = (offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V)
+    rows = (q_start + offs_m[:, None]).to(tl.int64)
+    o = tl.load(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + rows * stride_om
+                + offs_dv[None, :] * stride_od, mask=ok, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + rows * stride_dom
+                 + offs_dv[None, :] * stride_dod, mask=ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
+             + (q_start + offs_m).to(tl.int64) * stride_lm, delta, mask=offs_m < seqlen_q)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(
+    dk, dv, k, v,
+    q_base, do_base, mask_base, lse_base, delta_base,
+    stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, stride_lm,
+    offs_n, n_ok, start, end, seqlen_q, causal_off,
+    HEAD_DIM, HEAD_DIM_V, scale_log2,
+    seed, rng_offset, bh, dropout_p, dropout_scale,
+    DIAGONAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Accumulate query tiles ``[start, end)`` into this key tile's dK, dV (transposed
+    tiles: rows = keys, columns = queries). ``DIAGONAL`` applies the causal mask."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_m in range(start, end, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < seqlen_q
+        qT = tl.load(q_base + offs_m[None, :].to(tl.int64) * stride_qm + offs_d[:, None] * stride_qd,
+                     mask=m_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)  # (BLOCK_D, BLOCK_M)
+        lse = tl.load(lse_base + offs_m.to(tl.int64) * stride_lm, mask=m_ok, other=0.0)
+        # A row with every key masked has lse = -inf and only -inf scores: shift by 0 so P = 0.
+        lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+        sT = tl.dot(k, qT, input_precision=DOT_PRECISION, out_dtype=tl.float32) * scale_log2
+        if HAS_MASK:
+            sT += _load_mask_tile(mask_base, offs_m[None, :], offs_n[:, None], m_ok[None, :] & n_ok[:, None],
+                                  stride_mm, stride_mn, MASK_BOOL)
+        if DIAGONAL:
+            sT = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_off, sT, float("-inf"))
+        pT = tl.math.exp2(sT - lse2[None, :])
+        pT = tl.where(m_ok[None, :], pT, 0.0)  # rows past the end of the queries
+        do = tl.load(do_base + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :] * stride_dod,
+                     mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)  # (BLOCK_M, BLOCK_DV)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION, out_dtype=tl.float32)  # (BLOCK_N, BLOCK_M)
+        if DROPOUT:
+            keepT = _dropout_keep(seed, rng_offset, bh, offs_m[None, :], offs_n[:, None], dropout_p)
+            pdT = tl.where(keepT, pT * dropout_scale, 0.0)
+            dpT = tl.where(keepT, dpT * dropout_scale, 0.0)
+        else:
+            pdT = pT
+        dv += tl.dot(pdT.to(do.dtype), do, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        delta = tl.load(delta_base + offs_m.to(tl.int64) * stride_lm, mask=m_ok, other=0.0)
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=DOT_PRECISION, out_dtype=tl.float32)
+    return dk, dv
+
+
+@triton.autotune(
+    configs=bwd_configs(block_m_small=True),
+    key=["TUNE_LQ", "TUNE_LK", "BLOCK_D", "BLOCK_DV", "CAUSAL", "HAS_MASK", "DROPOUT", "VARLEN"],
+    prune_configs_by={"early_config_prune": prune_bwd},
+)
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, MASK, DO, LSE, DELTA, DK, DV, RNG, CU_Q, CU_K,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_lb, stride_lh, stride_lm,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    HKV, GROUP, SEQLEN_Q, SEQLEN_K, MAX_SEQLEN_K, HEAD_DIM, HEAD_DIM_V,
+    scale, scale_log2, dropout_p, dropout_scale, causal_bottom_right, TUNE_LQ, TUNE_LK,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(MAX_SEQLEN_K, BLOCK_N)
+    bhk = pid // num_n
+    pid_n = pid % num_n
+    b = bhk // HKV
+    hkv = bhk % HKV
+    if VARLEN:
+        q_start = tl.load(CU_Q + b).to(tl.int64)
+        seqlen_q = (tl.load(CU_Q + b + 1) - tl.load(CU_Q + b)).to(tl.int32)
+        k_start = tl.load(CU_K + b).to(tl.int64)
+        seqlen_k = (tl.load(CU_K + b + 1) - tl.load(CU_K + b)).to(tl.int32)
+    else:
+        q_start = 0
+        seqlen_q = SEQLEN_Q
+        k_start = 0
+        seqlen_k = SEQLEN_K
+    n0 = pid_n * BLOCK_N
+    if n0 >= seqlen_k:
+        return
+
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < seqlen_k
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k_rows = (k_start + offs_n[:, None]).to(tl.int64)
+    k = tl.load(K + b.to(tl.int64) * stride_kb + hkv.to(tl.int64) * stride_kh + k_rows * stride_kn
+                + offs_d[None, :] * stride_kd, mask=n_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    v = tl.load(V + b.to(tl.int64) * stride_vb + hkv.to(tl.int64) * stride_vh + k_rows * stride_vn
+                + offs_dv[None, :] * stride_vd, mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+
+    if DROPOUT:
+        seed = tl.load(RNG)
+        rng_offset = tl.load(RNG + 1).to(tl.int32)
+    else:
+        seed = 0
+        rng_offset = 0
+
+    # Query rows that see any key of this tile: i >= n0 - off; every key of it: i >= n0 + BLOCK_N - 1 - off.
+    if CAUSAL:
+        causal_off = (seqlen_k - seqlen_q) * causal_bottom_right
+        lo = (tl.maximum(n0 - causal_off, 0) // BLOCK_M) * BLOCK_M
+        mid = tl.minimum(tl.maximum(n0 + BLOCK_N - 1 - causal_off, 0), seqlen_q)
+        mid = tl.maximum(tl.cdiv(mid, BLOCK_M) * BLOCK_M, lo)
+    else:
+        causal_off = seqlen_k
+        lo = 0
+        mid = 0
+
+    # Query heads h = hkv * GROUP + g share this K/V: sum their contributions here, in order.
+    for g in range(0, GROUP):
+        h = hkv * GROUP + g
+        bh = b * (HKV * GROUP) + h
+        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + q_start * stride_qm
+        do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + q_start * stride_dom
+        lse_base = LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start * stride_lm
+        delta_base = DELTA + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start * stride_lm
+        mask_base = MASK + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_base,
+            stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, stride_lm,
+            offs_n, n_ok, lo, mid, seqlen_q, causal_off, HEAD_DIM, HEAD_DIM_V, scale_log2,
+            seed, rng_offset, bh, dropout_p, dropout_scale,
+            True, HAS_MASK, MASK_BOOL, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_DV,
+        )
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_base,
+            stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, stride_lm,
+            offs_n, n_ok, mid, seqlen_q, seqlen_q, causal_off, HEAD_DIM, HEAD_DIM_V, scale_log2,
+            seed, rng_offset, bh, dropout_p, dropout_scale,
+            False, HAS_MASK, MASK_BOOL, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_DV,
+        )
+
+    dk *= scale
+    tl.store(DK + b.to(tl.int64) * stride_dkb + hkv.to(tl.int64) * stride_dkh + k_rows * stride_dkn
+             + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty),
+             mask=n_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    tl.store(DV + b.to(tl.int64) * stride_dvb + hkv.to(tl.int64) * stride_dvh + k_rows * stride_dvn
+             + offs_dv[None, :] * stride_dvd, dv.to(DV.dtype.element_ty),
+             mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+
+
+@triton.jit
+def _attn_bwd_dq_inner(
+    dq, q, do, lse2, delta,
+    k_base, v_base, mask_base,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+    offs_m, row_ok, start, end, seqlen_k, causal_off,
+    HEAD_DIM, HEAD_DIM_V, scale_log2,
+    seed, rng_offset, bh, dropout_p, dropout_scale,
+    DIAGONAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Accumulate key tiles ``[start, end)`` into this query tile's dQ."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < seqlen_k
+        kT = tl.load(k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=n_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)  # (BLOCK_D, BLOCK_N)
+        vT = tl.load(v_base + offs_n[None, :].to(tl.int64) * stride_vn + offs_dv[:, None] * stride_vd,
+                     mask=n_ok[None, :] & (offs_dv[:, None] < HEAD_DIM_V), other=0.0)  # (BLOCK_DV, BLOCK_N)
+        s = tl.dot(q, kT, input_precision=DOT_PRECISION, out_dtype=tl.float32) * scale_log2
+        if HAS_MASK:
+            s += _load_mask_tile(mask_base, offs_m[:, None], offs_n[None, :], row_ok[:, None] & n_ok[None, :],
+                                 stride_mm, stride_mn, MASK_BOOL)
+        if DIAGONAL:
+            visible = n_ok[None, :] & (offs_n[None, :] <= offs_m[:, None] + causal_off)
+            s = tl.where(visible, s, float("-inf"))
+        p = tl.math.exp2(s - lse2[:, None])
+        dp = tl.dot(do, vT, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        if DROPOUT:
+            keep = _dropout_keep(seed, rng_offset, bh, offs_m[:, None], offs_n[None, :], dropout_p)
+            dp = tl.where(keep, dp * dropout_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=DOT_PRECISION, out_dtype=tl.float32)
+    return dq
+
+
+@triton.autotune(
+    configs=bwd_configs(block_m_small=False),
+    key=["TUNE_LQ", "TUNE_LK", "BLOCK_D", "BLOCK_DV", "CAUSAL", "HAS_MASK", "DROPOUT", "VARLEN"],
+    prune_configs_by={"early_config_prune": prune_bwd},
+)
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, MASK, DO, LSE, DELTA, DQ, RNG, CU_Q, CU_K,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_lb, stride_lh, stride_lm,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    H, GROUP, SEQLEN_Q, SEQLEN_K, MAX_SEQLEN_Q, HEAD_DIM, HEAD_DIM_V,
+    scale, scale_log2, dropout_p, dropout_scale, causal_bottom_right, TUNE_LQ, TUNE_LK,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(MAX_SEQLEN_Q, BLOCK_M)
+    bh = pid // num_m
+    pid_m = pid % num_m
+    b = bh // H
+    h = bh % H
+    hkv = h // GROUP
+    if VARLEN:
+        q_start = tl.load(CU_Q + b).to(tl.int64)
+        seqlen_q = (tl.load(CU_Q + b + 1) - tl.load(CU_Q + b)).to(tl.int32)
+        k_start = tl.load(CU_K + b).to(tl.int64)
+        seqlen_k = (tl.load(CU_K + b + 1) - tl.load(CU_K + b)).to(tl.int32)
+    else:
+        q_start = 0
+        seqlen_q = SEQLEN_Q
+        k_start = 0
+        seqlen_k = SEQLEN_K
+    m0 = pid_m * BLOCK_M
+    if m0 >= seqlen_q:
+        return
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < seqlen_q
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows = (q_start + offs_m[:, None]).to(tl.int64)
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + rows * stride_qm
+                + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + rows * stride_dom
+                 + offs_dv[None, :] * stride_dod, mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    l_offs = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + (q_start + offs_m).to(tl.int64) * stride_lm
+    lse = tl.load(LSE + l_offs, mask=row_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+    delta = tl.load(DELTA + l_offs, mask=row_ok, other=0.0)
+    k_base = K + b.to(tl.int64) * stride_kb + hkv.to(tl.int64) * stride_kh + k_start * stride_kn
+    v_base = V + b.to(tl.int64) * stride_vb + hkv.to(tl.int64) * stride_vh + k_start * stride_vn
+    mask_base = MASK + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+
+    if DROPOUT:
+        seed = tl.load(RNG)
+        rng_offset = tl.load(RNG + 1).to(tl.int32)
+    else:
+        seed = 0
+        rng_offset = 0
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if CAUSAL:
+        causal_off = (seqlen_k - seqlen_q) * causal_bottom_right
+        hi = tl.minimum(tl.maximum(m0 + BLOCK_M + causal_off, 0), seqlen_k)
+        full = (tl.minimum(tl.maximum(m0 + causal_off + 1, 0), seqlen_k) // BLOCK_N) * BLOCK_N
+    else:
+        causal_off = seqlen_k
+        hi = seqlen_k
+        full = (seqlen_k // BLOCK_N) * BLOCK_N
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse2, delta, k_base, v_base, mask_base,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+        offs_m, row_ok, 0, full, seqlen_k, causal_off, HEAD_DIM, HEAD_DIM_V, scale_log2,
+        seed, rng_offset, bh, dropout_p, dropout_scale,
+        False, HAS_MASK, MASK_BOOL, DROPOUT, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
+    )
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse2, delta, k_base, v_base, mask_base,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+        offs_m, row_ok, full, hi, seqlen_k, causal_off, HEAD_DIM, HEAD_DIM_V, scale_log2,
+        seed, rng_offset, bh, dropout_p, dropout_scale,
+        True, HAS_MASK, MASK_BOOL, DROPOUT, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
+    )
+    dq *= scale
+    tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + rows * stride_dqm
+             + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))

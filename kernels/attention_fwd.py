@@ -1,0 +1,209 @@
+"""Fused attention forward (FlashAttention-2 style), as Triton's fused-attention tutorial.
+
+One program computes ``BLOCK_M`` query rows of one (sequence, query head):
+it streams the keys/values of that head's KV head (``h // GROUP``: GQA/MQA
+without repeating K/V) in ``BLOCK_N`` tiles, keeps a running max ``m_i`` and
+sum ``l_i`` of the softmax in the log2 domain (scores pre-multiplied by
+``scale * log2(e)`` so ``exp2`` is used), and never materialises the L x S
+matrix. Outputs: ``O`` and the natural-log log-sum-exp ``LSE`` (fp32).
+
+Layouts. Every tensor is read through explicit strides:
+``Q (B, H, L, D)``, ``K (B, HKV, S, D)``, ``V (B, HKV, S, DV)``,
+``MASK (B, H, L, S)`` (stride 0 where broadcast), ``O`` like ``Q`` with DV,
+``LSE (B, H, L)``. Packed variable-length input (``VARLEN``) passes batch
+strides 0 and ``CU_Q``/``CU_K`` cumulative sequence lengths; a sequence's rows
+start at ``CU_Q[b]``.
+
+Causal masking: key ``j`` is visible to query ``i`` when ``j <= i + off`` with
+``off = 0`` (top-left, torch) or ``off = S_b - L_b`` (bottom-right). The key
+loop runs in two stages: tiles every row of the block fully sees (no causal
+or bounds masking), then the diagonal/tail tiles with masking; tiles past the
+diagonal are never visited.
+
+Head dims are padded to ``BLOCK_D``/``BLOCK_DV`` (next power of two) with
+masked loads. Rows whose every key is masked output 0 with ``lse = -inf``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .attention_common import _dropout_keep, _load_mask_tile, interpreting
+
+
+def fwd_configs():
+    """Candidate tilings: one small config under the interpreter (tests stay fast);
+    on GPUs a sweep over tiles/stages/warps for Hopper and Ampere, pruned by keep()."""
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm in (64, 128)
+        for bn in (32, 64, 128)
+        for s in (2, 3, 4)
+        for w in (4, 8)
+    ]
+
+
+def _keep_fwd(conf, named_args) -> bool:
+    bm, bn = conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_N"]
+    d = max(named_args["BLOCK_D"], named_args["BLOCK_DV"])
+    if bm > max(64, named_args["TUNE_LQ"]):  # no 128-row tiles for short queries
+        return False
+    if bm * bn >= 128 * 128 and conf.num_warps < 8:  # accumulator too big for 4 warps
+        return False
+    if d >= 256 and (bn > 64 or conf.num_stages > 2 or bm * bn > 64 * 64 * 2):  # shared memory
+        return False
+    if d <= 64 and bn < 64:
+        return False
+    return True
+
+
+def prune_fwd(configs, named_args, **kwargs):
+    kept = [c for c in configs if _keep_fwd(c, {**kwargs, **named_args})]
+    return kept or configs[:1]
+
+
+@triton.jit
+def _attn_fwd_inner(
+    acc, l_i, m_i, q,
+    k_base, v_base, mask_base,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+    offs_m, row_ok, start, end, seqlen_k, causal_off,
+    HEAD_DIM, HEAD_DIM_V, scale_log2,
+    seed, rng_offset, bh, dropout_p, dropout_scale,
+    DIAGONAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Accumulate key tiles ``[start, end)``. ``DIAGONAL``: apply the causal and
+    key-bounds masks (the tiles crossing the diagonal or the end of the keys)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < seqlen_k
+        k = tl.load(k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None] * stride_kd,
+                    mask=n_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)  # (BLOCK_D, BLOCK_N)
+        s = tl.dot(q, k, input_precision=DOT_PRECISION, out_dtype=tl.float32) * scale_log2
+        if HAS_MASK:
+            s += _load_mask_tile(mask_base, offs_m[:, None], offs_n[None, :], row_ok[:, None] & n_ok[None, :],
+                                 stride_mm, stride_mn, MASK_BOOL)
+        if DIAGONAL:
+            visible = n_ok[None, :] & (offs_n[None, :] <= offs_m[:, None] + causal_off)
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no visible key keeps m = -inf: shift by 0, not -inf (no inf - inf).
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            # l_i normalises the un-dropped weights; dropout only touches what reaches V.
+            keep = _dropout_keep(seed, rng_offset, bh, offs_m[:, None], offs_n[None, :], dropout_p)
+            p = tl.where(keep, p * dropout_scale, 0.0)
+        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
+                    mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)  # (BLOCK_N, BLOCK_DV)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.autotune(
+    configs=fwd_configs(),
+    key=["TUNE_LQ", "TUNE_LK", "BLOCK_D", "BLOCK_DV", "CAUSAL", "HAS_MASK", "DROPOUT", "VARLEN"],
+    prune_configs_by={"early_config_prune": prune_fwd},
+)
+@triton.jit
+def _attn_fwd(
+    Q, K, V, MASK, O, LSE, RNG, CU_Q, CU_K,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_lb, stride_lh, stride_lm,
+    H, GROUP, SEQLEN_Q, SEQLEN_K, MAX_SEQLEN_Q, HEAD_DIM, HEAD_DIM_V,
+    scale_log2, dropout_p, dropout_scale, causal_bottom_right, TUNE_LQ, TUNE_LK,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    # 1-D grid, query blocks fastest: the programs sharing one head's K/V run together (L2 reuse),
+    # and there is no 65535 limit on batch * heads.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(MAX_SEQLEN_Q, BLOCK_M)
+    bh = pid // num_m
+    pid_m = pid % num_m
+    b = bh // H
+    h = bh % H
+    hkv = h // GROUP
+    if VARLEN:
+        q_start = tl.load(CU_Q + b).to(tl.int64)  # int64: offsets into a packed batch
+        seqlen_q = (tl.load(CU_Q + b + 1) - tl.load(CU_Q + b)).to(tl.int32)
+        k_start = tl.load(CU_K + b).to(tl.int64)
+        seqlen_k = (tl.load(CU_K + b + 1) - tl.load(CU_K + b)).to(tl.int32)
+    else:
+        q_start = 0
+        seqlen_q = SEQLEN_Q
+        k_start = 0
+        seqlen_k = SEQLEN_K
+    m0 = pid_m * BLOCK_M
+    if m0 >= seqlen_q:  # varlen: this sequence is shorter than the longest
+        return
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < seqlen_q
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + q_start * stride_qm
+    q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    k_base = K + b.to(tl.int64) * stride_kb + hkv.to(tl.int64) * stride_kh + k_start * stride_kn
+    v_base = V + b.to(tl.int64) * stride_vb + hkv.to(tl.int64) * stride_vh + k_start * stride_vn
+    mask_base = MASK + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+
+    if DROPOUT:
+        seed = tl.load(RNG)
+        rng_offset = tl.load(RNG + 1).to(tl.int32)
+    else:
+        seed = 0
+        rng_offset = 0
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    # Stage 1: [0, full) holds whole tiles every row of the block sees; stage 2: [full, hi).
+    if CAUSAL:
+        causal_off = (seqlen_k - seqlen_q) * causal_bottom_right
+        hi = tl.minimum(tl.maximum(m0 + BLOCK_M + causal_off, 0), seqlen_k)
+        full = (tl.minimum(tl.maximum(m0 + causal_off + 1, 0), seqlen_k) // BLOCK_N) * BLOCK_N
+    else:
+        causal_off = seqlen_k  # every key visible
+        hi = seqlen_k
+        full = (seqlen_k // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, mask_base,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+        offs_m, row_ok, 0, full, seqlen_k, causal_off,
+        HEAD_DIM, HEAD_DIM_V, scale_log2, seed, rng_offset, bh, dropout_p, dropout_scale,
+        False, HAS_MASK, MASK_BOOL, DROPOUT, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
+    )
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, mask_base,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+        offs_m, row_ok, full, hi, seqlen_k, causal_off,
+        HEAD_DIM, HEAD_DIM_V, scale_log2, seed, rng_offset, bh, dropout_p, dropout_scale,
+        True, HAS_MASK, MASK_BOOL, DROPOUT, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
+    )
+
+    has_keys = l_i > 0.0
+    l_safe = tl.where(has_keys, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + q_start * stride_om
+    tl.store(o_base + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :] * stride_od,
+             out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    l_base = LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start * stride_lm
+    tl.store(l_base + offs_m.to(tl.int64) * stride_lm, lse, mask=row_ok)
