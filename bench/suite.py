@@ -22,6 +22,7 @@ BENCH = Path(__file__).resolve().parent
 # (script, time limit in seconds on the GPU set, extra arguments). Fixed order.
 SUITE = [
     ("attention.py", 240, []),
+    ("bench_pytest.py", 120, []),
 ]
 
 
@@ -56,6 +57,8 @@ def main(argv=None) -> int:
         if rc != 0:
             failures.append(script)
     print(f"== suite done in {time.time() - start:.0f}s; failures: {failures or 'none'}")
+    if not args.quick:  # regenerate the charts and tables from whatever JSON now exists
+        subprocess.run([sys.executable, str(BENCH / "report.py")])
     return 1 if failures else 0
 
 
