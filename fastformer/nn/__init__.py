@@ -1,1 +1,12 @@
 """Drop-in replacements for torch.nn transformer modules, running on fastformer's kernels."""
+
+# Issue 8: drop-in attention and transformer modules, patch embedding.
+from .activation import MultiheadAttention
+from .patch_embedding import PatchEmbedding
+from .transformer import (
+    Transformer,
+    TransformerDecoder,
+    TransformerDecoderLayer,
+    TransformerEncoder,
+    TransformerEncoderLayer,
+)

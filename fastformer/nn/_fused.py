@@ -1,0 +1,89 @@
+"""The fused building-block ops the transformer layers call, in one place.
+
+The layers call ``fastformer.ops.layer_norm`` (residual add + dropout + LayerNorm
+in one kernel) and ``fastformer.ops.linear_act`` (GEMM + bias + activation)
+when the ops package provides them, and the same math in plain torch
+otherwise, so the modules work on every install and every input.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple, Union
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops as _ops
+
+_fused_layer_norm = getattr(_ops, "layer_norm", None)
+_fused_linear_act = getattr(_ops, "linear_act", None)
+
+# Activations the fused GEMM epilogue knows, by the name it takes.
+_ACTIVATION_NAMES = {F.relu: "relu", F.gelu: "gelu"}
+
+
+def activation_name(activation: Union[str, Callable]) -> Optional[str]:
+    """``"relu"``/``"gelu"`` for torch's relu/gelu in any spelling, else ``None`` (a custom callable)."""
+    if isinstance(activation, str):
+        return activation if activation in ("relu", "gelu") else None
+    if isinstance(activation, nn.ReLU):
+        return "relu"
+    if isinstance(activation, nn.GELU) and activation.approximate == "none":
+        return "gelu"
+    return _ACTIVATION_NAMES.get(activation)
+
+
+def is_plain_layer_norm(norm: nn.Module) -> bool:
+    """True when ``norm`` is a LayerNorm whose math the fused op reproduces (so it can be fused with the add)."""
+    return isinstance(norm, nn.LayerNorm) or (type(norm).__name__ == "LayerNorm" and hasattr(norm, "normalized_shape"))
+
+
+def make_layer_norm(d_model: int, eps: float, bias: bool, **factory_kwargs) -> nn.Module:
+    """fastformer's LayerNorm when the package has it, else torch's (same parameters and keys)."""
+    try:
+        from .layernorm import LayerNorm
+    except ImportError:
+        LayerNorm = nn.LayerNorm
+    return LayerNorm(d_model, eps=eps, bias=bias, **factory_kwargs)
+
+
+def add_layer_norm(
+    x: Tensor,
+    norm: nn.Module,
+    residual: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    return_residual: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """``norm(residual + dropout(x))`` and, with ``return_residual``, also the sum.
+
+    ``x``, ``residual``: ``(..., N)``. ``norm`` is any module; a plain LayerNorm goes
+    through the fused op, anything else (RMSNorm, a user's norm) is called as is.
+    ``dropout_p`` is applied only when > 0 (callers pass 0 in eval).
+    """
+    if _fused_layer_norm is not None and is_plain_layer_norm(norm):
+        return _fused_layer_norm(
+            x,
+            norm.normalized_shape,
+            norm.weight,
+            getattr(norm, "bias", None),
+            norm.eps,
+            residual=residual,
+            dropout_p=dropout_p,
+            return_residual=return_residual,
+        )
+    if dropout_p > 0.0:
+        x = F.dropout(x, p=dropout_p, training=True)
+    total = x if residual is None else residual + x
+    out = norm(total)
+    return (out, total) if return_residual else out
+
+
+def linear_act(x: Tensor, linear: nn.Linear, activation: Union[str, Callable]) -> Tensor:
+    """``activation(linear(x))``, fused into the GEMM when the activation is relu/gelu."""
+    name = activation_name(activation)
+    if name is not None and _fused_linear_act is not None:
+        return _fused_linear_act(x, linear.weight, linear.bias, name)
+    h = F.linear(x, linear.weight, linear.bias)
+    if name is not None:
+        return F.relu(h) if name == "relu" else F.gelu(h)
+    return activation(h)

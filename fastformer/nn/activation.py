@@ -1,0 +1,396 @@
+"""``MultiheadAttention``: a drop-in for :class:`torch.nn.MultiheadAttention` on fastformer's attention.
+
+Same constructor, parameters (``in_proj_weight`` or ``q/k/v_proj_weight``,
+``in_proj_bias``, ``bias_k``, ``bias_v``, ``out_proj``), ``state_dict`` keys,
+forward signature, return values and mask conventions as torch's, so a
+``state_dict`` moves between the two with no remapping.
+
+What differs is how the output is computed: the projections are applied once on
+the caller's layout and viewed as ``(B, H, L, D)`` (no head-splitting copies),
+and attention runs through :func:`fastformer.scaled_dot_product_attention`, i.e.
+the fastest fused backend for the device. Masks are converted once: torch's
+``True`` = *masked* becomes SDPA's ``True`` = *attend*; two bool masks stay a
+bool mask (fused kernels skip fully masked blocks), a float mask is added.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+from torch.nn.parameter import Parameter
+
+from ..ops import scaled_dot_product_attention
+
+__all__ = ["MultiheadAttention", "multi_head_attention"]
+
+
+class MultiheadAttention(nn.Module):
+    r"""Multi-head attention, ``torch.nn.MultiheadAttention``'s drop-in.
+
+    Args (exactly torch's):
+        embed_dim: model width ``E``; ``num_heads`` must divide it.
+        num_heads: number of heads ``H`` (head dim ``D = E // H``).
+        dropout: dropout on the attention weights, applied in training mode.
+        bias: learn ``in_proj_bias`` and ``out_proj.bias``.
+        add_bias_kv: learn ``bias_k``/``bias_v`` ``(1, 1, E)`` appended to the key/value sequence.
+        add_zero_attn: append a zero key/value to the sequence (after the bias).
+        kdim, vdim: key/value feature sizes (default ``E``); when either differs,
+            separate ``q_proj_weight``/``k_proj_weight``/``v_proj_weight`` replace ``in_proj_weight``.
+        batch_first: inputs are ``(B, L, E)`` instead of ``(L, B, E)``.
+
+    Forward: see :meth:`forward`.
+
+    Cost of ``need_weights=True`` (torch's default): the output still comes from
+    the fused kernel; the weights are computed separately as
+    ``softmax(q kᵀ · scale + mask)`` with one extra batched GEMM and an
+    ``(B, H, L, S)`` tensor in the input's dtype — O(L·S) memory, as in torch.
+    With ``dropout > 0`` in training mode the output is computed from those same
+    (dropped-out) weights instead, so output and returned weights agree as in
+    torch. Pass ``need_weights=False`` to keep attention linear in memory.
+    """
+
+    __constants__ = ["batch_first"]
+    bias_k: Optional[Tensor]
+    bias_v: Optional[Tensor]
+
+    def __init__(
+        self,
+        embed_dim,
+        num_heads,
+        dropout=0.0,
+        bias=True,
+        add_bias_kv=False,
+        add_zero_attn=False,
+        kdim=None,
+        vdim=None,
+        batch_first=False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        if embed_dim <= 0 or num_heads <= 0:
+            raise ValueError(
+                f"embed_dim and num_heads must be greater than 0, got embed_dim={embed_dim} and "
+                f"num_heads={num_heads} instead"
+            )
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim must be divisible by num_heads, got embed_dim={embed_dim}, num_heads={num_heads}")
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.kdim = kdim if kdim is not None else embed_dim
+        self.vdim = vdim if vdim is not None else embed_dim
+        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.batch_first = batch_first
+        self.head_dim = embed_dim // num_heads
+
+        if not self._qkv_same_embed_dim:
+            self.q_proj_weight = Parameter(torch.empty((embed_dim, embed_dim), **factory_kwargs))
+            self.k_proj_weight = Parameter(torch.empty((embed_dim, self.kdim), **factory_kwargs))
+            self.v_proj_weight = Parameter(torch.empty((embed_dim, self.vdim), **factory_kwargs))
+            self.register_parameter("in_proj_weight", None)
+        else:
+            self.in_proj_weight = Parameter(torch.empty((3 * embed_dim, embed_dim), **factory_kwargs))
+            self.register_parameter("q_proj_weight", None)
+            self.register_parameter("k_proj_weight", None)
+            self.register_parameter("v_proj_weight", None)
+        if bias:
+            self.in_proj_bias = Parameter(torch.empty(3 * embed_dim, **factory_kwargs))
+        else:
+            self.register_parameter("in_proj_bias", None)
+        # torch's class for out_proj, so quantization tooling treats both modules alike.
+        self.out_proj = NonDynamicallyQuantizableLinear(embed_dim, embed_dim, bias=bias, **factory_kwargs)
+        if add_bias_kv:
+            self.bias_k = Parameter(torch.empty((1, 1, embed_dim), **factory_kwargs))
+            self.bias_v = Parameter(torch.empty((1, 1, embed_dim), **factory_kwargs))
+        else:
+            self.bias_k = self.bias_v = None
+        self.add_zero_attn = add_zero_attn
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        # torch's initialisation, so freshly built models are statistically alike.
+        if self._qkv_same_embed_dim:
+            nn.init.xavier_uniform_(self.in_proj_weight)
+        else:
+            nn.init.xavier_uniform_(self.q_proj_weight)
+            nn.init.xavier_uniform_(self.k_proj_weight)
+            nn.init.xavier_uniform_(self.v_proj_weight)
+        if self.in_proj_bias is not None:
+            nn.init.constant_(self.in_proj_bias, 0.0)
+            nn.init.constant_(self.out_proj.bias, 0.0)
+        if self.bias_k is not None:
+            nn.init.xavier_normal_(self.bias_k)
+        if self.bias_v is not None:
+            nn.init.xavier_normal_(self.bias_v)
+
+    def __setstate__(self, state):
+        # Support loading old pickles that predate _qkv_same_embed_dim (as torch does).
+        if "_qkv_same_embed_dim" not in state:
+            state["_qkv_same_embed_dim"] = True
+        super().__setstate__(state)
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Optional[Tensor] = None,
+        need_weights: bool = True,
+        attn_mask: Optional[Tensor] = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        r"""Attend from ``query`` to ``key``/``value``.
+
+        Args:
+            query: ``(L, B, E)``, ``(B, L, E)`` if ``batch_first``, or unbatched ``(L, E)``.
+            key: ``(S, B, kdim)`` / ``(B, S, kdim)`` / ``(S, kdim)``.
+            value: ``(S, B, vdim)`` / ``(B, S, vdim)`` / ``(S, vdim)``.
+            key_padding_mask: ``(B, S)`` (``(S,)`` unbatched); bool ``True`` = ignore
+                that key, or float added to the scores.
+            need_weights: also return the attention weights (see the class docstring for the cost).
+            attn_mask: ``(L, S)`` or ``(B·H, L, S)``; bool ``True`` = *not* allowed to
+                attend, or float added to the scores.
+            average_attn_weights: average the returned weights over heads.
+            is_causal: hint that ``attn_mask`` is the causal mask (an ``attn_mask`` is
+                still required, as in torch); without a key padding mask and with
+                ``need_weights=False`` the kernel's causal mode replaces the mask.
+
+        Returns:
+            ``(output, weights)``: output shaped like ``query`` with ``E`` features;
+            weights ``(B, L, S')`` averaged or ``(B, H, L, S')`` per head (batch dim
+            dropped when unbatched; ``S'`` counts ``bias_k`` and the zero key), or ``None``.
+        """
+        return multi_head_attention(
+            self,
+            query,
+            key,
+            value,
+            key_padding_mask=key_padding_mask,
+            need_weights=need_weights,
+            attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights,
+            is_causal=is_causal,
+        )
+
+
+# ----------------------------------------------------------------------------- the computation
+
+
+def _check_mask_dtype(mask: Optional[Tensor], name: str) -> None:
+    if mask is not None and mask.dtype != torch.bool and not torch.is_floating_point(mask):
+        raise TypeError(f"only bool and floating types of {name} are supported, got {mask.dtype}")
+
+
+def _check_shapes(query, key, value, key_padding_mask, attn_mask, num_heads) -> bool:
+    """torch's ``_mha_shape_check`` with clearer error types; returns whether batched."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if query.dim() not in (2, 3):
+        raise ValueError(f"query should be unbatched 2D or batched 3D tensor but received {query.dim()}-D query tensor")
+    batched = query.dim() == 3
+    kind = "batched (3-D)" if batched else "unbatched (2-D)"
+    if key.dim() != query.dim() or value.dim() != query.dim():
+        raise ValueError(
+            f"For {kind} `query`, expected `key` and `value` to be {query.dim()}-D but found "
+            f"{key.dim()}-D and {value.dim()}-D tensors respectively"
+        )
+    if key_padding_mask is not None and key_padding_mask.dim() != query.dim() - 1:
+        raise ValueError(
+            f"For {kind} `query`, expected `key_padding_mask` to be `None` or {query.dim() - 1}-D but found "
+            f"{key_padding_mask.dim()}-D tensor instead"
+        )
+    if attn_mask is not None and attn_mask.dim() not in (2, 3):
+        raise ValueError(
+            f"For {kind} `query`, expected `attn_mask` to be `None`, 2-D or 3-D but found {attn_mask.dim()}-D tensor instead"
+        )
+    return batched
+
+
+def _heads(x: Tensor, num_heads: int, batch_first: bool) -> Tensor:
+    """``(B, L, H·D)`` (batch_first) or ``(L, B, H·D)`` → a ``(B, H, L, D)`` view, no copy."""
+    if batch_first:
+        b, n, e = x.shape
+        return x.view(b, n, num_heads, e // num_heads).transpose(1, 2)
+    n, b, e = x.shape
+    return x.view(n, b, num_heads, e // num_heads).permute(1, 2, 0, 3)
+
+
+def _project(mha: MultiheadAttention, query: Tensor, key: Tensor, value: Tensor):
+    """The q, k, v projections, each ``(..., E)`` in the input's layout; one GEMM for
+    self-attention with packed weights (the common case), two when key is value."""
+    w, b, e = mha.in_proj_weight, mha.in_proj_bias, mha.embed_dim
+    if w is not None:
+        if query is key and key is value:
+            return F.linear(query, w, b).chunk(3, dim=-1)
+        bq, bkv = (None, None) if b is None else (b[:e], b[e:])
+        q = F.linear(query, w[:e], bq)
+        if key is value:
+            k, v = F.linear(key, w[e:], bkv).chunk(2, dim=-1)
+            return q, k, v
+        bk, bv = (None, None) if bkv is None else bkv.chunk(2)
+        return q, F.linear(key, w[e : 2 * e], bk), F.linear(value, w[2 * e :], bv)
+    bq, bk, bv = (None, None, None) if b is None else b.chunk(3)
+    return F.linear(query, mha.q_proj_weight, bq), F.linear(key, mha.k_proj_weight, bk), F.linear(value, mha.v_proj_weight, bv)
+
+
+def _to_float_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """torch's convention: bool ``True`` (masked) → ``-inf``, float unchanged."""
+    if mask.dtype == torch.bool:
+        return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
+    return mask
+
+
+def _merge_masks(
+    attn_mask: Optional[Tensor],
+    key_padding_mask: Optional[Tensor],
+    batch: int,
+    num_heads: int,
+    len_q: int,
+    len_k: int,
+    extra_keys: int,
+    dtype: torch.dtype,
+) -> Optional[Tensor]:
+    """Both masks (torch's ``True`` = masked) → one SDPA mask broadcastable to
+    ``(B, H, L, S + extra_keys)``: bool ``True`` = attend when both are bool,
+    else float (bool converted to ``-inf``, then added, as torch adds them)."""
+    if attn_mask is None and key_padding_mask is None:
+        return None
+    am = None
+    if attn_mask is not None:
+        am = attn_mask.view(1, 1, len_q, len_k) if attn_mask.dim() == 2 else attn_mask.view(batch, num_heads, len_q, len_k)
+    kpm = None if key_padding_mask is None else key_padding_mask.view(batch, 1, 1, len_k)
+    all_bool = all(m is None or m.dtype == torch.bool for m in (am, kpm))
+    if all_bool:
+        masked = am if kpm is None else (kpm if am is None else am | kpm)
+        if extra_keys:
+            masked = F.pad(masked, (0, extra_keys), value=False)  # bias_k / zero key: always attended
+        return ~masked
+    merged = None
+    for m in (am, kpm):
+        if m is not None:
+            m = _to_float_mask(m, dtype)
+            merged = m if merged is None else merged + m
+    if extra_keys:
+        merged = F.pad(merged, (0, extra_keys), value=0.0)
+    return merged
+
+
+def _attention_weights(q: Tensor, k: Tensor, mask: Optional[Tensor], scale: float) -> Tensor:
+    """``softmax(q kᵀ · scale + mask)``, ``(B, H, L, S)`` in q's dtype, as torch's need_weights path."""
+    scores = torch.matmul(q * scale, k.transpose(-2, -1))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return torch.softmax(scores, dim=-1)
+
+
+def multi_head_attention(
+    mha: MultiheadAttention,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_padding_mask: Optional[Tensor] = None,
+    need_weights: bool = True,
+    attn_mask: Optional[Tensor] = None,
+    average_attn_weights: bool = True,
+    is_causal: bool = False,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """The forward of :class:`MultiheadAttention` (arguments and returns as there)."""
+    batched = _check_shapes(query, key, value, key_padding_mask, attn_mask, mha.num_heads)
+    _check_mask_dtype(key_padding_mask, "key_padding_mask")
+    _check_mask_dtype(attn_mask, "attn_mask")
+    if key_padding_mask is not None and attn_mask is not None and key_padding_mask.dtype != attn_mask.dtype:
+        warnings.warn(
+            "Support for mismatched key_padding_mask and attn_mask is deprecated. Use same type for both instead.",
+            stacklevel=3,
+        )
+    if is_causal and attn_mask is None:
+        raise RuntimeError(
+            "Need attn_mask if specifying the is_causal hint. You may use the Transformer module method "
+            "`generate_square_subsequent_mask` to create this mask."
+        )
+    if query.shape[-1] != mha.embed_dim:
+        raise ValueError(f"was expecting embedding dimension of {mha.embed_dim}, but got {query.shape[-1]}")
+    if key.shape[-1] != mha.kdim or value.shape[-1] != mha.vdim:
+        raise ValueError(
+            f"expected key/value feature sizes kdim={mha.kdim}, vdim={mha.vdim}, got key.shape={tuple(key.shape)}, "
+            f"value.shape={tuple(value.shape)}"
+        )
+    if key.shape[:-1] != value.shape[:-1]:
+        raise ValueError(f"key's sequence and batch dims {tuple(key.shape[:-1])} do not match value's {tuple(value.shape[:-1])}")
+
+    # Layout: batch-first (B, L, E) or sequence-first (L, B, E); unbatched is batch-first with B = 1.
+    batch_first = mha.batch_first or not batched
+    if not batched:
+        query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+    bsz, len_q = (query.shape[0], query.shape[1]) if batch_first else (query.shape[1], query.shape[0])
+    len_k = key.shape[1] if batch_first else key.shape[0]
+    if batched and key.shape[:-1] != ((bsz, len_k) if batch_first else (len_k, bsz)):
+        raise ValueError(f"query and key must have the same batch size, got query.shape={tuple(query.shape)}, key.shape={tuple(key.shape)}")
+    num_heads, head_dim = mha.num_heads, mha.head_dim
+
+    if attn_mask is not None:
+        expected = (len_q, len_k) if attn_mask.dim() == 2 else (bsz * num_heads, len_q, len_k)
+        if tuple(attn_mask.shape) != expected:
+            raise RuntimeError(f"The shape of the {attn_mask.dim()}D attn_mask is {attn_mask.shape}, but should be {expected}.")
+    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (bsz, len_k):
+        raise ValueError(f"expected key_padding_mask of shape {(bsz, len_k)}, got {tuple(key_padding_mask.shape)}")
+
+    q, k, v = (_heads(t, num_heads, batch_first) for t in _project(mha, query, key, value))  # (B, H, ·, D)
+
+    extra_keys = 0
+    if mha.bias_k is not None and mha.bias_v is not None:
+        k = torch.cat([k, mha.bias_k.view(1, num_heads, 1, head_dim).expand(bsz, -1, -1, -1)], dim=2)
+        v = torch.cat([v, mha.bias_v.view(1, num_heads, 1, head_dim).expand(bsz, -1, -1, -1)], dim=2)
+        extra_keys += 1
+    elif mha.bias_k is not None or mha.bias_v is not None:
+        raise ValueError("bias_k and bias_v must be both set or both None")
+    if mha.add_zero_attn:
+        k = F.pad(k, (0, 0, 0, 1))
+        v = F.pad(v, (0, 0, 0, 1))
+        extra_keys += 1
+
+    # torch's rule for the is_causal hint: without a key padding mask (and without
+    # weights to return) the causal flag replaces the mask; otherwise the mask is used.
+    use_causal_flag = is_causal and key_padding_mask is None and not need_weights
+    mask = None if use_causal_flag else _merge_masks(
+        attn_mask, key_padding_mask, bsz, num_heads, len_q, len_k, extra_keys, q.dtype
+    )
+    dropout_p = mha.dropout if mha.training else 0.0
+
+    weights = None
+    if need_weights:
+        weights = _attention_weights(q, k, mask, 1.0 / math.sqrt(head_dim))
+        if dropout_p > 0.0:
+            # Output and returned weights must share one dropout sample, as in torch.
+            weights = F.dropout(weights, p=dropout_p)
+            out = torch.matmul(weights, v)
+        else:
+            out = scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    else:
+        out = scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=use_causal_flag)
+
+    # (B, H, L, D) → the caller's layout with E features, then the output projection.
+    if batch_first:
+        out = out.transpose(1, 2).reshape(bsz, len_q, mha.embed_dim)
+    else:
+        out = out.permute(2, 0, 1, 3).reshape(len_q, bsz, mha.embed_dim)
+    out = F.linear(out, mha.out_proj.weight, mha.out_proj.bias)
+
+    if weights is not None and average_attn_weights:
+        weights = weights.mean(dim=1)
+    if not batched:
+        out = out.squeeze(0)
+        weights = None if weights is None else weights.squeeze(0)
+    return out, weights

@@ -1,0 +1,473 @@
+"""Drop-ins for torch.nn's ``Transformer``, its encoder/decoder stacks and layers.
+
+Constructor arguments, defaults, submodule names (so ``state_dict`` keys),
+forward signatures and mask conventions are torch's. Inside, each layer runs
+fastformer's :class:`~fastformer.nn.MultiheadAttention` (fused attention, no
+head-splitting copies), the residual add + dropout + LayerNorm as one fused op,
+and the first feed-forward GEMM with its activation fused (relu/gelu; any other
+callable runs as given).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._fused import activation_name, add_layer_norm, linear_act, make_layer_norm
+from .activation import MultiheadAttention
+
+__all__ = [
+    "Transformer",
+    "TransformerEncoder",
+    "TransformerDecoder",
+    "TransformerEncoderLayer",
+    "TransformerDecoderLayer",
+    "generate_square_subsequent_mask",
+]
+
+
+def generate_square_subsequent_mask(sz: int, device=None, dtype=None) -> Tensor:
+    """``(sz, sz)`` float causal mask: ``-inf`` above the diagonal, ``0`` elsewhere (torch's)."""
+    return torch.triu(torch.full((sz, sz), float("-inf"), dtype=dtype, device=device), diagonal=1)
+
+
+def _activation_fn(activation: Union[str, Callable[[Tensor], Tensor]]) -> Callable[[Tensor], Tensor]:
+    if isinstance(activation, str):
+        if activation == "relu":
+            return F.relu
+        if activation == "gelu":
+            return F.gelu
+        raise RuntimeError(f"activation should be relu/gelu, not {activation}")
+    if not callable(activation):
+        raise TypeError(f"activation must be 'relu', 'gelu' or a callable, got {type(activation).__name__}")
+    return activation
+
+
+def _seq_len(src: Tensor, batch_first: bool) -> Optional[int]:
+    if src.is_nested:
+        return None
+    if src.dim() == 2:
+        return src.shape[0]
+    return src.shape[1 if batch_first else 0]
+
+
+def _detect_is_causal_mask(mask: Optional[Tensor], is_causal: Optional[bool], size: Optional[int]) -> bool:
+    """torch's rule: an explicit ``is_causal`` wins; ``None`` means "is ``mask`` the causal mask?"."""
+    if is_causal is not None or mask is None:
+        return is_causal is True
+    sz = size if size is not None else mask.size(-2)
+    causal = generate_square_subsequent_mask(sz, device=mask.device, dtype=mask.dtype)
+    return mask.size() == causal.size() and bool((mask == causal).all())
+
+
+def _dropout_p(module: nn.Dropout, training: bool) -> float:
+    return module.p if training else 0.0
+
+
+class TransformerEncoderLayer(nn.Module):
+    r"""Self-attention + feed-forward block, ``torch.nn.TransformerEncoderLayer``'s drop-in.
+
+    Args (torch's): ``d_model``, ``nhead``, ``dim_feedforward=2048``, ``dropout=0.1``,
+    ``activation=F.relu`` (``"relu"``, ``"gelu"`` or a callable), ``layer_norm_eps=1e-5``,
+    ``batch_first=False``, ``norm_first=False``, ``bias=True``, ``device``, ``dtype``.
+
+    Forward: ``src`` ``(S, B, E)`` / ``(B, S, E)`` / ``(S, E)``, ``src_mask`` ``(S, S)`` or
+    ``(B·H, S, S)``, ``src_key_padding_mask`` ``(B, S)`` (bool ``True`` = padding, or
+    float), ``is_causal`` (hint that ``src_mask`` is causal). Returns ``src``'s shape.
+    """
+
+    __constants__ = ["norm_first"]
+
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: Union[str, Callable[[Tensor], Tensor]] = F.relu,
+        layer_norm_eps: float = 1e-5,
+        batch_first: bool = False,
+        norm_first: bool = False,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first, **factory_kwargs)
+        self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **factory_kwargs)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **factory_kwargs)
+        self.norm_first = norm_first
+        self.norm1 = make_layer_norm(d_model, layer_norm_eps, bias, **factory_kwargs)
+        self.norm2 = make_layer_norm(d_model, layer_norm_eps, bias, **factory_kwargs)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.activation = _activation_fn(activation)
+        name = activation_name(self.activation)
+        # torch's attribute (1 relu, 2 gelu, 0 other), kept for code that reads it.
+        self.activation_relu_or_gelu = {"relu": 1, "gelu": 2}.get(name, 0)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if not hasattr(self, "activation"):
+            self.activation = F.relu
+
+    def forward(
+        self,
+        src: Tensor,
+        src_mask: Optional[Tensor] = None,
+        src_key_padding_mask: Optional[Tensor] = None,
+        is_causal: bool = False,
+    ) -> Tensor:
+        x = src
+        p1, p2 = _dropout_p(self.dropout1, self.training), _dropout_p(self.dropout2, self.training)
+        if self.norm_first:
+            attn = self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal)
+            # x + dropout1(attn) and norm2 of it, in one fused op.
+            h, x = add_layer_norm(attn, self.norm2, residual=x, dropout_p=p1, return_residual=True)
+            return x + self._ff_block(h, p2)
+        x = add_layer_norm(self._sa_block(x, src_mask, src_key_padding_mask, is_causal), self.norm1, residual=x, dropout_p=p1)
+        return add_layer_norm(self._ff_block(x, 0.0), self.norm2, residual=x, dropout_p=p2)
+
+    def _sa_block(self, x: Tensor, attn_mask, key_padding_mask, is_causal: bool) -> Tensor:
+        return self.self_attn(
+            x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, need_weights=False, is_causal=is_causal
+        )[0]
+
+    def _ff_block(self, x: Tensor, dropout_out: float) -> Tensor:
+        h = self.dropout(linear_act(x, self.linear1, self.activation))
+        h = F.linear(h, self.linear2.weight, self.linear2.bias)
+        return F.dropout(h, p=dropout_out, training=True) if dropout_out > 0.0 else h
+
+
+class TransformerDecoderLayer(nn.Module):
+    r"""Self-attention + cross-attention + feed-forward block, ``torch.nn.TransformerDecoderLayer``'s drop-in.
+
+    Args: as :class:`TransformerEncoderLayer`. Forward: ``tgt`` ``(T, B, E)`` / ``(B, T, E)``
+    / ``(T, E)``, ``memory`` ``(S, B, E)`` / ``(B, S, E)`` / ``(S, E)``, ``tgt_mask`` ``(T, T)``,
+    ``memory_mask`` ``(T, S)``, ``tgt_key_padding_mask`` ``(B, T)``,
+    ``memory_key_padding_mask`` ``(B, S)``, ``tgt_is_causal``, ``memory_is_causal``.
+    Returns ``tgt``'s shape.
+    """
+
+    __constants__ = ["norm_first"]
+
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: Union[str, Callable[[Tensor], Tensor]] = F.relu,
+        layer_norm_eps: float = 1e-5,
+        batch_first: bool = False,
+        norm_first: bool = False,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=batch_first, bias=bias, **factory_kwargs)
+        self.multihead_attn = MultiheadAttention(
+            d_model, nhead, dropout=dropout, batch_first=batch_first, bias=bias, **factory_kwargs
+        )
+        self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **factory_kwargs)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **factory_kwargs)
+        self.norm_first = norm_first
+        self.norm1 = make_layer_norm(d_model, layer_norm_eps, bias, **factory_kwargs)
+        self.norm2 = make_layer_norm(d_model, layer_norm_eps, bias, **factory_kwargs)
+        self.norm3 = make_layer_norm(d_model, layer_norm_eps, bias, **factory_kwargs)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
+        self.activation = _activation_fn(activation)
+
+    def __setstate__(self, state):
+        if "activation" not in state:
+            state["activation"] = F.relu
+        super().__setstate__(state)
+
+    def forward(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        tgt_mask: Optional[Tensor] = None,
+        memory_mask: Optional[Tensor] = None,
+        tgt_key_padding_mask: Optional[Tensor] = None,
+        memory_key_padding_mask: Optional[Tensor] = None,
+        tgt_is_causal: bool = False,
+        memory_is_causal: bool = False,
+    ) -> Tensor:
+        x = tgt
+        p1, p2, p3 = (_dropout_p(d, self.training) for d in (self.dropout1, self.dropout2, self.dropout3))
+        if self.norm_first:
+            attn = self._sa_block(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal)
+            h, x = add_layer_norm(attn, self.norm2, residual=x, dropout_p=p1, return_residual=True)
+            cross = self._mha_block(h, memory, memory_mask, memory_key_padding_mask, memory_is_causal)
+            h, x = add_layer_norm(cross, self.norm3, residual=x, dropout_p=p2, return_residual=True)
+            return x + self._ff_block(h, p3)
+        x = add_layer_norm(self._sa_block(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal), self.norm1, residual=x, dropout_p=p1)
+        cross = self._mha_block(x, memory, memory_mask, memory_key_padding_mask, memory_is_causal)
+        x = add_layer_norm(cross, self.norm2, residual=x, dropout_p=p2)
+        return add_layer_norm(self._ff_block(x, 0.0), self.norm3, residual=x, dropout_p=p3)
+
+    def _sa_block(self, x: Tensor, attn_mask, key_padding_mask, is_causal: bool) -> Tensor:
+        return self.self_attn(
+            x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal, need_weights=False
+        )[0]
+
+    def _mha_block(self, x: Tensor, mem: Tensor, attn_mask, key_padding_mask, is_causal: bool) -> Tensor:
+        return self.multihead_attn(
+            x, mem, mem, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal, need_weights=False
+        )[0]
+
+    def _ff_block(self, x: Tensor, dropout_out: float) -> Tensor:
+        h = self.dropout(linear_act(x, self.linear1, self.activation))
+        h = F.linear(h, self.linear2.weight, self.linear2.bias)
+        return F.dropout(h, p=dropout_out, training=True) if dropout_out > 0.0 else h
+
+
+def _clones(module: nn.Module, n: int) -> nn.ModuleList:
+    return nn.ModuleList([copy.deepcopy(module) for _ in range(n)])
+
+
+def _nesting_blocker(layer: nn.Module) -> str:
+    """Why torch's TransformerEncoder would not use nested tensors with this layer ("" if it would)."""
+    attn = getattr(layer, "self_attn", None)
+    if not isinstance(layer, (TransformerEncoderLayer, nn.TransformerEncoderLayer)):
+        return "encoder_layer was not TransformerEncoderLayer"
+    if layer.norm_first:
+        return "encoder_layer.norm_first was True"
+    if not attn.batch_first:
+        return "encoder_layer.self_attn.batch_first was not True"
+    if not attn._qkv_same_embed_dim:
+        return "encoder_layer.self_attn._qkv_same_embed_dim was not True"
+    if attn.in_proj_bias is None:
+        return "encoder_layer.self_attn was passed bias=False"
+    if not layer.activation_relu_or_gelu:
+        return "encoder_layer.activation_relu_or_gelu was not True"
+    if layer.norm1.eps != layer.norm2.eps:
+        return "encoder_layer.norm1.eps was not equal to encoder_layer.norm2.eps"
+    if attn.num_heads % 2 == 1:
+        return "encoder_layer.self_attn.num_heads is odd"
+    return ""
+
+
+def _left_aligned(keep: Tensor) -> bool:
+    """Every row of ``keep`` (B, S) is ones then zeros: padding only at the end."""
+    return bool((keep.cummin(dim=1).values == keep).all())
+
+
+class TransformerEncoder(nn.Module):
+    r"""A stack of ``num_layers`` copies of ``encoder_layer`` (+ optional final ``norm``).
+
+    ``torch.nn.TransformerEncoder``'s drop-in: ``forward(src, mask=None,
+    src_key_padding_mask=None, is_causal=None)``; ``is_causal=None`` detects a causal ``mask``.
+
+    ``enable_nested_tensor`` and ``mask_check`` are accepted for compatibility. Where
+    torch would run on nested tensors (eval, batch_first, key padding mask, no
+    ``mask``, no gradients, ...), its output is ``0`` at padded positions: the same
+    zeros are written here, so outputs match torch's everywhere. Padded positions are
+    still computed (not skipped) — a possible speed-up for heavily padded batches.
+    """
+
+    __constants__ = ["norm"]
+
+    def __init__(
+        self,
+        encoder_layer: nn.Module,
+        num_layers: int,
+        norm: Optional[nn.Module] = None,
+        enable_nested_tensor: bool = True,
+        mask_check: bool = True,
+    ) -> None:
+        super().__init__()
+        self.layers = _clones(encoder_layer, num_layers)
+        self.num_layers = num_layers
+        self.norm = norm
+        self.enable_nested_tensor = enable_nested_tensor
+        self.use_nested_tensor = enable_nested_tensor and not _nesting_blocker(encoder_layer)
+        self.mask_check = mask_check
+
+    def forward(
+        self,
+        src: Tensor,
+        mask: Optional[Tensor] = None,
+        src_key_padding_mask: Optional[Tensor] = None,
+        is_causal: Optional[bool] = None,
+    ) -> Tensor:
+        first = self.layers[0]
+        zero_padding = self._torch_would_nest(src, mask, src_key_padding_mask)
+        is_causal = _detect_is_causal_mask(mask, is_causal, _seq_len(src, first.self_attn.batch_first))
+        output = src
+        for layer in self.layers:
+            output = layer(output, src_mask=mask, is_causal=is_causal, src_key_padding_mask=src_key_padding_mask)
+        if zero_padding:
+            pad = src_key_padding_mask if src_key_padding_mask.dtype == torch.bool else src_key_padding_mask != 0
+            output = output.masked_fill(pad.unsqueeze(-1), 0.0)
+        if self.norm is not None:
+            output = self.norm(output)
+        return output
+
+    def _torch_would_nest(self, src: Tensor, mask, src_key_padding_mask) -> bool:
+        """torch's conditions for its nested-tensor path (whose output has zeros at padding)."""
+        if not (getattr(self, "use_nested_tensor", False) and torch.backends.mha.get_fastpath_enabled()):
+            return False
+        if self.layers[0].training or src.dim() != 3 or src_key_padding_mask is None or mask is not None:
+            return False
+        if src.is_nested or torch.is_autocast_enabled():
+            return False
+        if src_key_padding_mask.dtype == torch.bool:
+            keep = src_key_padding_mask.logical_not()
+        else:
+            keep = src_key_padding_mask == 0  # torch: float mask → bool via -inf; 0 = keep
+        if self.mask_check and (torch.compiler.is_compiling() or not _left_aligned(keep)):
+            return False
+        if torch.is_grad_enabled() and (src.requires_grad or any(p.requires_grad for p in self.layers[0].parameters())):
+            return False
+        return True
+
+
+class TransformerDecoder(nn.Module):
+    r"""A stack of ``num_layers`` copies of ``decoder_layer`` (+ optional final ``norm``).
+
+    ``torch.nn.TransformerDecoder``'s drop-in: ``forward(tgt, memory, tgt_mask=None,
+    memory_mask=None, tgt_key_padding_mask=None, memory_key_padding_mask=None,
+    tgt_is_causal=None, memory_is_causal=False)``.
+    """
+
+    __constants__ = ["norm"]
+
+    def __init__(self, decoder_layer: nn.Module, num_layers: int, norm: Optional[nn.Module] = None) -> None:
+        super().__init__()
+        self.layers = _clones(decoder_layer, num_layers)
+        self.num_layers = num_layers
+        self.norm = norm
+
+    def forward(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        tgt_mask: Optional[Tensor] = None,
+        memory_mask: Optional[Tensor] = None,
+        tgt_key_padding_mask: Optional[Tensor] = None,
+        memory_key_padding_mask: Optional[Tensor] = None,
+        tgt_is_causal: Optional[bool] = None,
+        memory_is_causal: bool = False,
+    ) -> Tensor:
+        output = tgt
+        tgt_is_causal = _detect_is_causal_mask(tgt_mask, tgt_is_causal, _seq_len(tgt, self.layers[0].self_attn.batch_first))
+        for layer in self.layers:
+            output = layer(
+                output,
+                memory,
+                tgt_mask=tgt_mask,
+                memory_mask=memory_mask,
+                tgt_key_padding_mask=tgt_key_padding_mask,
+                memory_key_padding_mask=memory_key_padding_mask,
+                tgt_is_causal=tgt_is_causal,
+                memory_is_causal=memory_is_causal,
+            )
+        if self.norm is not None:
+            output = self.norm(output)
+        return output
+
+
+class Transformer(nn.Module):
+    r"""Encoder-decoder transformer, ``torch.nn.Transformer``'s drop-in (same arguments,
+    defaults, ``state_dict`` keys and initialisation: Xavier-uniform on every matrix).
+
+    Forward: ``src`` ``(S, B, E)`` / ``(B, S, E)``, ``tgt`` ``(T, B, E)`` / ``(B, T, E)``,
+    masks as in the layers; returns ``tgt``'s shape.
+    """
+
+    def __init__(
+        self,
+        d_model: int = 512,
+        nhead: int = 8,
+        num_encoder_layers: int = 6,
+        num_decoder_layers: int = 6,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: Union[str, Callable[[Tensor], Tensor]] = F.relu,
+        custom_encoder: Optional[Any] = None,
+        custom_decoder: Optional[Any] = None,
+        layer_norm_eps: float = 1e-5,
+        batch_first: bool = False,
+        norm_first: bool = False,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        layer_args = (d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first, norm_first, bias)
+        if custom_encoder is not None:
+            self.encoder = custom_encoder
+        else:
+            self.encoder = TransformerEncoder(
+                TransformerEncoderLayer(*layer_args, **factory_kwargs),
+                num_encoder_layers,
+                make_layer_norm(d_model, layer_norm_eps, bias, **factory_kwargs),
+            )
+        if custom_decoder is not None:
+            self.decoder = custom_decoder
+        else:
+            self.decoder = TransformerDecoder(
+                TransformerDecoderLayer(*layer_args, **factory_kwargs),
+                num_decoder_layers,
+                make_layer_norm(d_model, layer_norm_eps, bias, **factory_kwargs),
+            )
+        self._reset_parameters()
+        self.d_model = d_model
+        self.nhead = nhead
+        self.batch_first = batch_first
+
+    def forward(
+        self,
+        src: Tensor,
+        tgt: Tensor,
+        src_mask: Optional[Tensor] = None,
+        tgt_mask: Optional[Tensor] = None,
+        memory_mask: Optional[Tensor] = None,
+        src_key_padding_mask: Optional[Tensor] = None,
+        tgt_key_padding_mask: Optional[Tensor] = None,
+        memory_key_padding_mask: Optional[Tensor] = None,
+        src_is_causal: Optional[bool] = None,
+        tgt_is_causal: Optional[bool] = None,
+        memory_is_causal: bool = False,
+    ) -> Tensor:
+        is_batched = src.dim() == 3
+        batch_dim = 0 if self.batch_first else 1
+        if is_batched and src.size(batch_dim) != tgt.size(batch_dim):
+            raise RuntimeError("the batch number of src and tgt must be equal")
+        if src.size(-1) != self.d_model or tgt.size(-1) != self.d_model:
+            raise RuntimeError("the feature number of src and tgt must be equal to d_model")
+        memory = self.encoder(src, mask=src_mask, src_key_padding_mask=src_key_padding_mask, is_causal=src_is_causal)
+        return self.decoder(
+            tgt,
+            memory,
+            tgt_mask=tgt_mask,
+            memory_mask=memory_mask,
+            tgt_key_padding_mask=tgt_key_padding_mask,
+            memory_key_padding_mask=memory_key_padding_mask,
+            tgt_is_causal=tgt_is_causal,
+            memory_is_causal=memory_is_causal,
+        )
+
+    @staticmethod
+    def generate_square_subsequent_mask(sz: int, device=None, dtype=None) -> Tensor:
+        """``(sz, sz)`` float causal mask: ``-inf`` above the diagonal, ``0`` elsewhere."""
+        return generate_square_subsequent_mask(sz, device=device, dtype=dtype)
+
+    def _reset_parameters(self) -> None:
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
