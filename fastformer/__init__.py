@@ -3,7 +3,8 @@
 from .ops import attention, backends, scaled_dot_product_attention, use_backend
 from .ops import decode_attention
 from .ops.varlen import varlen_attention
+from .convert import convert  # issue 8: swap torch.nn transformer modules for fastformer.nn
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "backends", "scaled_dot_product_attention", "use_backend", "decode_attention", "varlen_attention", "__version__"]
+__all__ = ["attention", "backends", "scaled_dot_product_attention", "use_backend", "decode_attention", "varlen_attention", "convert", "__version__"]
