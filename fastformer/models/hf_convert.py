@@ -223,21 +223,64 @@ def bert_to_hf(model):
 
 
 # ----------------------------------------------------------------------------- ViT
+# transformers 5 names ViT layers "layers.{i}.attention.q_proj" / "mlp.fc1"; checkpoints
+# saved by transformers 4 say "encoder.layer.{i}.attention.attention.query" /
+# "intermediate.dense". Both load; export uses whatever the installed version builds.
+
+_VIT_OLD_TO_NEW = [
+    ("attention.attention.query", "attention.q_proj"),
+    ("attention.attention.key", "attention.k_proj"),
+    ("attention.attention.value", "attention.v_proj"),
+    ("attention.output.dense", "attention.o_proj"),
+    ("intermediate.dense", "mlp.fc1"),
+    ("output.dense", "mlp.fc2"),
+    ("layernorm_before", "layernorm_before"),
+    ("layernorm_after", "layernorm_after"),
+]
+
+
+def _vit_to_new_names(state: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    out = {}
+    for k, v in state.items():
+        if k.startswith("encoder.layer."):
+            i, rest = k[len("encoder.layer."):].split(".", 1)
+            for old, new in _VIT_OLD_TO_NEW:
+                if rest.startswith(old + "."):
+                    rest = new + rest[len(old):]
+                    break
+            k = f"layers.{i}.{rest}"
+        out[k] = v
+    return out
+
+
+def _vit_to_old_names(state: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    out = {}
+    for k, v in state.items():
+        if k.startswith("vit.layers."):
+            i, rest = k[len("vit.layers."):].split(".", 1)
+            for old, new in _VIT_OLD_TO_NEW:
+                if rest.startswith(new + "."):
+                    rest = old + rest[len(new):]
+                    break
+            k = f"vit.encoder.layer.{i}.{rest}"
+        out[k] = v
+    return out
+
 
 def _vit_layer_map(i: int):
-    hf, ours = f"encoder.layer.{i}.", f"blocks.{i}."
+    hf, ours = f"layers.{i}.", f"blocks.{i}."
     return [
         (hf + "layernorm_before", ours + "norm1"),
-        (hf + "attention.output.dense", ours + "attn.proj"),
+        (hf + "attention.o_proj", ours + "attn.proj"),
         (hf + "layernorm_after", ours + "norm2"),
-        (hf + "intermediate.dense", ours + "mlp.fc1"),
-        (hf + "output.dense", ours + "mlp.fc2"),
+        (hf + "mlp.fc1", ours + "mlp.fc1"),
+        (hf + "mlp.fc2", ours + "mlp.fc2"),
     ]
 
 
 def vit_from_hf(cls, model_or_path, **overrides):
     hf, state = load_hf(model_or_path)
-    state = _strip(state, "vit.")
+    state = _vit_to_new_names(_strip(state, "vit."))
     num_classes = state["classifier.weight"].shape[0] if "classifier.weight" in state else 0
     kwargs = dict(
         img_size=hf["image_size"], patch_size=hf["patch_size"], in_chans=hf.get("num_channels", 3),
@@ -264,10 +307,10 @@ def vit_from_hf(cls, model_or_path, **overrides):
         for hf_name, our_name in _vit_layer_map(i):
             for leaf in ("weight", "bias"):
                 ours[f"{our_name}.{leaf}"] = state[f"{hf_name}.{leaf}"]
-        p = f"encoder.layer.{i}.attention.attention."
-        ours[f"blocks.{i}.attn.qkv.weight"] = torch.cat([state[p + n + ".weight"] for n in ("query", "key", "value")])
+        p = f"layers.{i}.attention."
+        ours[f"blocks.{i}.attn.qkv.weight"] = torch.cat([state[p + n + ".weight"] for n in ("q_proj", "k_proj", "v_proj")])
         if kwargs["qkv_bias"]:
-            ours[f"blocks.{i}.attn.qkv.bias"] = torch.cat([state[p + n + ".bias"] for n in ("query", "key", "value")])
+            ours[f"blocks.{i}.attn.qkv.bias"] = torch.cat([state[p + n + ".bias"] for n in ("q_proj", "k_proj", "v_proj")])
     return _load_into(model, ours)
 
 
@@ -301,11 +344,13 @@ def vit_to_hf(model):
         for hf_name, our_name in _vit_layer_map(i):
             for leaf in ("weight", "bias"):
                 state[f"vit.{hf_name}.{leaf}"] = ours[f"{our_name}.{leaf}"]
-        p = f"vit.encoder.layer.{i}.attention.attention."
+        p = f"vit.layers.{i}.attention."
         for leaf in ("weight", "bias"):
             if f"blocks.{i}.attn.qkv.{leaf}" in ours:
-                for n, t in zip(("query", "key", "value"), ours[f"blocks.{i}.attn.qkv.{leaf}"].chunk(3)):
+                for n, t in zip(("q_proj", "k_proj", "v_proj"), ours[f"blocks.{i}.attn.qkv.{leaf}"].chunk(3)):
                     state[p + n + "." + leaf] = t
+    if not any(k.startswith("vit.layers.") for k in out.state_dict()):
+        state = _vit_to_old_names(state)  # transformers 4
     missing, unexpected = out.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=False)
     if unexpected or [k for k in missing if "pooler" not in k]:
         raise ValueError(f"ViT export mismatch: missing {missing}, unexpected {unexpected}")
