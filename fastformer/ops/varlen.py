@@ -195,14 +195,15 @@ def varlen_reference(q, k, v, cq: list, ck: list, dropout_p: float, scale: float
         outs.append(ob.transpose(0, 1))
         if return_lse:
             kf = kb.repeat_interleave(q.shape[1] // k.shape[1], 0) if gqa else kb
-            s = (qb.float() @ kf.float().transpose(-2, -1)) * scale
+            acc = torch.promote_types(q.dtype, torch.float32)
+            s = (qb.to(acc) @ kf.to(acc).transpose(-2, -1)) * scale
             if mask is not None:
                 s = s.masked_fill(~mask, float("-inf"))
             lses.append(torch.logsumexp(s, -1) if k1 > k0 else s.new_full((q.shape[1], q1 - q0), float("-inf")))
     out = torch.cat(outs, 0) if outs else q.new_zeros((0, q.shape[1], v.shape[2]))
     if not return_lse:
         return out
-    lse = torch.cat(lses, 1) if lses else q.new_zeros((q.shape[1], 0), dtype=torch.float32)
+    lse = torch.cat(lses, 1).float() if lses else q.new_zeros((q.shape[1], 0), dtype=torch.float32)
     return out, lse.detach()
 
 
