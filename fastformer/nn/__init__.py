@@ -10,3 +10,6 @@ from .transformer import (
     TransformerEncoder,
     TransformerEncoderLayer,
 )
+
+# Issue 7: fused norms, feed-forward and positional encodings.
+from .layernorm import LayerNorm, RMSNorm

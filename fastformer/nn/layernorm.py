@@ -1,0 +1,35 @@
+"""Drop-in ``LayerNorm`` and ``RMSNorm`` running on the fused norm kernels.
+
+They subclass ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm``: same constructor
+arguments and defaults, same parameters and ``state_dict`` keys, ``isinstance``
+checks keep working. Only ``forward`` changes, and it accepts an optional
+``residual`` (``norm(x, residual)`` = ``norm(x + residual)``, fused).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor, nn
+
+from .. import ops
+
+
+class LayerNorm(nn.LayerNorm):
+    """``torch.nn.LayerNorm(normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, device=None, dtype=None)``.
+
+    ``forward(x, residual=None)``: ``x`` ``(..., *normalized_shape)`` → same shape.
+    """
+
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        return ops.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, residual=residual)
+
+
+class RMSNorm(nn.RMSNorm):
+    """``torch.nn.RMSNorm(normalized_shape, eps=None, elementwise_affine=True, device=None, dtype=None)``.
+
+    ``eps=None`` uses ``torch.finfo(x.dtype).eps`` as torch does.
+    """
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        return ops.rms_norm(x, self.normalized_shape, self.weight, self.eps, residual=residual)

@@ -1,0 +1,47 @@
+"""Backend choice shared by the elementwise / row-wise / GEMM ops (softmax,
+norms, feed-forward, positional encodings).
+
+``"auto"`` runs the Triton kernels on CUDA tensors and plain torch ops
+everywhere else; ``"triton"`` forces the kernels (on CPU tensors this needs
+``TRITON_INTERPRET=1``, which is how the tests run them); ``"torch"`` forces
+the torch-ops path.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import torch
+
+
+def triton_unavailable(device: torch.device) -> str | None:
+    """None when the Triton kernels can run on ``device``, else the reason."""
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "CPU tensors need TRITON_INTERPRET=1 for the Triton kernels"
+    if device.type not in ("cpu", "cuda"):
+        return f"no Triton kernels for device type {device.type!r}"
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # pragma: no cover - triton ships with torch on Linux
+        return f"triton is not importable: {exc}"
+    return None
+
+
+def resolve_backend(backend: str, device: torch.device, op: str, choices: Iterable[str] = ("auto", "triton", "torch")) -> str:
+    """The concrete backend (``"triton"``/``"torch"``/other forced name) for ``op`` on ``device``."""
+    choices = tuple(choices)
+    if backend not in choices:
+        raise ValueError(f"{op}: backend must be one of {choices}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_unavailable(device) is None else "torch"
+    if backend == "triton":
+        reason = triton_unavailable(device)
+        if reason is not None:
+            raise RuntimeError(f"{op}: backend='triton' unavailable: {reason}")
+    return backend
+
+
+def new_seed() -> int:
+    """A dropout seed drawn from torch's default CPU generator (so torch.manual_seed reproduces it)."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
