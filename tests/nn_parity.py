@@ -67,6 +67,7 @@ def check_parity(
     """
     kwargs = dict(kwargs or {})
     ours.load_state_dict(torch_module.state_dict())
+    ours.zero_grad(set_to_none=True)  # a module reused across checks must not accumulate
     ref = copy.deepcopy(torch_module).double()
     same = copy.deepcopy(torch_module).to(dtype)
     ours = ours.to(dtype)
