@@ -6,6 +6,8 @@ import copy
 import pytest
 import torch
 
+from fastformer.ops.decode_attention import use_decode_backend
+
 from error_rule import assert_close_by_rule
 from fastformer.models import GPT, GPTConfig
 from fastformer.models.sampling import sample_next
@@ -35,13 +37,20 @@ def test_gpt2_logits_match_hf_under_error_rule():
     assert_close_by_rule(out, ref64, hf_logits(hf, ids), "logits")
 
 
-def test_greedy_generation_matches_hf_generate():
+@pytest.fixture
+def decode_in_torch():
+    """decode_attention's PyTorch path (the interpreted kernel is slow; the cache tests cover it)."""
+    with use_decode_backend("torch"):
+        yield
+
+
+def test_greedy_generation_matches_hf_generate(decode_in_torch):
     hf = tiny_hf_gpt2(1)
     ours = GPT.from_hf(hf).eval()
     ids = torch.randint(0, 97, (2, 7))
-    theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+    theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
                          pad_token_id=0)
-    mine = ours.generate(ids, max_new_tokens=8, temperature=0.0)
+    mine = ours.generate(ids, max_new_tokens=12, temperature=0.0)
     assert torch.equal(mine, theirs)
 
 
@@ -60,9 +69,8 @@ def test_to_hf_round_trip_and_local_directory(tmp_path):
 
 @pytest.mark.parametrize("cfg", [
     dict(pos_embedding="learned"),
-    dict(pos_embedding="rotary"),
     dict(pos_embedding="rotary", n_head=4, n_kv_head=2),  # GQA through the decode kernel
-], ids=["learned", "rotary", "rotary_gqa"])
+], ids=["learned", "rotary_gqa"])
 def test_cached_greedy_generation_equals_uncached(cfg):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=53, block_size=48, n_layer=2, n_head=cfg.pop("n_head", 2), n_embd=32,
@@ -87,7 +95,7 @@ def test_cache_prefill_then_decode_matches_full_forward():
     torch.testing.assert_close(torch.cat(part, 1), full, atol=1e-5, rtol=1e-5)
 
 
-def test_eos_stops_and_pads():
+def test_eos_stops_and_pads(decode_in_torch):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=20, block_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
     ids = torch.randint(0, 20, (2, 3))
@@ -98,7 +106,7 @@ def test_eos_stops_and_pads():
     assert torch.equal(out[:, :5], free[:, :5])
 
 
-def test_sampling_top_k_top_p():
+def test_sampling_top_k_top_p(decode_in_torch):
     logits = torch.tensor([[5.0, 4.0, 0.0, -1.0]]).repeat(200, 1)
     g = torch.Generator().manual_seed(0)
     assert set(sample_next(logits, 1.0, top_k=2, generator=g).tolist()) <= {0, 1}

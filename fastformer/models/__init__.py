@@ -3,6 +3,11 @@
 from .bert import BERT, BERTConfig, BERTOutput
 from .gpt import GPT, GPTConfig
 from .kv_cache import KVCache
+from .seq2seq import Seq2SeqConfig, Seq2SeqTransformer
+from .timeseries import TimeSeriesTransformer
 from .vit import ViT
 
-__all__ = ["BERT", "BERTConfig", "BERTOutput", "GPT", "GPTConfig", "KVCache", "ViT"]
+__all__ = [
+    "BERT", "BERTConfig", "BERTOutput", "GPT", "GPTConfig", "KVCache", "Seq2SeqConfig", "Seq2SeqTransformer",
+    "TimeSeriesTransformer", "ViT",
+]

@@ -9,6 +9,7 @@ opaque node with a fake implementation.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Optional, Union
@@ -21,6 +22,20 @@ from .buffers import new_output
 
 DECODE_BACKENDS = ("auto", "triton", "torch")
 _BLOCK_N = 64
+_DEFAULT_STACK = []
+
+
+@contextlib.contextmanager
+def use_decode_backend(backend: str):
+    """Make ``backend`` ("auto", "triton" or "torch") what ``decode_attention(backend="auto")``
+    uses inside a ``with`` block (e.g. to decode with the PyTorch path under the interpreter)."""
+    if backend not in DECODE_BACKENDS:
+        raise ValueError(f"backend must be one of {DECODE_BACKENDS}, got {backend!r}")
+    _DEFAULT_STACK.append(backend)
+    try:
+        yield
+    finally:
+        _DEFAULT_STACK.pop()
 
 
 def _triton_usable(device: torch.device) -> Optional[str]:
@@ -170,6 +185,8 @@ def decode_attention(
     """
     _validate(q, k_cache, v_cache, cache_seqlens, scale, backend)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if backend == "auto" and _DEFAULT_STACK:
+        backend = _DEFAULT_STACK[-1]
     why_not = _triton_usable(q.device)
     if backend == "triton" and why_not is not None:
         raise RuntimeError(f"decode_attention backend 'triton' cannot run here: {why_not}")

@@ -1,0 +1,247 @@
+"""The encoder-decoder Transformer of "Attention Is All You Need".
+
+Sinusoidal positions, a bidirectional encoder (source padding masked), and a
+decoder with causal self-attention and cross-attention to the encoder memory.
+Decoding (greedy and beam search) keeps the decoder's self-attention K/V in a
+preallocated :class:`KVCache` (one new token per step through
+:func:`fastformer.decode_attention`) and projects the memory to cross-attention
+K/V once per source, not once per step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+import fastformer
+from ._layers import layer_norm, sinusoidal_table
+from .encoder import EncoderBlock, Mlp
+from .kv_cache import KVCache
+
+
+@dataclass
+class Seq2SeqConfig:
+    src_vocab_size: int
+    tgt_vocab_size: int
+    d_model: int = 512
+    num_heads: int = 8
+    num_encoder_layers: int = 6
+    num_decoder_layers: int = 6
+    dim_feedforward: int = 2048
+    dropout: float = 0.1
+    max_len: int = 512
+    norm_first: bool = True  # pre-norm trains without warm-up tricks; False is the paper's post-norm
+    activation: str = "relu"
+    pad_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+    layer_norm_eps: float = 1e-5
+
+
+def _heads(x: Tensor, h: int) -> Tensor:
+    B, T, C = x.shape
+    return x.view(B, T, h, C // h).transpose(1, 2)  # (B, h, T, hd)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: Seq2SeqConfig):
+        super().__init__()
+        d = c.d_model
+        self.h = c.num_heads
+        self.norm_first = c.norm_first
+        self.self_qkv = nn.Linear(d, 3 * d)
+        self.self_proj = nn.Linear(d, d)
+        self.cross_q = nn.Linear(d, d)
+        self.cross_kv = nn.Linear(d, 2 * d)
+        self.cross_proj = nn.Linear(d, d)
+        self.norm1 = layer_norm(d, c.layer_norm_eps)
+        self.norm2 = layer_norm(d, c.layer_norm_eps)
+        self.norm3 = layer_norm(d, c.layer_norm_eps)
+        self.mlp = Mlp(d, c.dim_feedforward, act=c.activation, drop=c.dropout)
+        self.drop = nn.Dropout(c.dropout)
+        self.attn_drop = c.dropout
+
+    def memory_kv(self, memory: Tensor) -> Tuple[Tensor, Tensor]:
+        """Cross-attention keys/values of the encoder memory ``(B, S, d)`` → 2 × ``(B, h, S, hd)``."""
+        k, v = self.cross_kv(memory).chunk(2, dim=-1)
+        return _heads(k, self.h), _heads(v, self.h)
+
+    def _self_attn(self, x: Tensor, cache: Optional[KVCache], layer: int) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = (_heads(t, self.h) for t in self.self_qkv(x).chunk(3, dim=-1))
+        if cache is not None and cache.length > 0:
+            k_all, v_all = cache.write(layer, k, v)
+            y = fastformer.decode_attention(q, k_all, v_all, cache.length + T)
+        else:
+            if cache is not None:
+                cache.write(layer, k, v)
+            y = fastformer.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.attn_drop if self.training else 0.0, is_causal=True)
+        return self.drop(self.self_proj(y.transpose(1, 2).reshape(B, T, C)))
+
+    def _cross_attn(self, x: Tensor, mem_kv: Tuple[Tensor, Tensor], mem_mask: Optional[Tensor]) -> Tensor:
+        B, T, C = x.shape
+        q = _heads(self.cross_q(x), self.h)
+        y = fastformer.scaled_dot_product_attention(
+            q, mem_kv[0], mem_kv[1], attn_mask=mem_mask, dropout_p=self.attn_drop if self.training else 0.0)
+        return self.drop(self.cross_proj(y.transpose(1, 2).reshape(B, T, C)))
+
+    def forward(self, x: Tensor, mem_kv, mem_mask: Optional[Tensor], cache: Optional[KVCache] = None,
+                layer: int = 0) -> Tensor:
+        if self.norm_first:
+            x = x + self._self_attn(self.norm1(x), cache, layer)
+            x = x + self._cross_attn(self.norm2(x), mem_kv, mem_mask)
+            return x + self.mlp(self.norm3(x))
+        x = self.norm1(x + self._self_attn(x, cache, layer))
+        x = self.norm2(x + self._cross_attn(x, mem_kv, mem_mask))
+        return self.norm3(x + self.mlp(x))
+
+
+class Seq2SeqTransformer(nn.Module):
+    """``forward(src (B, S), tgt_in (B, T), tgt_out=None)`` → logits ``(B, T, tgt_vocab)``
+    (and the cross-entropy loss over non-pad ``tgt_out`` when given). Source tokens equal
+    to ``pad_id`` are masked out of attention."""
+
+    def __init__(self, config: Seq2SeqConfig):
+        super().__init__()
+        self.config = c = config
+        self.src_embed = nn.Embedding(c.src_vocab_size, c.d_model)
+        self.tgt_embed = nn.Embedding(c.tgt_vocab_size, c.d_model)
+        self.register_buffer("pos", sinusoidal_table(c.max_len, c.d_model), persistent=False)
+        self.drop = nn.Dropout(c.dropout)
+        self.encoder = nn.ModuleList([
+            EncoderBlock(c.d_model, c.num_heads, c.dim_feedforward / c.d_model, norm_first=c.norm_first,
+                         eps=c.layer_norm_eps, act=c.activation, drop=c.dropout, attn_drop=c.dropout)
+            for _ in range(c.num_encoder_layers)
+        ])
+        self.decoder = nn.ModuleList([DecoderLayer(c) for _ in range(c.num_decoder_layers)])
+        self.enc_norm = layer_norm(c.d_model, c.layer_norm_eps) if c.norm_first else nn.Identity()
+        self.dec_norm = layer_norm(c.d_model, c.layer_norm_eps) if c.norm_first else nn.Identity()
+        self.out = nn.Linear(c.d_model, c.tgt_vocab_size)
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    def _embed(self, emb: nn.Embedding, ids: Tensor, start: int = 0) -> Tensor:
+        T = ids.shape[1]
+        if start + T > self.config.max_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_len {self.config.max_len}")
+        x = emb(ids) * math.sqrt(self.config.d_model) + self.pos[start:start + T].to(emb.weight.dtype)
+        return self.drop(x)
+
+    def encode(self, src: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        """Encoder memory ``(B, S, d)`` and the source padding mask ``(B, 1, 1, S)`` (None without padding)."""
+        if src.dim() != 2:
+            raise ValueError(f"src must be (B, S) token ids, got shape {tuple(src.shape)}")
+        keep = src != self.config.pad_id
+        mask = None if bool(keep.all()) else keep[:, None, None, :]
+        x = self._embed(self.src_embed, src)
+        for layer in self.encoder:
+            x = layer(x, mask)
+        return self.enc_norm(x), mask
+
+    def decode(self, tgt: Tensor, mem_kv: List[Tuple[Tensor, Tensor]], mem_mask: Optional[Tensor],
+               cache: Optional[KVCache] = None) -> Tensor:
+        """Logits ``(B, T, tgt_vocab)`` of target tokens ``tgt`` (those after ``cache.length``
+        cached ones when a cache is given; the cache is advanced)."""
+        start = cache.length if cache is not None else 0
+        x = self._embed(self.tgt_embed, tgt, start)
+        for i, layer in enumerate(self.decoder):
+            x = layer(x, mem_kv[i], mem_mask, cache, i)
+        if cache is not None:
+            cache.advance(tgt.shape[1])
+        return self.out(self.dec_norm(x))
+
+    def forward(self, src: Tensor, tgt_in: Tensor, tgt_out: Optional[Tensor] = None):
+        memory, mask = self.encode(src)
+        logits = self.decode(tgt_in, [layer.memory_kv(memory) for layer in self.decoder], mask)
+        if tgt_out is None:
+            return logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), tgt_out.reshape(-1),
+                               ignore_index=self.config.pad_id)
+        return logits, loss
+
+    # ------------------------------------------------------------------ decoding
+    def _start(self, src: Tensor, copies: int, max_len: int):
+        memory, mask = self.encode(src)
+        if copies > 1:
+            memory = memory.repeat_interleave(copies, 0)
+            mask = mask.repeat_interleave(copies, 0) if mask is not None else None
+        mem_kv = [layer.memory_kv(memory) for layer in self.decoder]  # once per source
+        c = self.config
+        cache = KVCache(c.num_decoder_layers, memory.shape[0], c.num_heads, max_len + 1, c.d_model // c.num_heads,
+                        dtype=memory.dtype, device=memory.device)
+        return mem_kv, mask, cache
+
+    @torch.no_grad()
+    def greedy_decode(self, src: Tensor, max_len: int = 64, use_cache: bool = True) -> Tensor:
+        """Target ids ``(B, T<=max_len)`` after BOS, padded with ``pad_id`` after EOS (EOS kept)."""
+        c = self.config
+        B = src.shape[0]
+        mem_kv, mask, cache = self._start(src, 1, max_len)
+        ys = torch.full((B, 1), c.bos_id, dtype=torch.long, device=src.device)
+        done = torch.zeros(B, dtype=torch.bool, device=src.device)
+        for _ in range(max_len):
+            if use_cache:
+                logits = self.decode(ys[:, -1:], mem_kv, mask, cache)[:, -1]
+            else:
+                logits = self.decode(ys, mem_kv, mask)[:, -1]
+            nxt = logits.argmax(-1).masked_fill(done, c.pad_id)
+            ys = torch.cat([ys, nxt[:, None]], dim=1)
+            done |= nxt == c.eos_id
+            if bool(done.all()):
+                break
+        return ys[:, 1:]
+
+    @torch.no_grad()
+    def beam_search(self, src: Tensor, beam_size: int = 4, max_len: int = 64, length_penalty: float = 1.0) -> Tensor:
+        """Best hypothesis per source ``(B, T<=max_len)``, padded with ``pad_id`` after EOS.
+
+        Beams are scored by summed log-probability; finished hypotheses keep their
+        score (they extend only with pad at log-prob 0) and the final choice divides
+        by ``length ** length_penalty``. The KV cache follows the surviving beams
+        through :meth:`KVCache.reorder`.
+        """
+        if beam_size < 1:
+            raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+        c = self.config
+        B, K = src.shape[0], beam_size
+        dev = src.device
+        mem_kv, mask, cache = self._start(src, K, max_len)
+        seqs = torch.full((B * K, 1), c.bos_id, dtype=torch.long, device=dev)
+        scores = torch.full((B, K), float("-inf"), device=dev)
+        scores[:, 0] = 0.0  # all beams start identical: keep one live
+        done = torch.zeros(B * K, dtype=torch.bool, device=dev)
+        lengths = torch.zeros(B * K, device=dev)
+        for _ in range(max_len):
+            logp = self.decode(seqs[:, -1:], mem_kv, mask, cache)[:, -1].float().log_softmax(-1)  # (B*K, V)
+            V = logp.shape[-1]
+            finished_row = torch.full_like(logp[0], float("-inf"))
+            finished_row[c.pad_id] = 0.0
+            logp = torch.where(done[:, None], finished_row, logp)
+            cand = (scores[:, :, None] + logp.view(B, K, V)).view(B, K * V)
+            scores, idx = cand.topk(K, dim=-1)  # (B, K)
+            beam = idx // V
+            tok = idx % V
+            rows = (torch.arange(B, device=dev)[:, None] * K + beam).reshape(-1)
+            cache.reorder(rows)
+            seqs = torch.cat([seqs[rows], tok.reshape(-1, 1)], dim=1)
+            lengths = lengths[rows] + (~done[rows]).float()
+            done = done[rows] | (tok.reshape(-1) == c.eos_id)
+            if bool(done.all()):
+                break
+        final = scores.view(-1) / lengths.clamp(min=1) ** length_penalty
+        best = final.view(B, K).argmax(-1)
+        return seqs.view(B, K, -1)[torch.arange(B, device=dev), best, 1:]
+
+    def generate(self, src: Tensor, max_len: int = 64, beam_size: int = 1, **kwargs) -> Tensor:
+        """Greedy decoding (``beam_size=1``) or beam search."""
+        if beam_size == 1:
+            return self.greedy_decode(src, max_len)
+        return self.beam_search(src, beam_size, max_len, **kwargs)
