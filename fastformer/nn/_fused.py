@@ -60,14 +60,15 @@ def add_layer_norm(
     through the fused op, anything else (RMSNorm, a user's norm) is called as is.
     ``dropout_p`` is applied only when > 0 (callers pass 0 in eval).
     """
-    if _fused_layer_norm is not None and is_plain_layer_norm(norm):
+    if _fused_layer_norm is not None and residual is not None and dropout_p < 1.0 and is_plain_layer_norm(norm):
+        # The op computes LN(a + dropout(b)): the residual stream is ``a``, the branch output ``b``.
         return _fused_layer_norm(
-            x,
+            residual,
             norm.normalized_shape,
             norm.weight,
             getattr(norm, "bias", None),
             norm.eps,
-            residual=residual,
+            residual=x,
             dropout_p=dropout_p,
             return_residual=return_residual,
         )
