@@ -1,0 +1,224 @@
+"""Compile every CUDA source and record each kernel's registers, shared memory
+and spills (from ``ptxas -v``) as a table in bench/NOTES.md ("CUDA kernels").
+
+    python bench/cuda_resources.py            # compile, print, update NOTES.md
+    python bench/cuda_resources.py --print    # compile and print only
+
+Needs nvcc (no GPU). tests/test_cuda_compile.py uses the same compile driver
+(`compile_all`) and parser (`parse_ptxas`) to fail CI on errors and on spills
+in the main kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+CSRC = REPO / "csrc"
+NOTES = REPO / "bench" / "NOTES.md"
+
+NVCC_FLAGS = [
+    "-c", "-std=c++17", "-O3",
+    "-gencode=arch=compute_90a,code=sm_90a",
+    "-gencode=arch=compute_80,code=sm_80",
+    "-Xptxas", "-v",
+]
+# Kernels that must never spill (the ones that carry the work).
+MAIN_KERNEL_PATTERNS = ("flash_fwd_kernel", "flash_bwd_dkdv_kernel", "flash_bwd_dq_kernel", "softmax_fwd_kernel",
+                        "softmax_bwd_kernel")
+
+
+def find_nvcc() -> Optional[str]:
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if home and (Path(home) / "bin" / "nvcc").exists():
+            return str(Path(home) / "bin" / "nvcc")
+    return None
+
+
+def cuda_sources() -> List[Path]:
+    return sorted(CSRC.rglob("*.cu"))
+
+
+@dataclass
+class KernelResources:
+    source: str
+    arch: str
+    kernel: str  # demangled-ish short name
+    registers: int
+    smem_bytes: int  # static shared memory (dynamic is planned in launch_plan.h)
+    stack_bytes: int
+    spill_stores: int
+    spill_loads: int
+
+
+@dataclass
+class CompileResult:
+    source: Path
+    returncode: int
+    log: str
+    seconds: float
+
+
+def short_name(mangled: str) -> str:
+    """'_ZN10fastformer4cuda16flash_fwd_kernelI13__nv_bfloat16Li128EEEv…' -> 'flash_fwd_kernel<bf16,128>'."""
+    m = re.search(r"\d+((?:flash|softmax)_\w+?_kernel)I(.*)$", mangled)
+    if not m:
+        return mangled
+    name, args = m.group(1), m.group(2)
+    parts = []
+    if "__nv_bfloat16" in args:
+        parts.append("bf16")
+    elif "__half" in args:
+        parts.append("fp16")
+    elif re.match(r"^f", args):
+        parts.append("fp32")
+    parts += re.findall(r"Li(\d+)E", args)
+    parts += ["cached" if b == "1" else "online" for b in re.findall(r"Lb([01])E", args)]
+    return f"{name}<{','.join(parts)}>"
+
+
+def parse_ptxas(log: str, source: str) -> List[KernelResources]:
+    """Per-kernel resources from nvcc's ``-Xptxas -v`` output."""
+    out: List[KernelResources] = []
+    current = None
+    spills = (0, 0, 0)
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '(\S+)' for '(sm_\w+)'", line)
+        if m:
+            current = (m.group(1), m.group(2))
+            spills = (0, 0, 0)
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and current:
+            spills = tuple(int(x) for x in m.groups())
+            continue
+        m = re.search(r"Used (\d+) registers", line)
+        if m and current:
+            smem = re.search(r"(\d+) bytes smem", line)
+            out.append(KernelResources(
+                source=source, arch=current[1], kernel=short_name(current[0]), registers=int(m.group(1)),
+                smem_bytes=int(smem.group(1)) if smem else 0, stack_bytes=spills[0], spill_stores=spills[1],
+                spill_loads=spills[2],
+            ))
+            current = None
+    return out
+
+
+def compile_one(nvcc: str, source: Path, outdir: Path) -> CompileResult:
+    import time
+
+    obj = outdir / (source.relative_to(CSRC).as_posix().replace("/", "_") + ".o")
+    t0 = time.time()
+    proc = subprocess.run([nvcc, *NVCC_FLAGS, str(source), "-o", str(obj)], capture_output=True, text=True,
+                          cwd=source.parent)
+    return CompileResult(source, proc.returncode, proc.stdout + proc.stderr, time.time() - t0)
+
+
+def compile_all(jobs: int = 2, sources: Optional[List[Path]] = None) -> List[CompileResult]:
+    """Compile each .cu for sm_80 and sm_90a into a temporary folder, ``jobs`` at a time."""
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise RuntimeError("nvcc not found (PATH, CUDA_HOME or /usr/local/cuda)")
+    with tempfile.TemporaryDirectory(prefix="fastformer-cu-") as tmp:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+            return list(pool.map(lambda s: compile_one(nvcc, s, Path(tmp)), sources or cuda_sources()))
+
+
+def resources(results: List[CompileResult]) -> List[KernelResources]:
+    rows: List[KernelResources] = []
+    for r in results:
+        rows += parse_ptxas(r.log, r.source.relative_to(REPO).as_posix())
+    return rows
+
+
+def is_main_kernel(k: KernelResources) -> bool:
+    return any(p in k.kernel for p in MAIN_KERNEL_PATTERNS)
+
+
+def markdown_table(rows: List[KernelResources]) -> str:
+    lines = ["| kernel | arch | registers | static smem (B) | stack (B) | spill stores/loads (B) |",
+             "|---|---|---:|---:|---:|---:|"]
+    for k in sorted(rows, key=lambda k: (k.kernel, k.arch)):
+        lines.append(f"| `{k.kernel}` | {k.arch} | {k.registers} | {k.smem_bytes} | {k.stack_bytes} | "
+                     f"{k.spill_stores}/{k.spill_loads} |")
+    return "\n".join(lines)
+
+
+def nvcc_version(nvcc: str) -> str:
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"release ([\d.]+), (V[\d.]+)", out)
+    return f"{m.group(1)} ({m.group(2)})" if m else "unknown"
+
+
+SECTION_START = "## CUDA kernels"
+
+
+def update_notes(table: str, nvcc: str) -> None:
+    from datetime import date
+
+    flash_smem = ""
+    try:
+        sys.path.insert(0, str(REPO))
+        from fastformer._ext import C
+
+        if C is not None and hasattr(C, "cuda_flash_tiles"):
+            flash_smem = "\n".join(
+                f"- head dim {d}: dynamic shared memory forward / dk-dv / dq = "
+                f"{' / '.join(str(b) for b in t['smem_bytes'])} bytes (tiles {t['forward']}, "
+                f"{t['backward_dkdv']}, {t['backward_dq']} as (rows, cols, warps, stages))"
+                for d, t in sorted(C.cuda_flash_tiles.items())
+            ) + "\n"
+    except Exception:
+        pass
+    body = (
+        f"{SECTION_START}\n\n"
+        f"Per-kernel resources from `ptxas -v` (nvcc {nvcc_version(nvcc)}, `-O3`), regenerated by "
+        f"`python bench/cuda_resources.py` on {date.today().isoformat()}; compile-only, no GPU. "
+        "The main kernels must not spill (tests/test_cuda_compile.py). Dynamic shared memory "
+        "is planned in csrc/cuda/launch_plan.h:\n\n"
+        f"{flash_smem}\n{table}\n"
+    )
+    text = NOTES.read_text() if NOTES.exists() else "# Benchmark and design notes\n"
+    if SECTION_START in text:
+        start = text.index(SECTION_START)
+        nxt = text.find("\n## ", start + len(SECTION_START))
+        text = text[:start] + body + (text[nxt + 1:] if nxt != -1 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + body
+    NOTES.write_text(text)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--print", action="store_true", help="do not update bench/NOTES.md")
+    p.add_argument("--jobs", type=int, default=2)
+    args = p.parse_args(argv)
+    results = compile_all(args.jobs)
+    failed = [r for r in results if r.returncode != 0]
+    for r in failed:
+        print(f"FAILED {r.source}:\n{r.log[-4000:]}", file=sys.stderr)
+    rows = resources(results)
+    table = markdown_table(rows)
+    print(table)
+    print(f"compile time: {sum(r.seconds for r in results):.0f}s over {len(results)} files")
+    if not args.print and not failed:
+        update_notes(table, find_nvcc())
+        print(f"updated {NOTES.relative_to(REPO)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""The CUDA sources compile for sm_80 and sm_90a without a GPU, the main kernels
+do not spill, and the torch-facing CUDA binding is valid C++ against torch's headers.
+
+Skipped where nvcc is absent. Uses bench/cuda_resources.py's compile driver (2 jobs).
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+import cuda_resources  # noqa: E402
+
+pytestmark = pytest.mark.skipif(cuda_resources.find_nvcc() is None, reason="nvcc not found")
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    return cuda_resources.compile_all(jobs=2)
+
+
+def test_every_cuda_source_compiles(compiled):
+    assert compiled, "no .cu sources found under csrc/"
+    failed = [f"{r.source.relative_to(REPO)}:\n{r.log[-3000:]}" for r in compiled if r.returncode != 0]
+    assert not failed, "\n\n".join(failed)
+
+
+def test_main_kernels_do_not_spill(compiled):
+    rows = cuda_resources.resources(compiled)
+    archs = {k.arch for k in rows}
+    assert {"sm_80", "sm_90a"} <= archs, f"ptxas reported only {archs}"
+    main = [k for k in rows if cuda_resources.is_main_kernel(k)]
+    names = {k.kernel.split("<")[0] for k in main}
+    assert {"flash_fwd_kernel", "flash_bwd_dkdv_kernel", "flash_bwd_dq_kernel", "softmax_fwd_kernel",
+            "softmax_bwd_kernel"} <= names, names
+    # Every flash instantiation (2 dtypes x head dims 64/128) is there for both architectures.
+    flash_fwd = {(k.kernel, k.arch) for k in main if k.kernel.startswith("flash_fwd_kernel")}
+    assert len(flash_fwd) == 8, sorted(flash_fwd)
+    spilling = [f"{k.kernel} {k.arch}: {k.spill_stores}/{k.spill_loads} bytes" for k in main
+                if k.spill_stores or k.spill_loads]
+    assert not spilling, "register spills:\n" + "\n".join(spilling)
+
+
+def test_cuda_binding_is_valid_cpp():
+    torch_ext = pytest.importorskip("torch.utils.cpp_extension")
+    import sysconfig
+
+    nvcc = Path(cuda_resources.find_nvcc())
+    cuda_include = nvcc.parent.parent / "include"
+    includes = [f"-I{p}" for p in torch_ext.include_paths()] + [f"-I{cuda_include}",
+                                                                f"-I{sysconfig.get_paths()['include']}"]
+    for source in sorted((REPO / "csrc" / "cuda").glob("*.cpp")):
+        proc = subprocess.run(
+            ["g++", "-fsyntax-only", "-std=c++17", "-DFASTFORMER_WITH_CUDA", "-DTORCH_EXTENSION_NAME=_C",
+             "-w", *includes, str(source)],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert proc.returncode == 0, f"{source.relative_to(REPO)}:\n{proc.stderr[-3000:]}"
+
+
+def test_cu_files_include_no_torch_headers():
+    # The CPU torch wheel ships no CUDA headers for ATen/c10: .cu/.cuh must stay torch-free,
+    # and launch.h / launch_plan.h must not need the CUDA toolkit.
+    for path in sorted((REPO / "csrc").rglob("*")):
+        if path.suffix not in (".cu", ".cuh", ".h") or "cuda" not in path.parts:
+            continue
+        text = path.read_text()
+        for banned in ("<torch/", "<ATen/", "<c10/"):
+            assert banned not in text, f"{path.relative_to(REPO)} includes {banned}"
+        if path.name in ("launch.h", "launch_plan.h"):
+            assert "cuda_runtime" not in text and "cuda_fp16" not in text, path.name
