@@ -22,6 +22,8 @@ GPU_COMBOS = [
     ("triton", "cuda", torch.bfloat16),
     ("triton", "cuda", torch.float16),
     ("triton", "cuda", torch.float32),
+    ("cuda", "cuda", torch.bfloat16),
+    ("cuda", "cuda", torch.float16),
 ]
 
 
