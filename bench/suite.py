@@ -23,6 +23,7 @@ BENCH = Path(__file__).resolve().parent
 SUITE = [
     ("attention.py", 240, []),
     ("bench_pytest.py", 120, []),
+    ("bench_cuda_kernels.py", 300, []),
 ]
 
 
