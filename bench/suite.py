@@ -24,6 +24,7 @@ SUITE = [
     ("attention.py", 240, []),
     ("bench_pytest.py", 120, []),
     ("bench_cuda_kernels.py", 300, []),
+    ("bench_nn.py", 240, []),
 ]
 
 
