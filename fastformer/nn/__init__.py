@@ -13,3 +13,5 @@ from .transformer import (
 
 # Issue 7: fused norms, feed-forward and positional encodings.
 from .layernorm import LayerNorm, RMSNorm
+from .feedforward import FeedForward
+from .positional import RotaryEmbedding, SinusoidalPositionalEncoding

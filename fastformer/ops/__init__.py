@@ -6,6 +6,10 @@ from .dispatch import backends, use_backend
 # Issue 7: fused softmax, norms, feed-forward and positional encodings.
 from .softmax import softmax
 from .layernorm import layer_norm, rms_norm
+from .ffn import feed_forward, gated_linear, linear_act
+from .rope import apply_rotary
+from .sinusoidal import add_sinusoidal_positions
 
 __all__ = ["attention", "scaled_dot_product_attention", "backends", "use_backend", "decode_attention",
-           "softmax", "layer_norm", "rms_norm"]
+           "softmax", "layer_norm", "rms_norm", "linear_act", "gated_linear", "feed_forward",
+           "apply_rotary", "add_sinusoidal_positions"]
