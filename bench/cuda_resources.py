@@ -165,6 +165,29 @@ def nvcc_version(nvcc: str) -> str:
 
 SECTION_START = "## CUDA kernels"
 
+DESIGN = """Design choices (csrc/cuda; not yet measured on a GPU, see bench/bench_cuda_kernels.py):
+
+- Flash forward: 64-query x 64-key tiles, 4 warps of 16 query rows, `mma.sync.m16n8k16`
+  (fp32 accumulate), `ldmatrix` from an XOR-swizzled shared layout (16-byte chunk ^ row % 8,
+  conflict-free phases), two-stage `cp.async` pipeline over K/V, online softmax in log2
+  units in registers, P fed to the P·V MMA straight from the score fragments. Causal tiles
+  above the diagonal are never loaded; only diagonal/edge tiles and masked problems pay for
+  per-element checks. Query tiles launch heaviest-first (reversed) for causal balance.
+- Register pressure at head dim 128 (ptxas, sm_80): the first forward used 255 registers and
+  spilled 60 B. Re-reading Q fragments from shared memory per key tile (32 registers) and
+  per-lane ldmatrix offsets with the column block XORed in (`frag_addr`) got it to 40 B of
+  spills; doing the bounds/causal checks as 32-bit tile-relative limits instead of 64-bit
+  per-element indices (which ptxas hoisted into registers) got it to 245 registers, no spills.
+- Backward is deterministic: a dk/dv kernel (64 keys per CTA, looping over every query tile
+  of every query head of its GQA group) and a separate dq kernel (the forward's shape) each
+  recompute P; no fp32 atomics, no dq scratch, no GQA reduction pass, at ~1.4x the MMA work
+  of FlashAttention-2's atomic dq. The dk/dv query step is 32 at head dim 128 to stay
+  spill-free with both accumulators in registers.
+- Softmax: one CTA per row; rows whose float32 scores fit in half the opt-in shared memory
+  (~28k columns on an H100) are read once and exponentiated once; longer rows take an
+  online (max, sum) pass and a second read. 16-byte vector access when rows allow.
+"""
+
 
 def update_notes(table: str, nvcc: str) -> None:
     from datetime import date
@@ -189,7 +212,7 @@ def update_notes(table: str, nvcc: str) -> None:
         f"`python bench/cuda_resources.py` on {date.today().isoformat()}; compile-only, no GPU. "
         "The main kernels must not spill (tests/test_cuda_compile.py). Dynamic shared memory "
         "is planned in csrc/cuda/launch_plan.h:\n\n"
-        f"{flash_smem}\n{table}\n"
+        f"{flash_smem}\n{table}\n\n{DESIGN}"
     )
     text = NOTES.read_text() if NOTES.exists() else "# Benchmark and design notes\n"
     if SECTION_START in text:
