@@ -73,3 +73,18 @@ def test_cu_files_include_no_torch_headers():
             assert banned not in text, f"{path.relative_to(REPO)} includes {banned}"
         if path.name in ("launch.h", "launch_plan.h"):
             assert "cuda_runtime" not in text and "cuda_fp16" not in text, path.name
+
+
+def test_fragment_plumbing_matches_an_emulation_of_ldmatrix_and_mma(tmp_path):
+    # Host-only build: the kernels' swizzle, ldmatrix addressing and fragment packing,
+    # driven through emulated ldmatrix/mma (tests/cuda/emulate_fragments.cu), on the CPU.
+    exe = tmp_path / "emulate_fragments"
+    build = subprocess.run(
+        [cuda_resources.find_nvcc(), "-std=c++17", "-O1", f"-I{REPO / 'csrc' / 'cuda'}",
+         str(REPO / "tests" / "cuda" / "emulate_fragments.cu"), "-o", str(exe)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert build.returncode == 0, build.stderr[-3000:]
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert run.stdout.count(": ok") == 3, run.stdout

@@ -91,7 +91,7 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 // reads then hit 8 different bank groups instead of one (D >= 64, so a row has
 // at least 8 chunks).
 template <int D>
-__device__ __forceinline__ int swz(int row, int col) {  // col in elements, a multiple of 8 for chunk starts
+__host__ __device__ __forceinline__ int swz(int row, int col) {  // col in elements, a multiple of 8 for chunk starts
   return row * D + ((((col >> 3) ^ (row & 7))) << 3) + (col & 7);
 }
 
@@ -114,33 +114,34 @@ __device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t 
   }
 }
 
-// Fragment loads from a swizzled tile. Each lane's ldmatrix row address splits into
+// Fragment loads from a swizzled tile (host-callable too: tests/cuda/emulate_fragments.cu
+// checks this index math against an emulation of ldmatrix and mma on the CPU). Each lane's ldmatrix row address splits into
 // a per-lane part computed once (`lane_off`, bytes) and a per-step part: the
 // 16-row block (`row0`, added) and the 16-column block (`col16`, XORed into the
 // chunk bits; 2 * col16 ^ (row % 8) == (2 * col16) ^ (row % 8) since bit 0 of
 // 2 * col16 is clear). This keeps address registers to a handful per operand
 // instead of one per (row block, column block) pair.
 template <int D>
-__device__ __forceinline__ uint32_t frag_addr(uint32_t tile, int row0, int col16, uint32_t lane_off) {
+__host__ __device__ __forceinline__ uint32_t frag_addr(uint32_t tile, int row0, int col16, uint32_t lane_off) {
   return tile + uint32_t(row0) * (2 * D) + (lane_off ^ (uint32_t(col16) << 5));
 }
 
 // A operand (16 x 16, row-major tile): lane reads row (lane % 16), chunk (lane / 16).
 template <int D>
-__device__ __forceinline__ uint32_t lane_off_a(int lane) {
+__host__ __device__ __forceinline__ uint32_t lane_off_a(int lane) {
   return uint32_t(lane & 15) * (2 * D) + (uint32_t((lane >> 4) ^ (lane & 7)) << 4);
 }
 // B operand of two n-tiles from a tile stored [n][k] (ldmatrix, no transpose):
 // matrices (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15).
 template <int D>
-__device__ __forceinline__ uint32_t lane_off_b_nk(int lane) {
+__host__ __device__ __forceinline__ uint32_t lane_off_b_nk(int lane) {
   const int mi = lane >> 3;
   return uint32_t((lane & 7) + ((mi >> 1) << 3)) * (2 * D) + (uint32_t((mi & 1) ^ (lane & 7)) << 4);
 }
 // B operand of two n-tiles from a tile stored [k][n] (ldmatrix.trans):
 // matrices (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15).
 template <int D>
-__device__ __forceinline__ uint32_t lane_off_b_kn(int lane) {
+__host__ __device__ __forceinline__ uint32_t lane_off_b_kn(int lane) {
   const int mi = lane >> 3;
   return uint32_t((lane & 7) + ((mi & 1) << 3)) * (2 * D) + (uint32_t((mi >> 1) ^ (lane & 7)) << 4);
 }
