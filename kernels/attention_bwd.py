@@ -66,8 +66,8 @@ def _attn_bwd_preprocess(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_lb, stride_lh, stride_lm,
-    H, SEQLEN_Q, MAX_SEQLEN_Q, HEAD_DIM_V,
-    VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+    H, SEQLEN_Q, MAX_SEQLEN_Q,
+    HEAD_DIM_V: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_m = tl.cdiv(MAX_SEQLEN_Q, BLOCK_M)
@@ -100,9 +100,9 @@ def _attn_bwd_dkdv_inner(
     q_base, do_base, mask_base, lse_base, delta_base,
     stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, stride_lm,
     offs_n, n_ok, start, end, seqlen_q, causal_off,
-    HEAD_DIM, HEAD_DIM_V, scale_log2,
+    scale_log2,
     seed, rng_offset, bh, dropout_p, dropout_scale,
-    DIAGONAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, DIAGONAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Accumulate query tiles ``[start, end)`` into this key tile's dK, dV (transposed
@@ -157,8 +157,9 @@ def _attn_bwd_dkdv(
     stride_lb, stride_lh, stride_lm,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    HKV, GROUP, SEQLEN_Q, SEQLEN_K, MAX_SEQLEN_K, HEAD_DIM, HEAD_DIM_V,
+    HKV, GROUP, SEQLEN_Q, SEQLEN_K, MAX_SEQLEN_K,
     scale, scale_log2, dropout_p, dropout_scale, causal_bottom_right, TUNE_LQ, TUNE_LK,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -225,16 +226,16 @@ def _attn_bwd_dkdv(
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_base,
             stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, stride_lm,
-            offs_n, n_ok, lo, mid, seqlen_q, causal_off, HEAD_DIM, HEAD_DIM_V, scale_log2,
+            offs_n, n_ok, lo, mid, seqlen_q, causal_off, scale_log2,
             seed, rng_offset, bh, dropout_p, dropout_scale,
-            True, HAS_MASK, MASK_BOOL, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_DV,
+            HEAD_DIM, HEAD_DIM_V, True, HAS_MASK, MASK_BOOL, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_DV,
         )
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_base,
             stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, stride_lm,
-            offs_n, n_ok, mid, seqlen_q, seqlen_q, causal_off, HEAD_DIM, HEAD_DIM_V, scale_log2,
+            offs_n, n_ok, mid, seqlen_q, seqlen_q, causal_off, scale_log2,
             seed, rng_offset, bh, dropout_p, dropout_scale,
-            False, HAS_MASK, MASK_BOOL, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_DV,
+            HEAD_DIM, HEAD_DIM_V, False, HAS_MASK, MASK_BOOL, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_DV,
         )
 
     dk *= scale
@@ -252,9 +253,9 @@ def _attn_bwd_dq_inner(
     k_base, v_base, mask_base,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
     offs_m, row_ok, start, end, seqlen_k, causal_off,
-    HEAD_DIM, HEAD_DIM_V, scale_log2,
+    scale_log2,
     seed, rng_offset, bh, dropout_p, dropout_scale,
-    DIAGONAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, DIAGONAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Accumulate key tiles ``[start, end)`` into this query tile's dQ."""
@@ -299,8 +300,9 @@ def _attn_bwd_dq(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_lb, stride_lh, stride_lm,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    H, GROUP, SEQLEN_Q, SEQLEN_K, MAX_SEQLEN_Q, HEAD_DIM, HEAD_DIM_V,
+    H, GROUP, SEQLEN_Q, SEQLEN_K, MAX_SEQLEN_Q,
     scale, scale_log2, dropout_p, dropout_scale, causal_bottom_right, TUNE_LQ, TUNE_LK,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -362,16 +364,16 @@ def _attn_bwd_dq(
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse2, delta, k_base, v_base, mask_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-        offs_m, row_ok, 0, full, seqlen_k, causal_off, HEAD_DIM, HEAD_DIM_V, scale_log2,
+        offs_m, row_ok, 0, full, seqlen_k, causal_off, scale_log2,
         seed, rng_offset, bh, dropout_p, dropout_scale,
-        False, HAS_MASK, MASK_BOOL, DROPOUT, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
+        HEAD_DIM, HEAD_DIM_V, False, HAS_MASK, MASK_BOOL, DROPOUT, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
     )
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse2, delta, k_base, v_base, mask_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-        offs_m, row_ok, full, hi, seqlen_k, causal_off, HEAD_DIM, HEAD_DIM_V, scale_log2,
+        offs_m, row_ok, full, hi, seqlen_k, causal_off, scale_log2,
         seed, rng_offset, bh, dropout_p, dropout_scale,
-        True, HAS_MASK, MASK_BOOL, DROPOUT, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
+        HEAD_DIM, HEAD_DIM_V, True, HAS_MASK, MASK_BOOL, DROPOUT, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
     )
     dq *= scale
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + rows * stride_dqm

@@ -71,9 +71,9 @@ def _attn_fwd_inner(
     k_base, v_base, mask_base,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
     offs_m, row_ok, start, end, seqlen_k, causal_off,
-    HEAD_DIM, HEAD_DIM_V, scale_log2,
+    scale_log2,
     seed, rng_offset, bh, dropout_p, dropout_scale,
-    DIAGONAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, DIAGONAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Accumulate key tiles ``[start, end)``. ``DIAGONAL``: apply the causal and
@@ -123,8 +123,9 @@ def _attn_fwd(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_lb, stride_lh, stride_lm,
-    H, GROUP, SEQLEN_Q, SEQLEN_K, MAX_SEQLEN_Q, HEAD_DIM, HEAD_DIM_V,
+    H, GROUP, SEQLEN_Q, SEQLEN_K, MAX_SEQLEN_Q,
     scale_log2, dropout_p, dropout_scale, causal_bottom_right, TUNE_LQ, TUNE_LK,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -187,15 +188,15 @@ def _attn_fwd(
         acc, l_i, m_i, q, k_base, v_base, mask_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
         offs_m, row_ok, 0, full, seqlen_k, causal_off,
-        HEAD_DIM, HEAD_DIM_V, scale_log2, seed, rng_offset, bh, dropout_p, dropout_scale,
-        False, HAS_MASK, MASK_BOOL, DROPOUT, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
+        scale_log2, seed, rng_offset, bh, dropout_p, dropout_scale,
+        HEAD_DIM, HEAD_DIM_V, False, HAS_MASK, MASK_BOOL, DROPOUT, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
     )
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, mask_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
         offs_m, row_ok, full, hi, seqlen_k, causal_off,
-        HEAD_DIM, HEAD_DIM_V, scale_log2, seed, rng_offset, bh, dropout_p, dropout_scale,
-        True, HAS_MASK, MASK_BOOL, DROPOUT, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
+        scale_log2, seed, rng_offset, bh, dropout_p, dropout_scale,
+        HEAD_DIM, HEAD_DIM_V, True, HAS_MASK, MASK_BOOL, DROPOUT, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
     )
 
     has_keys = l_i > 0.0

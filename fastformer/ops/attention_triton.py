@@ -121,6 +121,11 @@ def _common_meta(q, d: Dims, is_causal, dropout_p, layout, has_mask, mask_bool):
         DROPOUT=dropout_p > 0.0,
         VARLEN=layout.varlen,
         DOT_PRECISION=dot_precision(q.dtype),
+        # Head dims are compile-time constants: the padding masks then fold away when
+        # E is a power of two, so loads vectorise and the K/V loads software-pipeline
+        # (with a run-time head dim, sm_90 code had no cp.async pipelining at all).
+        HEAD_DIM=d.head_dim,
+        HEAD_DIM_V=d.head_dim_v,
         BLOCK_D=head_block(d.head_dim),
         BLOCK_DV=head_block(d.head_dim_v),
     ), seq_bucket(d.len_q), seq_bucket(d.len_k)
@@ -156,7 +161,7 @@ def launch_forward(q, k, v, mask, rng_state, dropout_p, is_causal, causal_bottom
         q, k, v, mask_ptr, out, lse,
         rng_state if rng_state is not None else q, cu_q if cu_q is not None else q, cu_k if cu_k is not None else q,
         *layout.qkv(q), *layout.qkv(k), *layout.qkv(v), *mask_strides, *layout.qkv(out), *layout.rows(lse),
-        d.heads, d.heads // d.heads_kv, d.len_q, d.len_k, d.len_q, d.head_dim, d.head_dim_v,
+        d.heads, d.heads // d.heads_kv, d.len_q, d.len_k, d.len_q,
         scale * 1.4426950408889634, float(dropout_p), _dropout_scale(dropout_p), int(causal_bottom_right),
         tune_lq, tune_lk,
         **meta,
@@ -188,8 +193,8 @@ def launch_backward(dout, q, k, v, out, lse, mask, rng_state, dropout_p, is_caus
     _attn_bwd_preprocess[(triton.cdiv(d.len_q, pre_block) * d.batch * d.heads,)](
         out, dout, delta, cq,
         *layout.qkv(out), *layout.qkv(dout), *layout.rows(delta),
-        d.heads, d.len_q, d.len_q, d.head_dim_v,
-        VARLEN=layout.varlen, BLOCK_M=pre_block, BLOCK_DV=meta["BLOCK_DV"],
+        d.heads, d.len_q, d.len_q,
+        HEAD_DIM_V=d.head_dim_v, VARLEN=layout.varlen, BLOCK_M=pre_block, BLOCK_DV=meta["BLOCK_DV"],
     )
     common = (d.len_q, d.len_k)
     scalars = (scale, scale * 1.4426950408889634, float(dropout_p), _dropout_scale(dropout_p),
@@ -199,7 +204,7 @@ def launch_backward(dout, q, k, v, out, lse, mask, rng_state, dropout_p, is_caus
         q, k, v, mask_ptr, dout, lse, delta, dk, dv, rng, cq, ck,
         *layout.qkv(q), *layout.qkv(k), *layout.qkv(v), *mask_strides, *layout.qkv(dout), *layout.rows(lse),
         *layout.qkv(dk), *layout.qkv(dv),
-        d.heads_kv, d.heads // d.heads_kv, *common, d.len_k, d.head_dim, d.head_dim_v,
+        d.heads_kv, d.heads // d.heads_kv, *common, d.len_k,
         *scalars,
         **meta,
     )
@@ -208,7 +213,7 @@ def launch_backward(dout, q, k, v, out, lse, mask, rng_state, dropout_p, is_caus
         q, k, v, mask_ptr, dout, lse, delta, dq, rng, cq, ck,
         *layout.qkv(q), *layout.qkv(k), *layout.qkv(v), *mask_strides, *layout.qkv(dout), *layout.rows(lse),
         *layout.qkv(dq),
-        d.heads, d.heads // d.heads_kv, *common, d.len_q, d.head_dim, d.head_dim_v,
+        d.heads, d.heads // d.heads_kv, *common, d.len_q,
         *scalars,
         **meta,
     )
