@@ -241,7 +241,19 @@ def results_dir(env: Dict[str, object]) -> Path:
 
 
 def write_results(topic: str, payload: Dict[str, object], env: Dict[str, object]) -> Path:
-    """Write ``{"environment": env, **payload}`` to ``<results>/<device-slug>/<topic>.json``."""
+    """Write ``{"environment": env, **payload}`` to ``<results>/<device-slug>/<topic>.json``.
+
+    ``payload["results"]`` must be a list of flat row dicts, each with a ``"provider"``
+    (who ran it) and metrics such as ``time_ms``, ``tflops``/``gbps``,
+    ``speedup_vs_best_peer`` + ``best_peer``; bench/report.py and bench/gpu.sh's
+    summary read that shape (a skipped run writes ``"results": []`` and ``"skipped"``).
+    """
+    rows = payload.get("results")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "provider" in r for r in rows):
+        raise ValueError(
+            f"write_results({topic!r}): payload['results'] must be a list of row dicts with a 'provider' key "
+            f"(got keys {sorted(payload)}); see bench/common.py:write_results"
+        )
     path = results_dir(env) / f"{topic}.json"
     with open(path, "w") as f:
         json.dump({"topic": topic, "environment": env, **payload}, f, indent=1, default=str)
