@@ -66,7 +66,7 @@ def _softmax_fwd(
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         p = tl.exp(s - m_safe)
         denom = tl.sum(p, 0)
-        inv = tl.where(denom > 0, 1.0 / denom, 0.0)
+        inv = 1.0 / tl.where(denom > 0, denom, 1.0)  # dead row: p is all 0 anyway
         tl.store(y_row + offs, (p * inv).to(Y.dtype.element_ty), mask=offs < N)
     else:
         # Pass 1: running max and rescaled running sum, per lane, combined at the end.
@@ -82,7 +82,7 @@ def _softmax_fwd(
         m = tl.max(m_i, 0)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         denom = tl.sum(l_i * tl.exp(m_i - m_safe), 0)
-        inv = tl.where(denom > 0, 1.0 / denom, 0.0)
+        inv = 1.0 / tl.where(denom > 0, denom, 1.0)  # dead row: p is all 0 anyway
         # Pass 2: normalise and write.
         for start in range(0, N, BLOCK):
             cols = start + offs
