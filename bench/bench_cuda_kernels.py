@@ -125,12 +125,14 @@ def main(argv=None) -> int:
     reason = _unavailable(device)
     if reason:
         print(f"cuda kernels: skipped ({reason})")
-        path = common.write_results(topic, {"skipped": reason, "attention": [], "softmax": []}, env)
+        path = common.write_results(topic, {"skipped": reason, "results": []}, env)
         print(f"wrote {path}")
         return 0
     copy = common.copy_bandwidth("cuda", quick=args.quick) / 1e9
     print(f"copy bandwidth: {copy:.0f} GB/s", flush=True)
-    payload = {"copy_GBps": copy, "attention": bench_attention(args.quick), "softmax": bench_softmax(args.quick, copy)}
+    results = [{"provider": "ff-cuda", "kernel": "attention", **r} for r in bench_attention(args.quick)]
+    results += [{"provider": "ff-cuda", "kernel": "softmax", **r} for r in bench_softmax(args.quick, copy)]
+    payload = {"copy_GBps": copy, "results": results}
     path = common.write_results(topic, payload, env)
     print(f"wrote {path}")
     return 0

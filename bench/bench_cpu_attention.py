@@ -1,0 +1,166 @@
+"""The "cpu" attention backend against torch's CPU SDPA and naive attention.
+
+For each configuration (dtype, head dim, sequence length, causal or not,
+forward or forward+backward; B·H = 8) it times ours and torch's SDPA in
+paired, interleaved runs (ours, torch, ours, torch, …) and reports the median
+per-round ratio, times naive attention, and gives GFLOP/s, the fraction of the
+matmul ceiling of the dtype measured in the same run, and peak memory. The
+JSON records the CPU flags and which kernel variant ran (``isa``).
+
+    python bench/bench_cpu_attention.py                  # the full set (long on 2 cores)
+    python bench/bench_cpu_attention.py --quick          # CI smoke: seconds
+    python bench/bench_cpu_attention.py --dtype bfloat16 --seqlens 1024 2048 --modes fwd
+
+Writes ``bench/results/<cpu-slug>/cpu_attention[-quick].json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import List
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import fastformer  # noqa: E402
+
+HEADS = 8  # B·H = 8 (B = 1)
+
+
+@dataclass(frozen=True)
+class Config:
+    dtype: str
+    head_dim: int
+    seqlen: int
+    causal: bool
+    mode: str  # fwd | fwd_bwd
+
+    def label(self) -> str:
+        return f"{self.mode:7s} {self.dtype:8s} d{self.head_dim:<3d} L{self.seqlen:<5d} {'causal' if self.causal else 'full'}"
+
+
+def configs(args) -> List[Config]:
+    return [
+        Config(dt, d, L, c, m)
+        for m in args.modes
+        for dt in args.dtype
+        for d in args.head_dims
+        for L in args.seqlens
+        for c in (False, True)
+    ]
+
+
+def _step(fn, q, k, v, causal: bool, mode: str, dout):
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                return fn(q, k, v, causal)
+    else:
+        def run():
+            out = fn(q, k, v, causal)
+            return torch.autograd.grad(out, (q, k, v), dout)
+    return run
+
+
+def ours(q, k, v, causal):
+    return fastformer.scaled_dot_product_attention(q, k, v, is_causal=causal, backend="cpu")
+
+
+def torch_sdpa(q, k, v, causal):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def naive(q, k, v, causal):
+    return fastformer.scaled_dot_product_attention(q, k, v, is_causal=causal, backend="naive")
+
+
+def measure(cfg: Config, ceiling_flops: float, args) -> dict:
+    dtype = getattr(torch, cfg.dtype)
+    shape = (1, HEADS, cfg.seqlen, cfg.head_dim)
+    grad = cfg.mode != "fwd"
+    q, k, v = (torch.randn(shape, dtype=dtype, requires_grad=grad) for _ in range(3))
+    dout = torch.randn(shape, dtype=dtype)
+    flops = common.attention_flops(1, HEADS, cfg.seqlen, cfg.seqlen, cfg.head_dim, causal=cfg.causal, mode=cfg.mode)
+    a = _step(ours, q, k, v, cfg.causal, cfg.mode, dout)
+    b = _step(torch_sdpa, q, k, v, cfg.causal, cfg.mode, dout)
+    rounds = args.rounds if cfg.seqlen < 4096 else max(3, args.rounds // 2)
+    pair = common.paired_ratio(a, b, "cpu", rounds=rounds, quick=args.quick)
+    row = {**asdict(cfg), "batch": 1, "heads": HEADS, "flops": flops}
+    row["ours_ms"], row["torch_ms"] = pair["a_s"] * 1e3, pair["b_s"] * 1e3
+    row["speedup_vs_torch"] = 1.0 / pair["ratio_a_over_b"]  # median of per-round torch/ours
+    row["ours_gflops"], row["torch_gflops"] = flops / pair["a_s"] / 1e9, flops / pair["b_s"] / 1e9
+    row["ours_frac_ceiling"] = flops / pair["a_s"] / ceiling_flops
+    row["torch_frac_ceiling"] = flops / pair["b_s"] / ceiling_flops
+    row["ours_peak_bytes"] = common.peak_memory(a, "cpu")
+    row["torch_peak_bytes"] = common.peak_memory(b, "cpu")
+    if cfg.seqlen <= args.naive_max_len:
+        c = _step(naive, q, k, v, cfg.causal, cfg.mode, dout)
+        c()
+        row["naive_peak_bytes"] = common.peak_memory(c, "cpu")
+        t = common.time_fn(c, "cpu", quick=True)
+        row["naive_ms"] = t * 1e3
+        row["naive_gflops"] = flops / t / 1e9
+        row["speedup_vs_naive"] = t / pair["a_s"]
+    with torch.no_grad():  # accuracy of the measured kernel, vs float64
+        ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=cfg.causal)
+        row["ours_max_error"] = (ours(q, k, v, cfg.causal).double() - ref).abs().max().item()
+        row["torch_max_error"] = (torch_sdpa(q, k, v, cfg.causal).double() - ref).abs().max().item()
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
+                   help="CPU only; 'cuda' runs nothing (the suite passes it on GPU machines)")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--head-dims", nargs="+", type=int, default=[64, 128])
+    p.add_argument("--seqlens", nargs="+", type=int, default=[512, 1024, 2048, 4096])
+    p.add_argument("--modes", nargs="+", default=["fwd", "fwd_bwd"], choices=["fwd", "fwd_bwd"])
+    p.add_argument("--rounds", type=int, default=7, help="paired rounds per configuration")
+    p.add_argument("--naive-max-len", type=int, default=2048, help="skip naive above this length (L² memory)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--tag", default="", help="suffix of the results file name")
+    args = p.parse_args(argv)
+    if args.device == "cuda":
+        print("bench_cpu_attention: CPU benchmark, nothing to do on --device cuda")
+        return 0
+    common.exact_cpu_memory_accounting()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not fastformer.backends()["cpu"]["available"]:
+        print(f"cpu backend unavailable: {fastformer.backends()['cpu']['reason']}")
+        return 1
+    if args.quick:
+        args.dtype, args.head_dims, args.seqlens, args.modes, args.rounds = ["float32", "bfloat16"], [64], [256], \
+            ["fwd", "fwd_bwd"], 2
+    from fastformer.ops.attention_cpu import isa
+
+    env = common.environment("cpu")
+    env["isa"] = isa()
+    env["cpu_features_detected"] = list(fastformer._ext.C.cpu_features())
+    ceilings = common.ceilings("cpu", quick=args.quick)
+    print(f"{env['device']} flags={env['cpu_flags']} isa={env['isa']} ceilings={ceilings}", flush=True)
+    rows = []
+    for cfg in configs(args):
+        ceiling = ceilings[f"matmul_{cfg.dtype}_TFLOPs"] * 1e12
+        row = measure(cfg, ceiling, args)
+        rows.append(row)
+        naive_s = f" naive {row['naive_gflops']:6.1f} (x{row['speedup_vs_naive']:.2f})" if "naive_ms" in row else ""
+        print(f"{cfg.label()}: ours {row['ours_gflops']:6.1f} GFLOP/s ({row['ours_frac_ceiling']:.0%} of ceiling) "
+              f"torch {row['torch_gflops']:6.1f} -> x{row['speedup_vs_torch']:.2f}{naive_s} "
+              f"peak {row['ours_peak_bytes'] or 0:.2e}/{row['torch_peak_bytes'] or 0:.2e} B", flush=True)
+    topic = "cpu_attention" + ("-quick" if args.quick else "") + (f"-{args.tag}" if args.tag else "")
+    path = common.write_results(topic, {"ceilings": ceilings, "results": [{"provider": "ff-cpu", **r} for r in rows]}, env)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
