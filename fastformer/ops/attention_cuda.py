@@ -70,7 +70,8 @@ def cuda_forward(q, k, v, mask, rng_state, dropout_p, is_causal, causal_bottom_r
             q, k, v, mask, out, lse, float(scale), bool(is_causal),
             _causal_offset(is_causal, causal_bottom_right, L, k.shape[2]), stream, sm_count, smem,
         )
-    return (out if Ev == d else out[..., :Ev]), lse
+    # Sliced outputs are made contiguous: the ops' fake implementations promise dense tensors.
+    return (out if Ev == d else out[..., :Ev].contiguous()), lse
 
 
 def cuda_backward(dout, q, k, v, out, lse, mask, rng_state, dropout_p, is_causal, causal_bottom_right, scale):
@@ -93,9 +94,9 @@ def cuda_backward(dout, q, k, v, out, lse, mask, rng_state, dropout_p, is_causal
             _causal_offset(is_causal, causal_bottom_right, L, k.shape[2]), stream, sm_count, smem,
         )
     if E != d:
-        dq, dk = dq[..., :E], dk[..., :E]
+        dq, dk = dq[..., :E].contiguous(), dk[..., :E].contiguous()
     if Ev != d:
-        dv = dv[..., :Ev]
+        dv = dv[..., :Ev].contiguous()
     return dq, dk, dv
 
 
