@@ -118,6 +118,8 @@ def _softmax_torch(x: Tensor, dim: int, scale: float, mask: Optional[Tensor], is
         s = s.masked_fill(~keep, float("-inf"))
     # fp32 math for half inputs (as the kernels), then one rounding.
     y = torch.softmax(s, dim, dtype=torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None)
+    if keep is None and mask is None:
+        return y.to(x.dtype)  # nothing masked: no dead rows to fix, skip the extra passes
     # Fully masked rows give NaN in torch.softmax; the contract says 0.
     dead = s.amax(dim, keepdim=True) == float("-inf")
     return torch.where(dead, torch.zeros((), dtype=y.dtype, device=y.device), y).to(x.dtype)
