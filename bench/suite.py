@@ -25,6 +25,7 @@ SUITE = [
     ("bench_pytest.py", 120, []),
     ("bench_cuda_kernels.py", 300, []),
     ("bench_nn.py", 240, []),
+    ("bench_kernels.py", 240, []),  # issue 7: softmax, LayerNorm, FFN
 ]
 
 
