@@ -13,6 +13,8 @@ CPU_COMBOS = [
     ("reference", "cpu", torch.bfloat16),
     ("naive", "cpu", torch.float32),
     ("naive", "cpu", torch.bfloat16),
+    ("cpu", "cpu", torch.float32),
+    ("cpu", "cpu", torch.bfloat16),
     ("triton", "cpu", torch.float32),
     ("triton", "cpu", torch.float16),
 ]

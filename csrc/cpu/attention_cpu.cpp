@@ -1,0 +1,314 @@
+// Torch-facing side of the CPU fused attention ("cpu" backend): argument
+// checks at the boundary, operand packing, the thread pool, and the choice of
+// kernel variant for this processor. The kernels themselves are in
+// attention_cpu_impl.h (one body compiled per instruction set).
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+
+#include "attention_cpu.h"
+#include "cpu_features.h"
+
+namespace fastformer {
+namespace cpu_attn {
+namespace {
+
+// FASTFORMER_CPU_ISA=generic|avx2|avx512 forces a variant (tests, benchmarks);
+// otherwise the widest one this processor runs.
+const Kernels& kernels() {
+  static const Kernels* chosen = [] {
+    const CpuFeatures& f = cpu_features();
+    const char* env = std::getenv("FASTFORMER_CPU_ISA");
+    const std::string want = env ? env : "";
+#if defined(__x86_64__)
+    const bool has512 = f.avx512f && f.avx2 && f.fma, has2 = f.avx2 && f.fma;
+    if (want == "generic") return &kernels_generic;
+    if (want == "avx2" && has2) return &kernels_avx2;
+    if ((want.empty() || want == "avx512") && has512) return &kernels_avx512;
+    if (has2) return &kernels_avx2;
+#endif
+    (void)f;
+    return &kernels_generic;
+  }();
+  return *chosen;
+}
+
+int64_t env_int(const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
+  return v ? std::max<int64_t>(1, std::atoll(v)) : fallback;
+}
+
+// Block sizes (see bench/NOTES.md for the sweep). BK is rounded to the panel width.
+int64_t block_q() { return env_int("FASTFORMER_CPU_ATTN_BQ", 64); }
+int64_t block_k(int nr) {
+  const int64_t bk = env_int("FASTFORMER_CPU_ATTN_BK", 64);
+  return (bk + nr - 1) / nr * nr;
+}
+
+// Run items 0..n-1 on torch's thread pool, handing them out dynamically (causal
+// items differ in cost), with one scratch buffer per thread.
+template <typename F>
+void run_items(int64_t n, int64_t scratch_floats, const F& fn) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    std::unique_ptr<float[]> scratch(new float[scratch_floats]);
+    for (;;) {
+      const int64_t i = next.fetch_add(1);
+      if (i >= n) break;
+      fn(i, scratch.get());
+    }
+  });
+}
+
+// Panels of the per-head matrix X (R x C) where X = x[b, h] or its transpose
+// (attention_cpu.h), in float32, for every (b, h). Returns (B*H, head_stride).
+at::Tensor pack_panels(const at::Tensor& x, bool transpose, int nr) {
+  const int64_t B = x.size(0), H = x.size(1);
+  const int64_t R = transpose ? x.size(3) : x.size(2), C = transpose ? x.size(2) : x.size(3);
+  const int64_t rs = transpose ? x.stride(3) : x.stride(2), cs = transpose ? x.stride(2) : x.stride(3);
+  const int64_t panels = (C + nr - 1) / nr, head = panels * R * nr;
+  at::Tensor out = at::empty({B * H, head}, x.options().dtype(at::kFloat));
+  float* dst = out.data_ptr<float>();
+  auto pack = [&](auto* base) {
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const auto* src = base + (bh / H) * x.stride(0) + (bh % H) * x.stride(1);
+        float* d = dst + bh * head;
+        for (int64_t p = 0; p < panels; ++p)
+          for (int64_t r = 0; r < R; ++r, d += nr)
+            for (int64_t t = 0; t < nr; ++t) {
+              const int64_t col = p * nr + t;
+              d[t] = col < C ? static_cast<float>(src[r * rs + col * cs]) : 0.f;
+            }
+      }
+    });
+  };
+  if (x.scalar_type() == at::kFloat)
+    pack(x.data_ptr<float>());
+  else
+    pack(x.data_ptr<at::BFloat16>());
+  return out;
+}
+
+Strided4 strided(const at::Tensor& t) {
+  TORCH_INTERNAL_ASSERT(t.scalar_type() == at::kFloat);
+  return {t.data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+DropoutSpec dropout_spec(double p, int64_t seed, int64_t offset) {
+  DropoutSpec d;
+  d.on = p > 0.0;
+  d.seed = (uint64_t)seed;
+  d.offset = (uint64_t)offset;
+  const double thr = std::ldexp(p, 32);
+  d.threshold = thr >= 4294967295.0 ? 4294967295u : (uint32_t)std::llround(thr);
+  d.keep_scale = p >= 1.0 ? 0.f : (float)(1.0 / (1.0 - p));
+  return d;
+}
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"q", q}, {"k", k}, {"v", v}}) {
+    TORCH_CHECK(t.device().is_cpu(), "attention_cpu: ", name, " must be a CPU tensor, got ", t.device());
+    TORCH_CHECK(t.dim() == 4, "attention_cpu: ", name, " must be 4-D (B, H, L, E), got ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16,
+                "attention_cpu: ", name, " must be float32 or bfloat16, got ", t.scalar_type());
+    TORCH_CHECK(t.scalar_type() == q.scalar_type(), "attention_cpu: ", name, " has dtype ", t.scalar_type(),
+                " but q has ", q.scalar_type());
+  }
+  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), "attention_cpu: batch sizes differ: q ",
+              q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK(k.size(1) == v.size(1) && k.size(1) > 0 && q.size(1) % k.size(1) == 0,
+              "attention_cpu: q heads must be a multiple of k/v heads: q ", q.sizes(), ", k ", k.sizes(), ", v ",
+              v.sizes());
+  TORCH_CHECK(k.size(3) == q.size(3), "attention_cpu: k head dim ", k.size(3), " != q head dim ", q.size(3));
+  TORCH_CHECK(k.size(2) == v.size(2), "attention_cpu: k and v lengths differ: ", k.size(2), " vs ", v.size(2));
+}
+
+void check_output(const char* name, const at::Tensor& t, at::IntArrayRef shape, at::ScalarType dtype) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.sizes() == shape && t.is_contiguous(),
+              "attention_cpu: ", name, " must be a contiguous CPU ", dtype, " tensor of shape ", shape, ", got ",
+              t.scalar_type(), " ", t.sizes());
+}
+
+Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const c10::optional<at::Tensor>& mask, double dropout_p, int64_t seed, int64_t offset,
+                     bool is_causal, bool bottom_right, double scale, int nr) {
+  Problem p;
+  p.B = q.size(0);
+  p.Hq = q.size(1);
+  p.Hkv = k.size(1);
+  p.L = q.size(2);
+  p.S = k.size(2);
+  p.E = q.size(3);
+  p.Ev = v.size(3);
+  p.scale = (float)scale;
+  p.causal = is_causal;
+  p.causal_offset = bottom_right ? p.S - p.L : 0;
+  p.BQ = block_q();
+  p.BK = block_k(nr);
+  p.Epad = (p.E + nr - 1) / nr * nr;
+  p.Evpad = (p.Ev + nr - 1) / nr * nr;
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, "attention_cpu: dropout_p must be in [0, 1], got ", dropout_p);
+  p.dropout = dropout_spec(dropout_p, seed, offset);
+  if (mask.has_value() && mask->defined()) {
+    const at::Tensor& m = *mask;
+    TORCH_CHECK(m.device().is_cpu(), "attention_cpu: mask must be a CPU tensor");
+    TORCH_CHECK(m.dim() == 4 && m.size(0) == p.B && m.size(1) == p.Hq && m.size(2) == p.L && m.size(3) == p.S,
+                "attention_cpu: mask must be (a view) of shape (B, Hq, L, S) = (", p.B, ", ", p.Hq, ", ", p.L, ", ",
+                p.S, "), got ", m.sizes());
+    TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == q.scalar_type(),
+                "attention_cpu: mask must be bool or q's dtype (", q.scalar_type(), "), got ", m.scalar_type());
+    p.mask.data = m.data_ptr();
+    p.mask.kind = m.scalar_type() == at::kBool ? kMaskBool : m.scalar_type() == at::kFloat ? kMaskF32 : kMaskBF16;
+    p.mask.sb = m.stride(0);
+    p.mask.sh = m.stride(1);
+    p.mask.sl = m.stride(2);
+    p.mask.ss = m.stride(3);
+  }
+  return p;
+}
+
+at::Tensor as_float(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
+
+// Write into `out` directly when it is float32, else through a float32 buffer.
+at::Tensor float_target(const at::Tensor& out) {
+  return out.scalar_type() == at::kFloat ? out : at::empty(out.sizes(), out.options().dtype(at::kFloat));
+}
+
+void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& mask,
+             double dropout_p, int64_t seed, int64_t offset, bool is_causal, bool bottom_right, double scale,
+             at::Tensor& out, at::Tensor& lse) {
+  check_qkv(q, k, v);
+  const Kernels& K = kernels();
+  Problem p = make_problem(q, k, v, mask, dropout_p, seed, offset, is_causal, bottom_right, scale, K.nr);
+  check_output("out", out, {p.B, p.Hq, p.L, p.Ev}, q.scalar_type());
+  check_output("lse", lse, {p.B, p.Hq, p.L}, at::kFloat);
+  if (p.B * p.Hq * p.L == 0) return;
+  at::Tensor qf = as_float(q);
+  at::Tensor kt = pack_panels(k, /*transpose=*/true, K.nr);
+  at::Tensor vp = pack_panels(v, /*transpose=*/false, K.nr);
+  at::Tensor out_f = float_target(out);
+  ForwardArgs a;
+  a.p = p;
+  a.q = strided(qf);
+  a.kt_panels = kt.data_ptr<float>();
+  a.kt_head_stride = kt.size(1);
+  a.v_panels = vp.data_ptr<float>();
+  a.v_head_stride = vp.size(1);
+  a.out = out_f.data_ptr<float>();
+  a.lse = lse.data_ptr<float>();
+  run_items(forward_items(p), K.forward_scratch(p), [&](int64_t i, float* s) { K.forward_item(a, i, s); });
+  if (!out_f.is_same(out)) out.copy_(out_f);
+}
+
+void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+              const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& mask, double dropout_p,
+              int64_t seed, int64_t offset, bool is_causal, bool bottom_right, double scale, at::Tensor& dq,
+              at::Tensor& dk, at::Tensor& dv) {
+  check_qkv(q, k, v);
+  const Kernels& K = kernels();
+  Problem p = make_problem(q, k, v, mask, dropout_p, seed, offset, is_causal, bottom_right, scale, K.nr);
+  TORCH_CHECK(dout.dim() == 4 && dout.sizes() == at::IntArrayRef({p.B, p.Hq, p.L, p.Ev}) &&
+                  dout.scalar_type() == q.scalar_type(),
+              "attention_cpu: dout must be ", q.scalar_type(), " of shape (B, Hq, L, Ev), got ", dout.scalar_type(),
+              " ", dout.sizes());
+  TORCH_CHECK(out.sizes() == dout.sizes(), "attention_cpu: out must have dout's shape, got ", out.sizes());
+  check_output("lse", lse, {p.B, p.Hq, p.L}, at::kFloat);
+  check_output("dq", dq, q.sizes(), q.scalar_type());
+  check_output("dk", dk, k.sizes(), k.scalar_type());
+  check_output("dv", dv, v.sizes(), v.scalar_type());
+  if (p.B * p.Hq * p.L == 0 || p.S == 0) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return;
+  }
+  at::Tensor qf = as_float(q), dof = as_float(dout);
+  // Delta = rowsum(dO * O), (B, Hq, L), by the kernels' own dot product (see row_dots).
+  at::Tensor dof_c = dof.contiguous(), out_c = as_float(out).contiguous();
+  at::Tensor delta = at::empty({p.B, p.Hq, p.L}, q.options().dtype(at::kFloat));
+  const int64_t rows = p.B * p.Hq * p.L;
+  at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+    K.row_dots(end - begin, p.Ev, dof_c.data_ptr<float>() + begin * p.Ev, p.Ev, out_c.data_ptr<float>() + begin * p.Ev,
+               p.Ev, delta.data_ptr<float>() + begin);
+  });
+  at::Tensor kt = pack_panels(k, true, K.nr), vt = pack_panels(v, true, K.nr), kp = pack_panels(k, false, K.nr);
+  at::Tensor qp = pack_panels(q, false, K.nr), dop = pack_panels(dout, false, K.nr);
+  // Enough independent items to keep every thread busy: split a kv head's key
+  // tiles into chunks, each with its own dQ partial sum (reduced below).
+  const int64_t threads = at::get_num_threads(), ntiles = (p.S + p.BK - 1) / p.BK, heads = p.B * p.Hkv;
+  const int64_t chunks = heads >= 2 * threads ? 1 : std::min(ntiles, (2 * threads + heads - 1) / heads);
+  at::Tensor dq_part = at::zeros({chunks, p.B, p.Hq, p.L, p.Epad}, q.options().dtype(at::kFloat));
+  at::Tensor dk_f = float_target(dk), dv_f = float_target(dv);
+  BackwardArgs a;
+  a.p = p;
+  a.q = strided(qf);
+  a.dout = strided(dof);
+  a.kt_panels = kt.data_ptr<float>();
+  a.vt_panels = vt.data_ptr<float>();
+  a.k_panels = kp.data_ptr<float>();
+  a.kt_head_stride = kt.size(1);
+  a.vt_head_stride = vt.size(1);
+  a.k_head_stride = kp.size(1);
+  a.q_panels = qp.data_ptr<float>();
+  a.do_panels = dop.data_ptr<float>();
+  a.q_head_stride = qp.size(1);
+  a.do_head_stride = dop.size(1);
+  a.lse = lse.data_ptr<float>();
+  a.delta = delta.data_ptr<float>();
+  a.dq_partial = dq_part.data_ptr<float>();
+  a.dk = dk_f.data_ptr<float>();
+  a.dv = dv_f.data_ptr<float>();
+  a.chunks = chunks;
+  run_items(backward_items(p, chunks), K.backward_scratch(p), [&](int64_t i, float* s) { K.backward_item(a, i, s); });
+  at::Tensor dq_sum = chunks == 1 ? dq_part[0] : dq_part.sum(0);
+  dq.copy_(dq_sum.narrow(-1, 0, p.E));
+  if (!dk_f.is_same(dk)) dk.copy_(dk_f);
+  if (!dv_f.is_same(dv)) dv.copy_(dv_f);
+}
+
+// The keep-mask (True = kept) the kernels apply for (seed, offset): a debug helper
+// so tests can check dropout against the float64 reference with the same mask.
+at::Tensor dropout_keep_mask(int64_t B, int64_t H, int64_t L, int64_t S, double p, int64_t seed, int64_t offset) {
+  TORCH_CHECK(B >= 0 && H >= 0 && L >= 0 && S >= 0, "attention_cpu_dropout_keep_mask: negative size");
+  TORCH_CHECK(p >= 0.0 && p <= 1.0, "attention_cpu_dropout_keep_mask: p must be in [0, 1], got ", p);
+  const DropoutSpec d = dropout_spec(p, seed, offset);
+  at::Tensor keep = at::empty({B, H, L, S}, at::kBool);
+  bool* k = keep.data_ptr<bool>();
+  at::parallel_for(0, B * H * L, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t j = 0; j < S; ++j)
+        k[r * S + j] = p < 1.0 && dropout_hash(d, r / L, r % L, j, L, S) >= d.threshold;
+  });
+  return keep;
+}
+
+}  // namespace
+}  // namespace cpu_attn
+
+void register_cpu_attention(pybind11::module& m) {
+  using namespace pybind11::literals;
+  m.def("attention_cpu_forward", &cpu_attn::forward,
+        "Fused attention forward on CPU tensors: writes out (B, Hq, L, Ev) and lse (B, Hq, L) float32",
+        "q"_a, "k"_a, "v"_a, "mask"_a, "dropout_p"_a, "seed"_a, "offset"_a, "is_causal"_a, "bottom_right"_a,
+        "scale"_a, "out"_a, "lse"_a);
+  m.def("attention_cpu_backward", &cpu_attn::backward,
+        "Fused attention backward on CPU tensors: writes dq, dk, dv", "dout"_a, "q"_a, "k"_a, "v"_a, "out"_a,
+        "lse"_a, "mask"_a, "dropout_p"_a, "seed"_a, "offset"_a, "is_causal"_a, "bottom_right"_a, "scale"_a, "dq"_a,
+        "dk"_a, "dv"_a);
+  m.def("attention_cpu_dropout_keep_mask", &cpu_attn::dropout_keep_mask,
+        "The CPU attention kernels' dropout keep-mask (B, H, L, S) for (seed, offset)", "B"_a, "H"_a, "L"_a, "S"_a,
+        "p"_a, "seed"_a, "offset"_a);
+  m.def("attention_cpu_isa", [] { return std::string(cpu_attn::kernels().name); },
+        "The instruction-set variant the CPU attention kernels run with here");
+}
+
+}  // namespace fastformer

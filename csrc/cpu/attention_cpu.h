@@ -1,0 +1,123 @@
+// Fused flash-style attention on the CPU: the plain-C++ side shared by the
+// torch-facing binding (attention_cpu.cpp) and the per-ISA kernels
+// (attention_cpu_{generic,avx2,avx512}.cpp, one body in attention_cpu_impl.h).
+//
+// The ISA files see raw pointers only (no ATen), so each can be compiled for
+// its own instruction set with `#pragma GCC target` while the extension keeps
+// plain -O3 flags; attention_cpu.cpp picks one at run time from cpu_features().
+//
+// Packed operand layouts ("panels"). A matrix X (R x C) is stored as
+// ceil(C/NR) panels, panel p holding rows 0..R-1 of columns p*NR..p*NR+NR-1
+// contiguously (NR floats per row, zero-padded past C). A micro-kernel then
+// streams one panel while broadcasting elements of the other operand.
+#pragma once
+
+#include <cstdint>
+
+namespace fastformer {
+namespace cpu_attn {
+
+// The mask view (B, Hq, L, S) read through its strides (stride 0 where broadcast).
+struct MaskView {
+  const void* data = nullptr;
+  int kind = 0;  // kMaskNone / kMaskBool / kMaskF32 / kMaskBF16
+  int64_t sb = 0, sh = 0, sl = 0, ss = 0;
+};
+enum MaskKind { kMaskNone = 0, kMaskBool = 1, kMaskF32 = 2, kMaskBF16 = 3 };
+
+struct DropoutSpec {
+  bool on = false;
+  uint64_t seed = 0, offset = 0;
+  uint32_t threshold = 0;  // keep when hash >= threshold (threshold = p * 2^32)
+  float keep_scale = 1.f;  // 1 / (1 - p), 0 when p == 1
+};
+
+// The keep decision for attention weight (bh, i, j), bh = b * Hq + h. A pure
+// function of the seed, offset and position (a counter-based hash), so the
+// backward and the debug helper regenerate the forward's mask exactly.
+inline uint32_t dropout_hash(const DropoutSpec& d, int64_t bh, int64_t i, int64_t j, int64_t L, int64_t S) {
+  uint64_t x = ((uint64_t)bh * (uint64_t)L + (uint64_t)i) * (uint64_t)S + (uint64_t)j;
+  x ^= d.seed * 0x9E3779B97F4A7C15ull;
+  x += d.offset * 0xD1B54A32D192ED03ull + 0x632BE59BD9B4E019ull;
+  // murmur3's 64-bit finaliser: every input bit flips each output bit with p ~ 1/2.
+  x ^= x >> 33;
+  x *= 0xff51afd7ed558ccdull;
+  x ^= x >> 33;
+  x *= 0xc4ceb9fe1a85ec53ull;
+  x ^= x >> 33;
+  return (uint32_t)(x >> 32);
+}
+
+struct Problem {
+  int64_t B = 0, Hq = 0, Hkv = 0, L = 0, S = 0, E = 0, Ev = 0;
+  float scale = 1.f;
+  bool causal = false;
+  int64_t causal_offset = 0;  // key j visible to query i iff j <= i + causal_offset
+  MaskView mask;
+  DropoutSpec dropout;
+  int64_t BQ = 64, BK = 64;  // query / key block sizes (BK a multiple of NR)
+  int64_t Epad = 0, Evpad = 0;  // E, Ev rounded up to NR
+};
+
+// A strided float matrix view (the "A" operands read in place: q and dO in fp32).
+struct Strided4 {
+  const float* data = nullptr;
+  int64_t sb = 0, sh = 0, sl = 0, se = 0;
+  const float* row(int64_t b, int64_t h, int64_t i) const { return data + b * sb + h * sh + i * sl; }
+};
+
+struct ForwardArgs {
+  Problem p;
+  Strided4 q;  // (B, Hq, L, E) fp32
+  const float* kt_panels = nullptr;  // per kv head: K^T (E x S) in panels over keys
+  int64_t kt_head_stride = 0;
+  const float* v_panels = nullptr;  // per kv head: V (S x Ev) in panels over Ev
+  int64_t v_head_stride = 0;
+  float* out = nullptr;  // (B, Hq, L, Ev) contiguous fp32
+  float* lse = nullptr;  // (B, Hq, L) contiguous
+};
+
+struct BackwardArgs {
+  Problem p;
+  Strided4 q;   // (B, Hq, L, E) fp32
+  Strided4 dout;  // (B, Hq, L, Ev) fp32
+  const float* kt_panels = nullptr;  // per kv head: K^T (E x S), panels over keys
+  const float* vt_panels = nullptr;  // per kv head: V^T (Ev x S), panels over keys
+  const float* k_panels = nullptr;   // per kv head: K (S x E), panels over E
+  int64_t kt_head_stride = 0, vt_head_stride = 0, k_head_stride = 0;
+  const float* q_panels = nullptr;   // per q head: Q (L x E), panels over E
+  const float* do_panels = nullptr;  // per q head: dO (L x Ev), panels over Ev
+  int64_t q_head_stride = 0, do_head_stride = 0;
+  const float* lse = nullptr;    // (B, Hq, L)
+  const float* delta = nullptr;  // (B, Hq, L): rowsum(dO * O)
+  float* dq_partial = nullptr;   // (chunks, B, Hq, L, Epad), zeroed
+  float* dk = nullptr;           // (B, Hkv, S, E) contiguous fp32
+  float* dv = nullptr;           // (B, Hkv, S, Ev) contiguous fp32
+  int64_t chunks = 1;            // key tiles of one kv head are split round-robin over chunks
+};
+
+// One instruction-set variant. A work item is independent of every other one.
+struct Kernels {
+  const char* name;
+  int nr;  // panel width in floats
+  int64_t (*forward_scratch)(const Problem&);  // floats of scratch per thread
+  void (*forward_item)(const ForwardArgs&, int64_t item, float* scratch);
+  // out[r] = dot(a[r, :n], b[r, :n]) for r < rows (row strides a_rs, b_rs; unit column stride)
+  void (*row_dots)(int64_t rows, int64_t n, const float* a, int64_t a_rs, const float* b, int64_t b_rs, float* out);
+  int64_t (*backward_scratch)(const Problem&);
+  void (*backward_item)(const BackwardArgs&, int64_t item, float* scratch);
+};
+
+extern const Kernels kernels_generic;
+#if defined(__x86_64__)
+extern const Kernels kernels_avx2;
+extern const Kernels kernels_avx512;
+#endif
+
+// Forward items: B * Hq * ceil(L / BQ), numbered heaviest (last query block) first.
+inline int64_t forward_items(const Problem& p) { return p.B * p.Hq * ((p.L + p.BQ - 1) / p.BQ); }
+// Backward items: B * Hkv * chunks.
+inline int64_t backward_items(const Problem& p, int64_t chunks) { return p.B * p.Hkv * chunks; }
+
+}  // namespace cpu_attn
+}  // namespace fastformer

@@ -1,0 +1,381 @@
+// The CPU attention kernels, written once over GCC vector extensions and
+// compiled once per instruction set: a .cpp defines
+//   FF_ISA     the namespace (generic / avx2 / avx512)
+//   FF_W       floats per vector register (4 / 8 / 16)
+//   FF_MR      rows of the register-blocked micro-kernel
+//   FF_TARGET  (optional) the `#pragma GCC target` string, e.g. "avx2,fma"
+//   FF_KERNELS the name of the Kernels table to define
+// and includes this file. Vector extensions let the compiler emit ymm/zmm FMAs
+// for the target while the source stays one (no intrinsics per ISA); ATen's
+// at::vec would only get the extension's baseline ISA (see bench/NOTES.md).
+//
+// Both products of a tile are one small GEMM each, C (M x N) (+)= A (M x K) B,
+// with B packed in panels (attention_cpu.h) and A read in place through two
+// strides, so transposed operands (P^T, dS^T in the backward) cost nothing.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "attention_cpu.h"
+
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace fastformer {
+namespace cpu_attn {
+namespace FF_ISA {
+
+#ifdef FF_TARGET
+#define FF_DO_PRAGMA(x) _Pragma(#x)
+#define FF_TARGET_PRAGMA(t) FF_DO_PRAGMA(GCC target(t))
+#pragma GCC push_options
+FF_TARGET_PRAGMA(FF_TARGET)
+#endif
+
+constexpr int W = FF_W;
+constexpr int NR = 2 * W;  // micro-kernel columns: two vector registers
+constexpr int MR = FF_MR;  // micro-kernel rows: 2*MR accumulators stay in registers
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+typedef float vf __attribute__((vector_size(W * 4)));
+typedef float vfu __attribute__((vector_size(W * 4), aligned(4)));  // unaligned access
+typedef int32_t vi __attribute__((vector_size(W * 4)));
+
+static inline vf vload(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+static inline void vstore(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
+static inline vf vsplat(float s) { return vf{} + s; }
+static inline vf vselect(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+
+// 2^x for x <= 0 (attention weights): exact 0 below -126 (and for -inf), NaN stays NaN.
+// Range reduction x = n + f, |f| <= 1/2, then a degree-7 Taylor polynomial
+// (relative error < 1e-8, under fp32 rounding).
+static inline vf vexp2(vf x) {
+  const vi tiny = x < vsplat(-126.f);
+  vf xc = vselect(tiny, vsplat(-126.f), x);
+  xc = vselect(xc > vsplat(127.f), vsplat(127.f), xc);
+  const vf t = xc + 0.5f;
+  vi n = __builtin_convertvector(t, vi);  // truncation; fix to floor below
+  n += (vi)(__builtin_convertvector(n, vf) > t);  // true is -1
+  const vf f = xc - __builtin_convertvector(n, vf);
+  vf p = vsplat(1.525273380405984e-05f);
+  p = p * f + 1.5403530393381606e-04f;
+  p = p * f + 1.3333558146428443e-03f;
+  p = p * f + 9.618129107628477e-03f;
+  p = p * f + 5.550410866482158e-02f;
+  p = p * f + 2.402265069591007e-01f;
+  p = p * f + 6.931471805599453e-01f;
+  p = p * f + 1.f;
+  const vf r = p * (vf)((n + 127) << 23);
+  return (vf)((vi)r & ~tiny);
+}
+
+// ---------------------------------------------------------------- GEMM
+
+// C[0:R, 0:NR] (+)= sum_k A(r, k) * B[k, 0:NR], A(r, k) = A[r * a_rs + k * a_cs].
+template <int R>
+static inline void micro(int64_t K, const float* A, int64_t a_rs, int64_t a_cs, const float* B, float* C,
+                         int64_t ldc, bool acc) {
+  vf c0[R], c1[R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    c0[r] = acc ? vload(C + r * ldc) : vf{};
+    c1[r] = acc ? vload(C + r * ldc + W) : vf{};
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const vf b0 = vload(B + k * NR), b1 = vload(B + k * NR + W);
+    const float* a = A + k * a_cs;
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const float s = a[r * a_rs];
+      c0[r] += s * b0;
+      c1[r] += s * b1;
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    vstore(C + r * ldc, c0[r]);
+    vstore(C + r * ldc + W, c1[r]);
+  }
+}
+
+template <int R>
+static inline void micro_tail(int64_t rows, int64_t K, const float* A, int64_t a_rs, int64_t a_cs, const float* B,
+                              float* C, int64_t ldc, bool acc) {
+  if constexpr (R > 0) {
+    if (rows == R)
+      micro<R>(K, A, a_rs, a_cs, B, C, ldc, acc);
+    else
+      micro_tail<R - 1>(rows, K, A, a_rs, a_cs, B, C, ldc, acc);
+  }
+}
+
+// C (M x ceil(N/NR)*NR, row stride ldc) (+)= A (M x K, strides a_rs/a_cs) * B, where
+// B's panel p (K x NR) starts at B + p * b_panel_stride. Columns past N are
+// computed from the zero padding and may be written (ldc leaves room).
+static void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, int64_t a_cs, const float* B,
+                 int64_t b_panel_stride, float* C, int64_t ldc, bool acc) {
+  for (int64_t p = 0; p * NR < N; ++p) {
+    const float* Bp = B + p * b_panel_stride;
+    float* Cp = C + p * NR;
+    int64_t r = 0;
+    for (; r + MR <= M; r += MR) micro<MR>(K, A + r * a_rs, a_rs, a_cs, Bp, Cp + r * ldc, ldc, acc);
+    if (r < M) micro_tail<MR - 1>(M - r, K, A + r * a_rs, a_rs, a_cs, Bp, Cp + r * ldc, ldc, acc);
+  }
+}
+
+// ---------------------------------------------------------------- row operations
+
+static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+static inline float bf16_to_float(uint16_t bits) {
+  uint32_t u = (uint32_t)bits << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// s[0:n] *= c; s[n:npad] = -inf (npad = n rounded up to W) so vector loops need no tail.
+static inline void scale_row(float* s, int64_t n, int64_t npad, float c) {
+  for (int64_t j = 0; j < npad; j += W) vstore(s + j, vload(s + j) * c);
+  for (int64_t j = n; j < npad; ++j) s[j] = kNegInf;
+}
+
+// The mask and the causal limit for query i on keys j0 .. j0+n-1, in the log2 domain.
+static inline void mask_row(const Problem& p, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t n, float* s) {
+  const MaskView& m = p.mask;
+  if (m.kind != kMaskNone) {
+    const int64_t base = b * m.sb + h * m.sh + i * m.sl + j0 * m.ss;
+    if (m.kind == kMaskBool) {
+      const bool* mb = static_cast<const bool*>(m.data) + base;
+      for (int64_t j = 0; j < n; ++j)
+        if (!mb[j * m.ss]) s[j] = kNegInf;
+    } else if (m.kind == kMaskF32) {
+      const float* mf = static_cast<const float*>(m.data) + base;
+      for (int64_t j = 0; j < n; ++j) s[j] += mf[j * m.ss] * kLog2e;
+    } else {
+      const uint16_t* mh = static_cast<const uint16_t*>(m.data) + base;
+      for (int64_t j = 0; j < n; ++j) s[j] += bf16_to_float(mh[j * m.ss]) * kLog2e;
+    }
+  }
+  if (p.causal) {
+    const int64_t first_hidden = std::max<int64_t>(0, i + p.causal_offset + 1 - j0);
+    for (int64_t j = first_hidden; j < n; ++j) s[j] = kNegInf;
+  }
+}
+
+static inline float row_max(const float* s, int64_t npad) {
+  vf m = vsplat(kNegInf);
+  for (int64_t j = 0; j < npad; j += W) {
+    const vf x = vload(s + j);
+    m = vselect(x > m, x, m);
+  }
+  float r = kNegInf;
+  for (int t = 0; t < W; ++t) r = std::max(r, m[t]);
+  return r;
+}
+
+// s = 2^(s - shift) in place; returns the row sum.
+static inline float exp2_row(float* s, int64_t npad, float shift) {
+  vf sum{};
+  const vf sh = vsplat(shift);
+  for (int64_t j = 0; j < npad; j += W) {
+    const vf e = vexp2(vload(s + j) - sh);
+    vstore(s + j, e);
+    sum += e;
+  }
+  float r = 0.f;
+  for (int t = 0; t < W; ++t) r += sum[t];
+  return r;
+}
+
+static inline void scale_vec(float* x, int64_t npad, float a) {
+  for (int64_t j = 0; j < npad; j += W) vstore(x + j, vload(x + j) * a);
+}
+
+// ---------------------------------------------------------------- forward
+
+static int64_t forward_scratch(const Problem& p) { return p.BQ * p.BK + p.BQ * p.Evpad + 2 * p.BQ; }
+
+// One (batch, head, query block): online softmax over key tiles, O(BQ * (BK + Ev)) memory.
+static void forward_item(const ForwardArgs& a, int64_t item, float* scratch) {
+  const Problem& p = a.p;
+  const int64_t BH = p.B * p.Hq, nqb = (p.L + p.BQ - 1) / p.BQ;
+  const int64_t qb = nqb - 1 - item / BH, bh = item % BH;  // last (causal: heaviest) blocks first
+  const int64_t b = bh / p.Hq, h = bh % p.Hq, hk = h / (p.Hq / p.Hkv);
+  const int64_t i0 = qb * p.BQ, mq = std::min(p.BQ, p.L - i0);
+  const int64_t BK = p.BK, Evpad = p.Evpad;
+  float* St = scratch;
+  float* O = St + p.BQ * BK;
+  float* m = O + p.BQ * Evpad;
+  float* l = m + p.BQ;
+  std::fill(O, O + mq * Evpad, 0.f);
+  std::fill(m, m + mq, kNegInf);
+  std::fill(l, l + mq, 0.f);
+
+  // Causal: keys past the block's last row's limit are hidden from every row, so
+  // those tiles are skipped, not masked.
+  int64_t j_end = p.S;
+  if (p.causal) j_end = std::clamp<int64_t>(i0 + mq + p.causal_offset, 0, p.S);
+  const float* A = a.q.row(b, h, i0);
+  const float* kt = a.kt_panels + (b * p.Hkv + hk) * a.kt_head_stride;
+  const float* vp = a.v_panels + (b * p.Hkv + hk) * a.v_head_stride;
+  const float c = p.scale * kLog2e;
+
+  for (int64_t j0 = 0; j0 < j_end; j0 += BK) {
+    const int64_t n = std::min(BK, j_end - j0), npad = round_up(n, W);
+    gemm(mq, n, p.E, A, a.q.sl, a.q.se, kt + (j0 / NR) * p.E * NR, p.E * NR, St, BK, false);
+    for (int64_t r = 0; r < mq; ++r) {
+      float* s = St + r * BK;
+      const int64_t i = i0 + r;
+      scale_row(s, n, npad, c);
+      mask_row(p, b, h, i, j0, n, s);
+      const float m_new = std::max(m[r], row_max(s, npad));
+      if (m_new == kNegInf) {  // nothing visible yet in this row
+        std::fill(s, s + n, 0.f);
+        continue;
+      }
+      const float alpha = std::exp2(m[r] - m_new);
+      const float rs = exp2_row(s, npad, m_new);
+      l[r] = l[r] * alpha + rs;
+      if (alpha != 1.f) scale_vec(O + r * Evpad, Evpad, alpha);
+      m[r] = m_new;
+      if (p.dropout.on) {  // the normaliser l uses the undropped weights, as torch
+        const DropoutSpec& d = p.dropout;
+        for (int64_t j = 0; j < n; ++j)
+          s[j] *= dropout_hash(d, bh, i, j0 + j, p.L, p.S) >= d.threshold ? d.keep_scale : 0.f;
+      }
+    }
+    gemm(mq, p.Ev, n, St, BK, 1, vp + j0 * NR, p.S * NR, O, Evpad, true);
+  }
+
+  for (int64_t r = 0; r < mq; ++r) {
+    const int64_t i = i0 + r;
+    float* out = a.out + (bh * p.L + i) * p.Ev;
+    if (m[r] == kNegInf || l[r] == 0.f) {  // every key masked: torch gives 0
+      std::fill(out, out + p.Ev, 0.f);
+      a.lse[bh * p.L + i] = kNegInf;
+      continue;
+    }
+    const float inv = 1.f / l[r];
+    const float* o = O + r * Evpad;
+    for (int64_t e = 0; e < p.Ev; ++e) out[e] = o[e] * inv;
+    a.lse[bh * p.L + i] = (m[r] + std::log2(l[r])) * kLn2;
+  }
+}
+
+// ---------------------------------------------------------------- backward
+
+// Delta_i = sum_e dO[i, e] * O[i, e], accumulated in the same order and with the
+// same (contracted) multiply-adds as the micro-kernel's dO V^T, so dP - Delta is
+// exactly 0 where it should be (one visible key: O = v, dS = 0, as torch).
+static void row_dots(int64_t rows, int64_t n, const float* a, int64_t a_rs, const float* b, int64_t b_rs,
+                     float* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* x = a + r * a_rs;
+    const float* y = b + r * b_rs;
+    float acc = 0.f;
+    for (int64_t e = 0; e < n; ++e) acc += x[e] * y[e];
+    out[r] = acc;
+  }
+}
+
+static int64_t backward_scratch(const Problem& p) {
+  return 2 * p.BQ * p.BK + p.BK * p.Epad + p.BK * p.Evpad;
+}
+
+// One (batch, kv head, chunk of key tiles): for each key tile, dK and dV are
+// accumulated in registers-to-scratch over every query block of every query
+// head of the group (GQA without copies), and dQ into this chunk's partial sum.
+static void backward_item(const BackwardArgs& a, int64_t item, float* scratch) {
+  const Problem& p = a.p;
+  const int64_t chunks = a.chunks;
+  const int64_t bhk = item / chunks, chunk = item % chunks;
+  const int64_t b = bhk / p.Hkv, hk = bhk % p.Hkv, G = p.Hq / p.Hkv;
+  const int64_t BQ = p.BQ, BK = p.BK, Epad = p.Epad, Evpad = p.Evpad;
+  const int64_t ntiles = (p.S + BK - 1) / BK;
+  float* SP = scratch;           // scores -> P -> dropped P
+  float* DP = SP + BQ * BK;      // dO V^T -> dS
+  float* dKa = DP + BQ * BK;     // (BK, Epad)
+  float* dVa = dKa + BK * Epad;  // (BK, Evpad)
+  const float* kt = a.kt_panels + bhk * a.kt_head_stride;
+  const float* vt = a.vt_panels + bhk * a.vt_head_stride;
+  const float* kp = a.k_panels + bhk * a.k_head_stride;
+  const float c = p.scale * kLog2e;
+
+  for (int64_t t = chunk; t < ntiles; t += chunks) {  // round-robin: balances causal work
+    const int64_t j0 = t * BK, n = std::min(BK, p.S - j0), npad = round_up(n, W);
+    std::fill(dKa, dKa + n * Epad, 0.f);
+    std::fill(dVa, dVa + n * Evpad, 0.f);
+    // Causal: query rows before the first one that sees key j0 are skipped.
+    int64_t q_start = 0;
+    if (p.causal) q_start = std::max<int64_t>(0, j0 - p.causal_offset) / BQ * BQ;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t h = hk * G + g, bh = b * p.Hq + h;
+      const float* qp = a.q_panels + bh * a.q_head_stride;
+      const float* dop = a.do_panels + bh * a.do_head_stride;
+      float* dq = a.dq_partial + ((chunk * p.B * p.Hq + bh) * p.L) * Epad;
+      for (int64_t i0 = q_start; i0 < p.L; i0 += BQ) {
+        const int64_t mq = std::min(BQ, p.L - i0);
+        gemm(mq, n, p.E, a.q.row(b, h, i0), a.q.sl, a.q.se, kt + (j0 / NR) * p.E * NR, p.E * NR, SP, BK, false);
+        gemm(mq, n, p.Ev, a.dout.row(b, h, i0), a.dout.sl, a.dout.se, vt + (j0 / NR) * p.Ev * NR, p.Ev * NR, DP,
+             BK, false);
+        for (int64_t r = 0; r < mq; ++r) {
+          const int64_t i = i0 + r;
+          float* s = SP + r * BK;
+          float* d = DP + r * BK;
+          const float lse = a.lse[bh * p.L + i];
+          if (lse == kNegInf) {  // dead row: no weights, no gradient
+            std::fill(s, s + npad, 0.f);
+            std::fill(d, d + npad, 0.f);
+            continue;
+          }
+          scale_row(s, n, npad, c);
+          mask_row(p, b, h, i, j0, n, s);
+          exp2_row(s, npad, lse * kLog2e);  // P = exp(scores - lse)
+          const float delta = a.delta[bh * p.L + i];
+          if (p.dropout.on) {
+            const DropoutSpec& dr = p.dropout;
+            for (int64_t j = 0; j < n; ++j) {
+              const float z = dropout_hash(dr, bh, i, j0 + j, p.L, p.S) >= dr.threshold ? dr.keep_scale : 0.f;
+              d[j] = s[j] * (d[j] * z - delta) * p.scale;
+              s[j] *= z;
+            }
+            for (int64_t j = n; j < npad; ++j) d[j] = 0.f;
+          } else {
+            const vf dl = vsplat(delta);
+            for (int64_t j = 0; j < npad; j += W) vstore(d + j, vload(s + j) * (vload(d + j) - dl) * p.scale);
+          }
+        }
+        // dV += P^T dO, dK += dS^T Q: A read transposed (a_rs = 1, a_cs = BK).
+        gemm(n, p.Ev, mq, SP, 1, BK, dop + i0 * NR, p.L * NR, dVa, Evpad, true);
+        gemm(n, p.E, mq, DP, 1, BK, qp + i0 * NR, p.L * NR, dKa, Epad, true);
+        // dQ += dS K
+        gemm(mq, p.E, n, DP, BK, 1, kp + j0 * NR, p.S * NR, dq + i0 * Epad, Epad, true);
+      }
+    }
+    for (int64_t r = 0; r < n; ++r) {
+      std::memcpy(a.dk + (bhk * p.S + j0 + r) * p.E, dKa + r * Epad, p.E * sizeof(float));
+      std::memcpy(a.dv + (bhk * p.S + j0 + r) * p.Ev, dVa + r * Evpad, p.Ev * sizeof(float));
+    }
+  }
+}
+
+#ifdef FF_TARGET
+#pragma GCC pop_options
+#endif
+
+}  // namespace FF_ISA
+
+extern const Kernels FF_KERNELS;
+const Kernels FF_KERNELS = {
+    FF_ISA_NAME,  FF_ISA::NR,           FF_ISA::forward_scratch, FF_ISA::forward_item,
+    FF_ISA::row_dots, FF_ISA::backward_scratch, FF_ISA::backward_item,
+};
+
+}  // namespace cpu_attn
+}  // namespace fastformer
+
+#pragma GCC diagnostic pop

@@ -1,0 +1,111 @@
+"""The ``"cpu"`` backend: fused flash-style attention in C++ for CPU tensors.
+
+Forward and backward run in ``fastformer._C`` (csrc/cpu/attention_cpu*.cpp):
+blocked over queries and keys with an online softmax and the log-sum-exp
+saved, parallel over batch x heads x query blocks on torch's thread pool
+(``torch.set_num_threads`` applies), float32 accumulation for float32 and
+bfloat16 inputs, and the widest vector ISA of the processor picked at run time
+(AVX-512, AVX2+FMA, or a portable fallback). Causal tiles above the diagonal
+are skipped; masks are read through their (broadcast) strides; GQA reads the
+shared K/V heads in place; dropout is a counter-based hash of
+``(seed, offset, batch*head, i, j)``, so the backward regenerates the mask.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .._ext import C, LOAD_ERROR
+from .buffers import new_output
+from .dispatch import AttentionBackend, register_backend
+from .fused_attention import fused_attention, register_fused_kernels
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+MAX_HEAD_DIM = 256
+
+
+def _seed_offset(rng_state: Optional[Tensor]):
+    if rng_state is None:
+        return 0, 0
+    seed, offset = (int(x) for x in rng_state.tolist())
+    return seed, offset
+
+
+def _empty(q: Tensor, k: Tensor) -> bool:
+    return q.numel() == 0 or k.shape[2] == 0
+
+
+def cpu_forward(q, k, v, mask, rng_state, dropout_p, is_causal, causal_bottom_right, scale):
+    """Kernel contract of fused_attention.py: ``out (B, Hq, L, Ev)`` in q's dtype, ``lse (B, Hq, L)`` float32."""
+    B, H, L, _ = q.shape
+    out = new_output((B, H, L, v.shape[-1]), q.dtype, q.device)
+    lse = new_output((B, H, L), torch.float32, q.device)
+    if _empty(q, k):  # nothing to attend: torch's zeros
+        return out.zero_(), lse.fill_(float("-inf"))
+    seed, offset = _seed_offset(rng_state)
+    C.attention_cpu_forward(q, k, v, mask, float(dropout_p), seed, offset, bool(is_causal),
+                            bool(causal_bottom_right), float(scale), out, lse)
+    return out, lse
+
+
+def cpu_backward(dout, q, k, v, out, lse, mask, rng_state, dropout_p, is_causal, causal_bottom_right, scale):
+    """Kernel contract of fused_attention.py: ``dq, dk, dv`` shaped like q, k, v."""
+    dq = new_output(q.shape, q.dtype, q.device)
+    dk = new_output(k.shape, k.dtype, k.device)
+    dv = new_output(v.shape, v.dtype, v.device)
+    seed, offset = _seed_offset(rng_state)
+    C.attention_cpu_backward(dout, q, k, v, out, lse, mask, float(dropout_p), seed, offset, bool(is_causal),
+                             bool(causal_bottom_right), float(scale), dq, dk, dv)
+    return dq, dk, dv
+
+
+def dropout_keep_mask(rng_state: Tensor, shape, p: float, device=None) -> Tensor:
+    """The keep-mask (True = kept) the CPU kernels apply for ``rng_state``, bool ``shape = (B, Hq, L, S)``.
+
+    A debug helper: tests check output and gradients against the float64 reference
+    with this mask applied explicitly.
+    """
+    seed, offset = _seed_offset(rng_state)
+    return C.attention_cpu_dropout_keep_mask(*shape, float(p), seed, offset)
+
+
+def isa() -> str:
+    """The instruction-set variant the kernels run with on this machine (avx512 / avx2 / generic)."""
+    return C.attention_cpu_isa()
+
+
+def _available() -> Optional[str]:
+    if C is None:
+        return f"the compiled extension is unavailable ({LOAD_ERROR})"
+    if not hasattr(C, "attention_cpu_forward"):
+        return "fastformer._C was built without the CPU attention kernels (rebuild the extension)"
+    return None
+
+
+def _unsupported(problem) -> Optional[str]:
+    q = problem.q
+    if q.device.type != "cpu":
+        return f"CPU tensors only (got {q.device})"
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {q.dtype} (float32 and bfloat16 only)"
+    if problem.head_dim > MAX_HEAD_DIM or problem.head_dim_v > MAX_HEAD_DIM:
+        return f"head dim {problem.head_dim}/{problem.head_dim_v} > {MAX_HEAD_DIM}"
+    if problem.mask_needs_grad:
+        return "attn_mask requires grad (use the reference backend)"
+    return None
+
+
+register_fused_kernels("cpu", cpu_forward, cpu_backward)
+
+register_backend(
+    AttentionBackend(
+        name="cpu",
+        description="C++ flash-style attention for CPU tensors (float32/bfloat16, AVX-512/AVX2 at run time)",
+        availability=_available,
+        unsupported=_unsupported,
+        run=lambda problem: fused_attention(problem, "cpu"),
+    )
+)

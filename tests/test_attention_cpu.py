@@ -1,0 +1,239 @@
+"""The "cpu" backend beyond the shared feature matrix (tests/test_attention_backends.py):
+head dims 1…256, long and odd lengths, dropout against its own keep-mask, thread
+counts, non-contiguous inputs, every ISA variant this machine runs, and the
+boundary checks of the C++ entry points."""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastformer
+from attention_cases import Case, check_case, require_backend
+from dropout_checks import dropout_all, dropout_matches_explicit_mask, dropout_reproducible, dropout_statistics
+from error_rule import assert_close_by_rule
+
+DTYPES = [torch.float32, torch.bfloat16]
+_ids = lambda t: str(t).split(".")[-1]  # noqa: E731
+
+
+@pytest.fixture(autouse=True)
+def _cpu_backend():
+    require_backend("cpu")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("E", [1, 2, 3, 7, 16, 33, 64, 96, 128, 129, 200, 256])
+def test_head_dims(E, dtype):
+    check_case(Case(f"E{E}", batch=(1,), hq=2, L=21, S=37, E=E), "cpu", dtype, "cpu")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+def test_value_head_dim_differs(dtype):
+    check_case(Case("Ev", batch=(1,), hq=2, L=19, S=40, E=256, Ev=3, is_causal=True), "cpu", dtype, "cpu")
+
+
+@pytest.mark.parametrize("case", [
+    Case("L300", batch=(1,), hq=2, L=300, S=300, E=40),
+    Case("L300_causal", batch=(1,), hq=2, L=300, S=300, E=24, is_causal=True),
+    Case("L131_S300_bottom_right", batch=(1,), hq=2, hkv=1, L=131, S=300, E=16, is_causal=True, bottom_right=True),
+    Case("L300_S131_bottom_right", batch=(1,), hq=1, L=300, S=131, E=16, is_causal=True, bottom_right=True),
+    Case("L257_mask", batch=(2,), hq=2, L=257, S=199, E=8, mask="bool", mask_shape="B11S"),
+], ids=lambda c: c.id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+def test_long_odd_lengths(case, dtype):
+    check_case(case, "cpu", dtype, "cpu")
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_length_1000_forward(is_causal):
+    check_case(Case("L1000", batch=(1,), hq=1, L=1000, S=1000, E=32, is_causal=is_causal), "cpu", torch.float32,
+               "cpu", grads=False)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_thread_counts(threads, is_causal):
+    """Same answer (under the rule) on 1 and 2 threads; the forward is bitwise independent of them."""
+    before = torch.get_num_threads()
+    q, k, v = (torch.randn(1, 3, n, 24) for n in (150, 170, 170))
+    try:
+        torch.set_num_threads(threads)
+        check_case(Case("threads", batch=(1,), hq=3, hkv=1, L=150, S=170, E=24, is_causal=is_causal), "cpu",
+                   torch.float32, "cpu")
+        out = fastformer.scaled_dot_product_attention(q, k, v, is_causal=is_causal, backend="cpu")
+        torch.set_num_threads(1 if threads == 2 else 2)
+        again = fastformer.scaled_dot_product_attention(q, k, v, is_causal=is_causal, backend="cpu")
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(out, again)
+
+
+def _check_inputs(q, k, v, dtype, **kw):
+    q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+    out = fastformer.scaled_dot_product_attention(q, k, v, backend="cpu", **kw)
+    up = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    kw64 = dict(kw)
+    if kw.get("attn_mask") is not None and kw["attn_mask"].is_floating_point():
+        kw64["attn_mask"] = kw["attn_mask"].double()
+    ref = F.scaled_dot_product_attention(*up, **kw64)
+    same_in = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    same = F.scaled_dot_product_attention(*same_in, **kw)
+    assert_close_by_rule(out, ref, same, name="out")
+    dout = torch.randn_like(ref)
+    for name, a, r, s in zip(("dq", "dk", "dv"), torch.autograd.grad(out, (q, k, v), dout.to(dtype)),
+                             torch.autograd.grad(ref, up, dout), torch.autograd.grad(same, same_in, dout.to(dtype))):
+        assert_close_by_rule(a, r, s, name=name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "expanded", "gqa_expanded"])
+def test_non_contiguous(layout, dtype):
+    def rnd(*shape):
+        return torch.randn(*shape, dtype=torch.float64).to(dtype)
+
+    kw = {}
+    if layout == "transposed":  # (B, L, H, E) memory read as (B, H, L, E)
+        q, k, v = (rnd(2, n, 3, 16).transpose(1, 2) for n in (70, 90, 90))
+    elif layout == "sliced":  # last-dim stride 2
+        q, k, v = (rnd(2, 3, n, 40)[..., ::2][:, :, 1:] for n in (66, 81, 81))
+    elif layout == "expanded":  # batch broadcast with stride 0
+        q = rnd(2, 3, 65, 16)
+        k, v = (rnd(1, 3, 77, 16).expand(2, 3, 77, 16) for _ in range(2))
+    else:  # GQA over K/V heads that are themselves a stride-0 view
+        q = rnd(1, 4, 33, 8)
+        k, v = (rnd(1, 1, 40, 8).expand(1, 2, 40, 8) for _ in range(2))
+        kw["enable_gqa"] = True
+    _check_inputs(q, k, v, dtype, **kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+def test_mask_strides(dtype):
+    """A float mask that is itself a strided (transposed) view, broadcast over heads."""
+    base = torch.randn(1, 1, 45, 30, dtype=torch.float64).to(dtype)
+    mask = base.transpose(-1, -2)  # (1, 1, 30, 45), non-contiguous
+    mask[..., 0, 3:9] = float("-inf")
+    q, k, v = (torch.randn(2, 2, n, 16, dtype=torch.float64).to(dtype) for n in (30, 45, 45))
+    _check_inputs(q, k, v, dtype, attn_mask=mask)
+
+
+# ----------------------------------------------------------------------------- dropout
+
+def _keep_mask(rng_state, shape, p, device):
+    from fastformer.ops.attention_cpu import dropout_keep_mask
+
+    return dropout_keep_mask(rng_state, shape, p, device)
+
+
+def test_dropout_statistics():
+    dropout_statistics("cpu", "cpu")
+
+
+def test_dropout_reproducible():
+    dropout_reproducible("cpu", "cpu")
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+def test_dropout_matches_explicit_mask(is_causal, dtype):
+    dropout_matches_explicit_mask("cpu", _keep_mask, "cpu", dtype=dtype, is_causal=is_causal, L=70, S=83)
+
+
+def test_dropout_one_drops_everything():
+    dropout_all("cpu", "cpu")
+
+
+def test_dropout_keep_mask_is_a_function_of_rng_state():
+    state = torch.tensor([123, 456])
+    a = _keep_mask(state, (2, 3, 17, 19), 0.4, "cpu")
+    assert torch.equal(a, _keep_mask(state, (2, 3, 17, 19), 0.4, "cpu"))
+    assert not torch.equal(a, _keep_mask(torch.tensor([123, 457]), (2, 3, 17, 19), 0.4, "cpu"))
+    assert abs(a.float().mean().item() - 0.6) < 0.05
+    assert _keep_mask(state, (1, 1, 4, 4), 0.0, "cpu").all()
+    assert not _keep_mask(state, (1, 1, 4, 4), 1.0, "cpu").any()
+
+
+# ----------------------------------------------------------------------------- lse, dispatch, boundary
+
+def test_lse_is_natural_log_sum_exp():
+    from fastformer.ops.attention_cpu import cpu_forward
+
+    q, k, v = (torch.randn(1, 2, n, 16) for n in (40, 50, 50))
+    mask = torch.rand(40, 50) > 0.4
+    mask[3] = False  # a dead row: lse -inf, output 0
+    full = mask.expand(1, 2, 40, 50)
+    out, lse = cpu_forward(q, k, v, full, None, 0.0, False, False, 0.25)
+    s = (q @ k.transpose(-1, -2) * 0.25).masked_fill(~full, float("-inf"))
+    torch.testing.assert_close(lse, torch.logsumexp(s, -1), rtol=1e-5, atol=1e-5)
+    assert torch.isneginf(lse[..., 3]).all() and torch.equal(out[..., 3, :], torch.zeros(1, 2, 16))
+
+
+def test_auto_picks_cpu_and_falls_back():
+    from fastformer.ops.attention_inputs import validate_attention_inputs
+    from fastformer.ops.dispatch import select_backend
+
+    q = torch.randn(1, 2, 8, 16)
+    assert select_backend(validate_attention_inputs(q, q, q)).name == "cpu"
+    assert select_backend(validate_attention_inputs(q.bfloat16(), q.bfloat16(), q.bfloat16())).name == "cpu"
+    for reason, problem in [
+        ("dtype", validate_attention_inputs(q.half(), q.half(), q.half())),
+        ("dtype", validate_attention_inputs(q.double(), q.double(), q.double())),
+        ("head dim", validate_attention_inputs(*(torch.randn(1, 2, 8, 300) for _ in range(3)))),
+    ]:
+        assert select_backend(problem).name == "reference"
+        with pytest.raises(ValueError, match=reason):
+            select_backend(problem, "cpu")
+    mask = torch.zeros(8, 8, requires_grad=True)
+    assert select_backend(validate_attention_inputs(q, q, q, attn_mask=mask)).name == "reference"
+
+
+def test_boundary_checks_name_the_argument():
+    C = fastformer._ext.C
+    q = torch.randn(1, 2, 8, 16)
+    out, lse = torch.empty(1, 2, 8, 16), torch.empty(1, 2, 8)
+    args = (None, 0.0, 0, 0, False, False, 0.25)
+    with pytest.raises(RuntimeError, match="k must be float32 or bfloat16"):
+        C.attention_cpu_forward(q, q.double(), q, *args, out, lse)
+    with pytest.raises(RuntimeError, match="v has dtype"):
+        C.attention_cpu_forward(q, q, q.bfloat16(), *args, out, lse)
+    with pytest.raises(RuntimeError, match="q must be 4-D"):
+        C.attention_cpu_forward(q[0], q, q, *args, out, lse)
+    with pytest.raises(RuntimeError, match="lse must be"):
+        C.attention_cpu_forward(q, q, q, *args, out, torch.empty(1, 2, 9))
+    with pytest.raises(RuntimeError, match="mask must be"):
+        C.attention_cpu_forward(q, q, q, torch.ones(8, 8, dtype=torch.bool), *args[1:], out, lse)
+    with pytest.raises(RuntimeError, match="heads must be a multiple"):
+        C.attention_cpu_forward(q, torch.randn(1, 3, 8, 16), torch.randn(1, 3, 8, 16), *args, out, lse)
+
+
+_ISA_SCRIPT = r"""
+import sys, torch
+sys.path.insert(0, "tests")
+from attention_cases import CASES, Case, check_case
+from fastformer.ops.attention_cpu import isa
+assert isa() == sys.argv[1], (isa(), sys.argv[1])
+torch.manual_seed(0)
+for case in [c for c in CASES if c.id in ("basic", "causal_long", "gqa_mask", "dead_rows_float", "Ev!=E")] + [
+        Case("E130", batch=(1,), hq=2, L=45, S=70, E=130)]:
+    for dtype in (torch.float32, torch.bfloat16):
+        check_case(case, "cpu", dtype, "cpu")
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("variant", ["generic", "avx2", "avx512"])
+def test_isa_variants(variant):
+    """Each kernel variant this processor can run (FASTFORMER_CPU_ISA forces one), in a fresh process."""
+    flags = set(fastformer._ext.C.cpu_features())
+    needs = {"generic": set(), "avx2": {"avx2", "fma"}, "avx512": {"avx512f", "avx2", "fma"}}[variant]
+    if not needs <= flags:
+        pytest.skip(f"this processor lacks {sorted(needs - flags)}")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, FASTFORMER_CPU_ISA=variant)
+    res = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, variant], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stdout + res.stderr
