@@ -232,9 +232,10 @@ def _configs():
     ]
 
 
-_matmul_act_tuned = triton.autotune(_configs(), key=["M", "N", "K"])(_matmul_act)
+# The flags are in the key: the forward and the two gradient GEMMs of one layer share (M, N, K) up to order.
+_matmul_act_tuned = triton.autotune(_configs(), key=["M", "N", "K", "ACT", "PROLOGUE_GRAD", "DO_ROWSUM", "STORE_PRE"])(_matmul_act)
 _gated_fwd_tuned = triton.autotune(
-    [c for c in _configs() if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128], key=["M", "H", "K"]
+    [c for c in _configs() if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128], key=["M", "H", "K", "ACT", "STORE_PRE"]
 )(_gated_fwd)
 
 # Under the CPU interpreter: one small fixed config (autotuning there would only cost time).
