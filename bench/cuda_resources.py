@@ -167,7 +167,11 @@ SECTION_START = "## CUDA kernels"
 
 DESIGN = """Design choices (csrc/cuda; not yet measured on a GPU, see bench/bench_cuda_kernels.py):
 
-- Flash forward: 64-query x 64-key tiles, 4 warps of 16 query rows, `mma.sync.m16n8k16`
+- Flash forward: 4 warps; head dim 64: 128-query x 64-key tiles, 32 query rows (two 16-row
+  MMA tiles) per warp so each K/V fragment read by `ldmatrix` feeds 4 MMAs (one 16-row tile
+  per warp makes shared-memory reads ~0.56 ldmatrix.x4 per MMA, about what caps mma.sync at
+  half rate on an H100; two tiles: ~0.31). Head dim 128: 64 x 64 tiles, 16 rows per warp
+  (two tiles per warp spilled 8 B on sm_80 even with 32-key steps). `mma.sync.m16n8k16`
   (fp32 accumulate), `ldmatrix` from an XOR-swizzled shared layout (16-byte chunk ^ row % 8,
   conflict-free phases), two-stage `cp.async` pipeline over K/V, online softmax in log2
   units in registers, P fed to the P·V MMA straight from the score fragments. Causal tiles

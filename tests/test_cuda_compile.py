@@ -87,4 +87,4 @@ def test_fragment_plumbing_matches_an_emulation_of_ldmatrix_and_mma(tmp_path):
     assert build.returncode == 0, build.stderr[-3000:]
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout[-3000:]
-    assert run.stdout.count(": ok") == 3, run.stdout
+    assert run.stdout.count(": ok") == 4, run.stdout

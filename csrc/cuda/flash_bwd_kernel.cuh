@@ -49,7 +49,7 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv_kernel(const AttentionPara
   constexpr int BN = kTile.block_rows;  // keys owned by the CTA, 16 per warp
   constexpr int BM = kTile.block_cols;  // queries per pipeline step
   constexpr int THREADS = 32 * kTile.warps;
-  static_assert(BN == 16 * kTile.warps && kTile.stages == 2, "tile shape assumed below");
+  static_assert(BN == 16 * kTile.warps && kTile.m_tiles == 1 && kTile.stages == 2, "tile shape assumed below");
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
@@ -73,8 +73,8 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv_kernel(const AttentionPara
   // The (query head, query tile) steps this key tile takes part in, flattened so the
   // pipeline runs on across the heads of the GQA group.
   const int64_t m_begin = plan::causal_query_tile_begin(key0, BM, p.is_causal, p.causal_offset);
-  const int64_t m_tiles = plan::ceil_div(p.len_q, BM);
-  const int64_t per_head = m_tiles > m_begin ? m_tiles - m_begin : 0;
+  const int64_t q_tiles = plan::ceil_div(p.len_q, BM);
+  const int64_t per_head = q_tiles > m_begin ? q_tiles - m_begin : 0;
   const int64_t steps = per_head * group;
 
   auto issue = [&](int64_t step, int stage) {
@@ -245,7 +245,7 @@ template <typename T, int D>
 __global__ void __launch_bounds__(128) flash_bwd_dq_kernel(const AttentionParams p) {
   constexpr plan::FlashTile kTile = plan::flash_bwd_dq_tile(D);
   constexpr int BM = kTile.block_rows, BN = kTile.block_cols, THREADS = 32 * kTile.warps;
-  static_assert(BM == 16 * kTile.warps && kTile.stages == 2, "tile shape assumed below");
+  static_assert(BM == 16 * kTile.warps && kTile.m_tiles == 1 && kTile.stages == 2, "tile shape assumed below");
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);

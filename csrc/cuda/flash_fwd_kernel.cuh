@@ -1,7 +1,8 @@
 // Flash-attention forward on tensor cores (FlashAttention-2 schedule).
 //
-// One CTA of 4 warps owns a 64-query tile of one (batch, head); each warp owns
-// 16 query rows. Q is loaded once; K and V tiles of 64 keys stream through a
+// One CTA of 4 warps owns a 128-query tile of one (batch, head); each warp owns
+// 32 query rows (two 16-row MMA tiles). Q is loaded once; K and V tiles (64 keys
+// at head dim 64, 32 at 128; launch_plan.h) stream through a
 // two-stage cp.async pipeline (tile n+1 is in flight while tile n is computed).
 // Scores S = Q·Kᵀ and the output accumulator O stay in registers as MMA
 // fragments; the online softmax works in log2 units (exp2f) with running
@@ -65,7 +66,8 @@ template <typename T, int D>
 __global__ void __launch_bounds__(128) flash_fwd_kernel(const AttentionParams p) {
   constexpr plan::FlashTile kTile = plan::flash_fwd_tile(D);
   constexpr int BM = kTile.block_rows, BN = kTile.block_cols, THREADS = 32 * kTile.warps, STAGES = kTile.stages;
-  static_assert(BM == 16 * kTile.warps, "one warp per 16 query rows");
+  constexpr int MT = kTile.m_tiles;  // 16-row MMA tiles per warp
+  static_assert(BM == 16 * MT * kTile.warps, "each warp owns MT 16-row tiles");
   static_assert(STAGES == 2, "the pipeline below is written for two stages");
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -86,15 +88,17 @@ __global__ void __launch_bounds__(128) flash_fwd_kernel(const AttentionParams p)
   const T* q = reinterpret_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h + row0 * p.q_stride_l;
   const T* k = reinterpret_cast<const T*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h;
   const T* v = reinterpret_cast<const T*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
-  const int64_t bh_row = (int64_t(b) * p.heads_q + h) * p.len_q;  // row of (b, h, 0) in out / lse
-  T* out = reinterpret_cast<T*>(p.out) + (bh_row + row0) * D;
-  float* lse = p.lse + bh_row + row0;
+  // out / lse rows of this tile; recomputed where used so no pointer stays live across the loop.
+  auto out_ptr = [&]() { return reinterpret_cast<T*>(p.out) + ((int64_t(b) * p.heads_q + h) * p.len_q + row0) * D; };
+  auto lse_ptr = [&]() { return p.lse + (int64_t(b) * p.heads_q + h) * p.len_q + row0; };
   const char* mask_bh = mask_plane<T>(p, b, h);
 
   const int64_t n_end = plan::causal_key_tile_end(row0, BM, BN, p.len_k, p.is_causal, p.causal_offset);
-  const int warp_row = warp * 16;  // first row of this warp inside the tile
+  const int warp_row = warp * 16 * MT;  // first row of this warp inside the tile
 
   if (n_end <= 0) {  // every row of the tile sees no key: output 0, lse -inf
+    T* out = out_ptr();
+    float* lse = lse_ptr();
     for (int i = tid; i < valid_q * D; i += THREADS) out[i] = T(0.f);
     for (int i = tid; i < valid_q; i += THREADS) lse[i] = -INFINITY;
     return;
@@ -108,13 +112,16 @@ __global__ void __launch_bounds__(128) flash_fwd_kernel(const AttentionParams p)
   }
   cp_async_commit();
 
-  float o[D / 8][4];
+  float o[MT][D / 8][4];
 #pragma unroll
-  for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
-  float m_run[2] = {-INFINITY, -INFINITY};  // rows g and g + 8, log2 units
-  float l_run[2] = {0.f, 0.f};              // this thread's share of the row sums
+  for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) o[mi][j][0] = o[mi][j][1] = o[mi][j][2] = o[mi][j][3] = 0.f;
+  float m_run[MT][2], l_run[MT][2];  // rows g and g + 8 of each m-tile: running max (log2 units), this thread's sum
+#pragma unroll
+  for (int mi = 0; mi < MT; ++mi) m_run[mi][0] = m_run[mi][1] = -INFINITY, l_run[mi][0] = l_run[mi][1] = 0.f;
   // Per-lane ldmatrix offsets (see frag_addr). Q fragments are re-read from shared
-  // memory each tile rather than held: 32 fewer registers at head dim 128.
+  // memory each tile rather than held: 32 registers per m-tile fewer at head dim 128.
   const uint32_t q_off = lane_off_a<D>(lane), k_off = lane_off_b_nk<D>(lane), v_off = lane_off_b_kn<D>(lane);
   const uint32_t sQ_u = smem_u32(sQ);
 
@@ -133,20 +140,26 @@ __global__ void __launch_bounds__(128) flash_fwd_kernel(const AttentionParams p)
     const uint32_t sK_u = smem_u32(sK + stage * BN * D);
     const uint32_t sV_u = smem_u32(sV + stage * BN * D);
 
-    // S = Q · Kᵀ for this warp's 16 rows x BN keys.
-    float s[BN / 8][4];
+    // S = Q · Kᵀ for this warp's MT x 16 rows x BN keys; each K fragment feeds 2 * MT MMAs.
+    float s[MT][BN / 8][4];
 #pragma unroll
-    for (int j = 0; j < BN / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+    for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j) s[mi][j][0] = s[mi][j][1] = s[mi][j][2] = s[mi][j][3] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t qf[4];
-      ldmatrix_x4(qf, frag_addr<D>(sQ_u, warp_row, kk, q_off));
+      uint32_t qf[MT][4];
+#pragma unroll
+      for (int mi = 0; mi < MT; ++mi) ldmatrix_x4(qf[mi], frag_addr<D>(sQ_u, warp_row + 16 * mi, kk, q_off));
 #pragma unroll
       for (int nn = 0; nn < BN / 16; ++nn) {
         uint32_t bf[4];
         ldmatrix_x4(bf, frag_addr<D>(sK_u, nn * 16, kk, k_off));
-        mma_16816<T>(s[2 * nn], qf, bf[0], bf[1]);
-        mma_16816<T>(s[2 * nn + 1], qf, bf[2], bf[3]);
+#pragma unroll
+        for (int mi = 0; mi < MT; ++mi) {
+          mma_16816<T>(s[mi][2 * nn], qf[mi], bf[0], bf[1]);
+          mma_16816<T>(s[mi][2 * nn + 1], qf[mi], bf[2], bf[3]);
+        }
       }
     }
 
@@ -155,67 +168,81 @@ __global__ void __launch_bounds__(128) flash_fwd_kernel(const AttentionParams p)
     // cross the diagonal, and every tile under an explicit mask.
     const bool check = key0 + BN > p.len_k || mask_bh != nullptr ||
                        (p.is_causal && key0 + BN - 1 > row0 + p.causal_offset);
-    scale_and_mask_scores<T, BN>(s, p, mask_bh, row0 + warp_row + g, key0, lane, check);
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi) {
+      scale_and_mask_scores<T, BN>(s[mi], p, mask_bh, row0 + warp_row + 16 * mi + g, key0, lane, check);
 
-    // Online softmax: rescale the running state to the new row max, exponentiate.
+      // Online softmax: rescale the running state to the new row max, exponentiate.
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = m_run[r];
+      for (int r = 0; r < 2; ++r) {
+        float mx = m_run[mi][r];
 #pragma unroll
-      for (int j = 0; j < BN / 8; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
-      mx = warp_max4(mx);
-      // A row with no visible key yet keeps max -inf; subtracting 0 instead keeps exp2 at 0, not NaN.
-      const float m_use = mx == -INFINITY ? 0.f : mx;
-      const float alpha = exp2f(m_run[r] - m_use);
-      m_run[r] = mx;
-      float sum = 0.f;
+        for (int j = 0; j < BN / 8; ++j) mx = fmaxf(mx, fmaxf(s[mi][j][2 * r], s[mi][j][2 * r + 1]));
+        mx = warp_max4(mx);
+        // A row with no visible key yet keeps max -inf; subtracting 0 instead keeps exp2 at 0, not NaN.
+        const float m_use = mx == -INFINITY ? 0.f : mx;
+        const float alpha = exp2f(m_run[mi][r] - m_use);
+        m_run[mi][r] = mx;
+        float sum = 0.f;
 #pragma unroll
-      for (int j = 0; j < BN / 8; ++j) {
-        s[j][2 * r] = exp2f(s[j][2 * r] - m_use);
-        s[j][2 * r + 1] = exp2f(s[j][2 * r + 1] - m_use);
-        sum += s[j][2 * r] + s[j][2 * r + 1];
-      }
-      l_run[r] = l_run[r] * alpha + sum;
+        for (int j = 0; j < BN / 8; ++j) {
+          s[mi][j][2 * r] = exp2f(s[mi][j][2 * r] - m_use);
+          s[mi][j][2 * r + 1] = exp2f(s[mi][j][2 * r + 1] - m_use);
+          sum += s[mi][j][2 * r] + s[mi][j][2 * r + 1];
+        }
+        l_run[mi][r] = l_run[mi][r] * alpha + sum;
 #pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
-        o[j][2 * r] *= alpha;
-        o[j][2 * r + 1] *= alpha;
+        for (int j = 0; j < D / 8; ++j) {
+          o[mi][j][2 * r] *= alpha;
+          o[mi][j][2 * r + 1] *= alpha;
+        }
       }
     }
 
-    // O += P · V, P straight from the score fragments.
+    // O += P · V, P straight from the score fragments; each V fragment feeds 2 * MT MMAs.
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
-      uint32_t a[4];
-      a[0] = TypeTraits<T>::pack(s[2 * kk][0], s[2 * kk][1]);
-      a[1] = TypeTraits<T>::pack(s[2 * kk][2], s[2 * kk][3]);
-      a[2] = TypeTraits<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      a[3] = TypeTraits<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mi = 0; mi < MT; ++mi) {
+        a[mi][0] = TypeTraits<T>::pack(s[mi][2 * kk][0], s[mi][2 * kk][1]);
+        a[mi][1] = TypeTraits<T>::pack(s[mi][2 * kk][2], s[mi][2 * kk][3]);
+        a[mi][2] = TypeTraits<T>::pack(s[mi][2 * kk + 1][0], s[mi][2 * kk + 1][1]);
+        a[mi][3] = TypeTraits<T>::pack(s[mi][2 * kk + 1][2], s[mi][2 * kk + 1][3]);
+      }
 #pragma unroll
       for (int dd = 0; dd < D / 16; ++dd) {
         uint32_t bf[4];
         ldmatrix_x4_trans(bf, frag_addr<D>(sV_u, kk * 16, dd, v_off));
-        mma_16816<T>(o[2 * dd], a, bf[0], bf[1]);
-        mma_16816<T>(o[2 * dd + 1], a, bf[2], bf[3]);
+#pragma unroll
+        for (int mi = 0; mi < MT; ++mi) {
+          mma_16816<T>(o[mi][2 * dd], a[mi], bf[0], bf[1]);
+          mma_16816<T>(o[mi][2 * dd + 1], a[mi], bf[2], bf[3]);
+        }
       }
     }
     __syncthreads();  // every warp is done with this stage before it is refilled
   }
 
   // Normalise and store; rows with no visible key output 0 and lse -inf.
+  T* out = out_ptr();
+  float* lse = lse_ptr();
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float l = warp_sum4(l_run[r]);
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    const int row = warp_row + g + 8 * r;
-    if (row < valid_q) {
-      T* out_row = out + int64_t(row) * D;
+  for (int mi = 0; mi < MT; ++mi) {
 #pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
-        *reinterpret_cast<uint32_t*>(out_row + j * 8 + 2 * t) =
-            TypeTraits<T>::pack(o[j][2 * r] * inv, o[j][2 * r + 1] * inv);
+    for (int r = 0; r < 2; ++r) {
+      const float l = warp_sum4(l_run[mi][r]);
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const int row = warp_row + 16 * mi + g + 8 * r;
+      if (row < valid_q) {
+        T* out_row = out + int64_t(row) * D;
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j) {
+          *reinterpret_cast<uint32_t*>(out_row + j * 8 + 2 * t) =
+              TypeTraits<T>::pack(o[mi][j][2 * r] * inv, o[mi][j][2 * r + 1] * inv);
+        }
+        if (t == 0) lse[row] = l > 0.f ? (m_run[mi][r] + log2f(l)) * kLn2 : -INFINITY;
       }
-      if (t == 0) lse[row] = l > 0.f ? (m_run[r] + log2f(l)) * kLn2 : -INFINITY;
     }
   }
 }

@@ -25,24 +25,30 @@ namespace plan {
 // Tile shape of one flash kernel. Every warp owns 16 rows of the tile's "row"
 // side (queries for the forward and dq kernels, keys for the dk/dv kernel).
 struct FlashTile {
-  int block_rows;  // rows owned by one CTA: 16 * warps
+  int block_rows;  // rows owned by one CTA: 16 * warps * m_tiles
   int block_cols;  // columns streamed per step through the shared-memory pipeline
   int warps;
   int stages;      // shared-memory buffers of the streamed tile (cp.async pipeline depth)
+  int m_tiles;     // 16-row MMA tiles per warp: each B fragment loaded by ldmatrix feeds 2 * m_tiles MMAs
 };
 
-// Forward: queries x keys. 64 x 64 with 4 warps keeps the per-thread accumulators
-// (O: head_dim/2 floats, S: 32 floats) far below 255 registers for head dim 128.
-FF_PLAN_HD constexpr FlashTile flash_fwd_tile(int head_dim) { return FlashTile{64, 64, 4, 2}; }
+// Forward: queries x keys, 4 warps. At head dim 64 each warp owns 32 query rows (two
+// 16-row MMA tiles), so every K/V fragment read from shared memory feeds 4 MMAs: with
+// one 16-row tile per warp, ldmatrix traffic (512 B per 2 MMAs) would cap the MMA rate
+// near half of an H100's mma.sync peak. At head dim 128 two tiles per warp need 8 bytes
+// of spills on sm_80 (O alone is 128 floats per thread), so it stays at 16 rows per warp.
+FF_PLAN_HD constexpr FlashTile flash_fwd_tile(int head_dim) {
+  return head_dim <= 64 ? FlashTile{128, 64, 4, 2, 2} : FlashTile{64, 64, 4, 2, 1};
+}
 
 // Backward dk/dv: keys x queries. The dk and dv accumulators (head_dim/2 floats
 // each) dominate; at head dim 128 the query step drops to 32 to stay spill-free.
 FF_PLAN_HD constexpr FlashTile flash_bwd_dkdv_tile(int head_dim) {
-  return FlashTile{64, head_dim <= 64 ? 64 : 32, 4, 2};
+  return FlashTile{64, head_dim <= 64 ? 64 : 32, 4, 2, 1};
 }
 
 // Backward dq: queries x keys, the forward's shape.
-FF_PLAN_HD constexpr FlashTile flash_bwd_dq_tile(int head_dim) { return FlashTile{64, 64, 4, 2}; }
+FF_PLAN_HD constexpr FlashTile flash_bwd_dq_tile(int head_dim) { return FlashTile{64, 64, 4, 2, 1}; }
 
 FF_PLAN_HD constexpr int element_size(int dtype) { return dtype == 2 ? 4 : 2; }
 

@@ -82,19 +82,20 @@ void expect(bool ok, const char* what, int a, int b, float got, float want) {
   if (!ok && failures++ < 10) std::printf("MISMATCH %s (%d, %d): got %g want %g\n", what, a, b, got, want);
 }
 
-// One CTA: 4 warps x 16 rows of the row tile (A, ROWS x D) against a COLS x D tile (B, stored [n][k]),
+// One CTA: 4 warps x MT x 16 rows of the row tile (A, ROWS x D) against a COLS x D tile (B, stored [n][k]),
 // then the result (as P) times a COLS x D tile stored [k][n] (.trans) — the forward's two products.
-template <int D, int COLS>
+template <int D, int COLS, int MT>
 void run_case(const char* name) {
-  constexpr int ROWS = 64;
+  constexpr int ROWS = 64 * MT;  // 4 warps x MT 16-row MMA tiles
   smem.assign(size_t(ROWS + 2 * COLS) * D, 0.f);
   const size_t tA = 0, tB = size_t(ROWS) * D, tV = tB + size_t(COLS) * D;
   const auto A = fill_tile<D>(tA, ROWS), Bm = fill_tile<D>(tB, COLS), V = fill_tile<D>(tV, COLS);
   uint32_t offA[32], offNK[32], offKN[32];
   for (int l = 0; l < 32; ++l) offA[l] = lane_off_a<D>(l), offNK[l] = lane_off_b_nk<D>(l), offKN[l] = lane_off_b_kn<D>(l);
 
-  for (int warp = 0; warp < 4; ++warp) {
-    const int warp_row = warp * 16;
+  for (int w = 0; w < 4 * MT; ++w) {
+    // m-tile (w % MT) of warp (w / MT): rows warp_row + 16 * mi as the forward kernel addresses them.
+    const int warp_row = (w / MT) * 16 * MT + 16 * (w % MT);
     static float s[COLS / 8][32][4];
     for (auto& frag : s) for (auto& l : frag) for (float& x : l) x = 0.f;
     for (int kk = 0; kk < D / 16; ++kk) {
@@ -159,8 +160,9 @@ void run_case(const char* name) {
 
 int main() {
   std::srand(1234);
-  run_case<64, 64>("head dim 64, 64-wide step (forward, dq, dk/dv at d64)");
-  run_case<128, 64>("head dim 128, 64-wide step (forward, dq)");
-  run_case<128, 32>("head dim 128, 32-wide step (dk/dv at d128)");
+  run_case<64, 64, 2>("head dim 64, 64-wide step, 2 m-tiles per warp (forward at d64)");
+  run_case<64, 64, 1>("head dim 64, 64-wide step (dq, dk/dv at d64)");
+  run_case<128, 64, 1>("head dim 128, 64-wide step (forward, dq at d128)");
+  run_case<128, 32, 1>("head dim 128, 32-wide step (dk/dv at d128)");
   return failures ? 1 : 0;
 }
