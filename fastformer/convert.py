@@ -7,8 +7,8 @@
 Swapped (exact types only — a subclass may override ``forward``, so it is left
 alone and reported, while its children are still converted):
 ``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``/``DecoderLayer``,
-``nn.TransformerEncoder``/``Decoder``, ``nn.Transformer``, ``nn.LayerNorm``
-(when :class:`fastformer.nn.LayerNorm` exists), plus what integrations register
+``nn.TransformerEncoder``/``Decoder``, ``nn.Transformer``, ``nn.LayerNorm`` and
+``nn.RMSNorm`` (fastformer's fused-norm subclasses of them), plus what integrations register
 (timm's ``Attention``: :mod:`fastformer.integrations.timm`).
 
 The new modules *adopt* the old modules' Parameter and buffer objects (no copy):
@@ -220,7 +220,7 @@ def _convert_transformer(old: nn.Transformer) -> ffnn.Transformer:
 
 
 def _convert_layer_norm(old: nn.LayerNorm) -> nn.Module:
-    from .nn import LayerNorm  # noqa: F401  (issue 7's module; absent → ImportError → skipped)
+    from .nn import LayerNorm  # issue 7's module (absent → ImportError → reported as skipped)
 
     new = _on_meta(
         lambda: LayerNorm(
@@ -234,6 +234,14 @@ def _convert_layer_norm(old: nn.LayerNorm) -> nn.Module:
     return new
 
 
+def _convert_rms_norm(old: nn.Module) -> nn.Module:
+    from .nn import RMSNorm  # issue 7's module
+
+    new = _on_meta(lambda: RMSNorm(old.normalized_shape, eps=old.eps, elementwise_affine=old.elementwise_affine))
+    _adopt_tensors(new, old)
+    return new
+
+
 register_converter(nn.MultiheadAttention, _convert_mha)
 register_converter(nn.TransformerEncoderLayer, _convert_encoder_layer)
 register_converter(nn.TransformerDecoderLayer, _convert_decoder_layer)
@@ -241,6 +249,8 @@ register_converter(nn.TransformerEncoder, _convert_encoder)
 register_converter(nn.TransformerDecoder, _convert_decoder)
 register_converter(nn.Transformer, _convert_transformer)
 register_converter(nn.LayerNorm, _convert_layer_norm)
+if hasattr(nn, "RMSNorm"):  # torch >= 2.4
+    register_converter(nn.RMSNorm, _convert_rms_norm)
 
 # Our containers are swapped in as shells holding the old children, which the walk converts next.
 _CONTAINERS = (ffnn.TransformerEncoder, ffnn.TransformerDecoder, ffnn.Transformer)

@@ -172,3 +172,17 @@ def test_register_converter_and_bad_input():
         assert isinstance(new[0], Replacement)
     finally:  # the module, not the package attribute (which is the function)
         sys.modules["fastformer.convert"]._CONVERTERS.pop(Custom)
+
+
+@pytest.mark.parametrize("norm", ["affine", "no_bias", "no_affine", "rms"])
+def test_convert_norms(norm):
+    if norm == "rms":
+        old = nn.RMSNorm(D, eps=1e-6)
+    else:
+        old = nn.LayerNorm(D, bias=norm != "no_bias", elementwise_affine=norm != "no_affine")
+    _randomise(old)
+    new, report = fastformer.convert(old)
+    assert isinstance(new, ffnn.RMSNorm if norm == "rms" else ffnn.LayerNorm) and len(report.swapped) == 1
+    assert list(new.state_dict()) == list(old.state_dict())
+    x = torch.randn(3, 5, D)
+    _check_same_output(old, new, x)
