@@ -52,6 +52,7 @@ def rotary_cos_sin(positions: Tensor, head_dim: int, base: float, dtype: torch.d
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate ``x (B, H, T, D)`` by the angles of ``cos/sin (T, D)`` (GPT-NeoX / Llama layout)."""
     half = x.shape[-1] // 2
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # autocast: q/k may be bf16 while the tables are fp32
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
 
