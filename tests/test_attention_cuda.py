@@ -159,3 +159,12 @@ def test_runs_on_a_side_stream_and_under_compile():
     compiled = torch.compile(lambda a, b, c: fastformer.attention(a, b, c, is_causal=True, backend="cuda"),
                              fullgraph=True)
     assert torch.equal(compiled(q, k, v), expected)
+
+
+def test_opcheck_of_the_fused_ops_with_cuda_kernels():
+    require_backend("cuda")
+    from fastformer.ops import fused_attention  # noqa: F401  (registers the ops)
+
+    q, k, v = (torch.randn(1, 2, 70, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    args = (q, k, v, None, None, 0.0, True, False, 0.125, "cuda")
+    torch.library.opcheck(torch.ops.fastformer.attention_fwd.default, args)
