@@ -238,7 +238,7 @@ def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activat
         ``(..., out)``.
     """
     _check("linear_act", x, weight, bias, activation, gated=False)
-    chosen = resolve_backend(backend, x.device, "linear_act")
+    chosen = resolve_backend(backend, x.device, "linear_act", dtype=x.dtype)
     if chosen == "torch" or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return _act_torch(F.linear(x, weight, bias), activation)
     act = _CODES[activation]
@@ -256,7 +256,7 @@ def gated_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activ
     before the product (they are stored once for the backward when grads are needed).
     """
     _check("gated_linear", x, weight, bias, activation, gated=True)
-    chosen = resolve_backend(backend, x.device, "gated_linear")
+    chosen = resolve_backend(backend, x.device, "gated_linear", dtype=x.dtype)
     if chosen == "torch" or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         a, b = F.linear(x, weight, bias).chunk(2, dim=-1)
         return _act_torch(a, activation) * b

@@ -28,11 +28,22 @@ def triton_unavailable(device: torch.device) -> str | None:
     return None
 
 
-def resolve_backend(backend: str, device: torch.device, op: str, choices: Iterable[str] = ("auto", "triton", "torch")) -> str:
-    """The concrete backend (``"triton"``/``"torch"``/other forced name) for ``op`` on ``device``."""
+# The dtypes the kernels compute for (fp32 math inside); others (float64) take the torch path.
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def resolve_backend(backend: str, device: torch.device, op: str, choices: Iterable[str] = ("auto", "triton", "torch"),
+                    dtype: torch.dtype | None = None) -> str:
+    """The concrete backend (``"triton"``/``"torch"``/other forced name) for ``op`` on ``device``.
+
+    A dtype the kernels do not cover (float64) goes to ``"torch"`` even when
+    ``"triton"`` is forced: valid input, just not the kernels' business.
+    """
     choices = tuple(choices)
     if backend not in choices:
         raise ValueError(f"{op}: backend must be one of {choices}, got {backend!r}")
+    if dtype is not None and dtype not in KERNEL_DTYPES and backend in ("auto", "triton"):
+        return "torch"
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton_unavailable(device) is None else "torch"
     if backend == "triton":

@@ -153,7 +153,7 @@ def _norm(op: str, rms: bool, x: Tensor, normalized_shape: _ShapeArg, weight: Op
     N = 1
     for s in shape:
         N *= s
-    chosen = resolve_backend(backend, x.device, op)
+    chosen = resolve_backend(backend, x.device, op, dtype=x.dtype)
     if chosen == "triton" and backend == "auto" and N > MAX_FUSED_N:
         chosen = "torch"
     mixed = any(t is not None and t.dtype != x.dtype for t in (residual,))

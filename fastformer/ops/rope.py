@@ -112,7 +112,7 @@ def apply_rotary(q: Tensor, k: Tensor, positions: Optional[Tensor] = None, base:
         if pos.dim() != 2 or pos.shape[1] != L or pos.shape[0] not in (1, B):
             raise ValueError(f"apply_rotary: positions must be (L,) or (B, L) = ({L},) or ({B}, {L}), got {tuple(positions.shape)}")
     inv_freq = rotary_inv_freq(D, base, q.device)
-    chosen = resolve_backend(backend, q.device, "apply_rotary")
+    chosen = resolve_backend(backend, q.device, "apply_rotary", dtype=q.dtype)
     if chosen == "torch":
         return _rotary_torch(q, pos, inv_freq, interleaved), _rotary_torch(k, pos, inv_freq, interleaved)
     return _rotary_op(q, k, pos.contiguous(), inv_freq, bool(interleaved), False)

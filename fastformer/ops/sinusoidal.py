@@ -67,7 +67,7 @@ def add_sinusoidal_positions(x: Tensor, offset: int = 0, *, backend: str = "auto
     if not isinstance(offset, int) or offset < 0:
         raise ValueError(f"add_sinusoidal_positions: offset must be a non-negative int, got {offset!r}")
     L, D = x.shape[-2], x.shape[-1]
-    chosen = resolve_backend(backend, x.device, "add_sinusoidal_positions")
+    chosen = resolve_backend(backend, x.device, "add_sinusoidal_positions", dtype=x.dtype)
     if chosen == "torch":
         return (x.float() + sinusoidal_table(L, D, offset, x.device)).to(x.dtype)
     out = _add_sinusoidal_op(x.reshape(-1, D).contiguous(), sinusoidal_inv_freq(D, x.device), L, offset)

@@ -187,7 +187,7 @@ def softmax(
         a tensor shaped and typed like ``x``. Rows with every column masked are 0.
     """
     dim, mask = _check(x, dim, mask, is_causal)
-    chosen = resolve_backend(backend, x.device, "softmax", SOFTMAX_BACKENDS)
+    chosen = resolve_backend(backend, x.device, "softmax", SOFTMAX_BACKENDS, dtype=x.dtype)
     if chosen == "torch" or x.numel() == 0:
         return _softmax_torch(x, dim, scale, mask, is_causal)
 
