@@ -174,3 +174,13 @@ def test_linear_act_gpu_fp32_no_tf32():
     x, w, b = (t.cuda() for t in _inputs((1024, 512), 1536))
     check_by_rule(lambda x, w, b: ops.linear_act(x, w, b, "gelu", backend="triton"), eager_linear_act("gelu"),
                   [x, w, b], torch.float32)
+
+
+@pytest.mark.cuda
+def test_feedforward_module_gpu_bf16():
+    ff = fnn.FeedForward(768, 3072, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(8, 512, 768, device="cuda", dtype=torch.bfloat16)
+    check_by_rule(lambda x, w1, b1, w2, b2: ops.feed_forward(x, w1, b1, w2, b2, "gelu"),
+                  lambda x, w1, b1, w2, b2: F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2),
+                  [x, *(p.detach().float() for p in (ff.linear1.weight, ff.linear1.bias, ff.linear2.weight,
+                                                       ff.linear2.bias))], torch.bfloat16)

@@ -180,3 +180,14 @@ def test_norm_gpu_bf16_by_rule(rows, n, rms):
     w, b = torch.randn(n, device="cuda") * 0.5 + 1, torch.randn(n, device="cuda")
     check_by_rule(ours_norm(rms, (n,), 1e-5), eager_norm(rms, (n,), 1e-5), [x, w, None if rms else b, r],
                   torch.bfloat16, grad=[True, True, not rms, True])
+
+
+@pytest.mark.cuda
+def test_dropout_on_residual_gpu():
+    x = torch.randn(4096, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    r = torch.randn(4096, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y, total = ops.layer_norm(x, 1024, residual=r, dropout_p=0.1, return_residual=True)
+    keep = (total.float() - x.float()).abs() > 0
+    assert 0.88 < keep.float().mean().item() < 0.92
+    total.float().sum().backward()
+    torch.testing.assert_close(r.grad.float(), keep.float() / 0.9, rtol=1e-2, atol=0)

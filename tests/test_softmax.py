@@ -154,3 +154,16 @@ def test_softmax_gpu_causal_masked_bf16():
     mask = torch.rand(2, 1, 512, 512, device="cuda") > 0.1
     check_by_rule(lambda t: fastformer.softmax(t, mask=mask, is_causal=True, backend="triton"),
                   lambda t: eager_softmax(t, mask=mask, is_causal=True), [x], torch.bfloat16)
+
+
+@pytest.mark.cuda
+def test_softmax_cuda_twin_matches_triton():
+    from fastformer.ops.softmax import _cuda_twin_unavailable
+
+    reason = _cuda_twin_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    x = torch.randn(2, 4, 300, 1000, device="cuda")
+    mask = torch.rand(2, 1, 300, 1000, device="cuda") > 0.2
+    check_by_rule(lambda t: fastformer.softmax(t, scale=0.5, mask=mask, is_causal=True, backend="cuda"),
+                  lambda t: eager_softmax(t, scale=0.5, mask=mask, is_causal=True), [x], torch.bfloat16)
