@@ -26,6 +26,7 @@ SUITE = [
     ("bench_cuda_kernels.py", 300, []),
     ("bench_nn.py", 240, []),
     ("bench_kernels.py", 240, []),  # issue 7: softmax, LayerNorm, FFN
+    ("bench_models.py", 240, []),  # issue 9: GPT/ViT vs transformers/timm
 ]
 
 

@@ -47,6 +47,9 @@ def main(argv=None) -> dict:
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--patch", type=int, default=2)
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--smoke", action="store_true", help="a few steps on a slice of the data")
     p.add_argument("--device", default="auto")
     p.add_argument("--backend", default="auto", help="fastformer attention backend (auto, cpu, triton, cuda, reference)")
@@ -58,8 +61,8 @@ def main(argv=None) -> dict:
         args.epochs, x_tr, y_tr = 1, x_tr[:256], y_tr[:256]
     x_tr, y_tr, x_te, y_te = (t.to(d.device) for t in (x_tr, y_tr, x_te, y_te))
 
-    model = ViT(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=4,
-                mlp_ratio=2.0).to(d.device)
+    model = ViT(img_size=8, patch_size=args.patch, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=4,
+                mlp_ratio=2.0, drop_rate=args.dropout).to(d.device)
     net = d.wrap(model)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
     steps = args.epochs * ((len(y_tr) + args.batch - 1) // args.batch)
@@ -71,7 +74,7 @@ def main(argv=None) -> dict:
         perm = torch.randperm(len(y_tr), generator=gen).to(d.device)
         for i in range(0, len(y_tr), args.batch):
             idx = perm[i:i + args.batch][d.shard(min(args.batch, len(y_tr) - i))]
-            loss = F.cross_entropy(net(x_tr[idx]), y_tr[idx])
+            loss = F.cross_entropy(net(x_tr[idx]), y_tr[idx], label_smoothing=args.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -113,6 +113,8 @@ def gpt2_to_hf(model):
                     n_head=c.n_head, n_inner=int(c.mlp_ratio * c.n_embd), activation_function=inverse[c.activation],
                     layer_norm_epsilon=c.layer_norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                     tie_word_embeddings=c.tie_embeddings)
+    if c.vocab_size <= 50256:  # GPT-2's <|endoftext|> id would lie outside a smaller vocabulary
+        hf.bos_token_id = hf.eos_token_id = None
     out = GPT2LMHeadModel(hf)
     state = {}
     for k, v in model.state_dict().items():
