@@ -270,3 +270,26 @@ def test_encoder_decoder_layers_bf16_cuda(train, norm_first):
     t, ours = decoder_pair(device="cuda", batch_first=True, norm_first=norm_first)
     kw = dict(tgt_mask=nn.Transformer.generate_square_subsequent_mask(T, device="cuda"), tgt_is_causal=True)
     check_parity(t, ours, [seq(T, True, device="cuda"), seq(S, True, device="cuda")], kw, dtype=torch.bfloat16, train=train)
+
+
+def test_compiles_without_graph_breaks():
+    """torch.compile(fullgraph=True) traces the layers (masks, fused norms, attention), fwd + bwd.
+
+    Attention is pinned to "reference" so this checks the modules' own traceability; the
+    fused backends' fake-vs-real stride contract is the attention tests' business.
+    """
+    import fastformer
+
+    layer = ffnn.TransformerEncoderLayer(D, H, FF, dropout=0.0, batch_first=True, norm_first=True)
+    x = torch.randn(B, S, D, requires_grad=True)
+    kpm = random_mask((B, S), "bool")
+    with fastformer.use_backend("reference"):
+        expected = layer(x, src_key_padding_mask=kpm)  # eager first: attention backends are imported lazily
+        compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+        out = compiled(x, src_key_padding_mask=kpm)
+        torch.testing.assert_close(out, expected)
+        out.backward(torch.randn_like(out))
+        mha = ffnn.MultiheadAttention(D, H, add_bias_kv=True)
+        q = torch.randn(S, B, D)
+        compiled_mha = torch.compile(mha, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(compiled_mha(q, q, q)[0], mha(q, q, q)[0])
