@@ -8,11 +8,12 @@
   2^31 overflow of a flattened index.
 * :func:`_load_mask_tile` — one tile of a bool/float ``attn_mask`` read through
   its (possibly stride-0) strides, turned into an additive log2-domain bias.
-* Autotune plumbing: :func:`interpreting`, :func:`seq_bucket`.
+* Autotune plumbing: :func:`interpreting`, :func:`seq_bucket`, :func:`choose_configs`.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -34,6 +35,52 @@ def seq_bucket(n: int) -> int:
     """Autotune key for a sequence length: the next power of two (at least 16), so
     varying lengths (varlen batches, decoding) do not re-tune on every call."""
     return max(16, triton.next_power_of_2(max(int(n), 1)))
+
+
+def autotune_mode() -> str:
+    """``FASTFORMER_TRITON_AUTOTUNE``: ``small`` (default: time the <= 3 preferred
+    configs that fit), ``full`` (time every config that fits), ``off`` (the first
+    preferred config, compiled once: what tests want, since each config costs a
+    compile of several seconds per kernel variant)."""
+    mode = os.environ.get("FASTFORMER_TRITON_AUTOTUNE", "small").lower()
+    return mode if mode in ("small", "full", "off") else "small"
+
+
+def choose_configs(configs, fits, preferred, named_args, kwargs):
+    """Autotune pruning shared by the attention kernels.
+
+    ``fits(conf, args)`` drops configs that spill or overflow shared memory;
+    ``preferred(args)`` lists ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` best
+    first (from the ptxas analysis in bench/NOTES.md). Always returns >= 1 config.
+    """
+    args = {**kwargs, **named_args}
+    kept = [c for c in configs if fits(c, args)] or list(configs[:1])
+    mode = autotune_mode()
+    if mode == "full":
+        return kept
+    order = {t: i for i, t in enumerate(preferred(args))}
+    key = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)  # noqa: E731
+    ranked = sorted((c for c in kept if key(c) in order), key=lambda c: order[key(c)]) or kept
+    return ranked[: 1 if mode == "off" else 3]
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_limit(device_index: int) -> int:
+    props = torch.cuda.get_device_properties(device_index)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024)
+
+
+def shared_memory_limit(t) -> int:
+    """Opt-in shared memory per block of ``t``'s GPU (227 KiB on H100, 163 KiB on A100)."""
+    if not getattr(t, "is_cuda", False):
+        return 227 * 1024
+    return _smem_limit(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+def registers_fit(fp32_per_thread: float, num_warps: int) -> bool:
+    """Whether a tile's fp32 accumulators/scores (per thread) leave ptxas room without
+    spilling, calibrated on sm_90a (bench/NOTES.md): <= 160 with 8 warps, <= 128 with 4."""
+    return fp32_per_thread <= (160 if num_warps >= 8 else 128)
 
 
 def head_block(d: int) -> int:

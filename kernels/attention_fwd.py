@@ -29,13 +29,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .attention_common import _dropout_keep, _load_mask_tile, interpreting
+from .attention_common import _dropout_keep, _load_mask_tile, choose_configs, interpreting, registers_fit, shared_memory_limit
 
 
-def fwd_configs():
+def fwd_configs(interpret=None):
     """Candidate tilings: one small config under the interpreter (tests stay fast);
-    on GPUs a sweep over tiles/stages/warps for Hopper and Ampere, pruned by keep()."""
-    if interpreting():
+    on GPUs a sweep over tiles/stages/warps for Hopper and Ampere, pruned per call."""
+    if interpreting() if interpret is None else interpret:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
@@ -46,23 +46,33 @@ def fwd_configs():
     ]
 
 
-def _keep_fwd(conf, named_args) -> bool:
-    bm, bn = conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_N"]
-    d = max(named_args["BLOCK_D"], named_args["BLOCK_DV"])
-    if bm > max(64, named_args["TUNE_LQ"]):  # no 128-row tiles for short queries
+def _fwd_fits(conf, args) -> bool:
+    """No register spills or shared-memory overflow (rules from ptxas on sm_90a, bench/NOTES.md)."""
+    bm, bn, w, st = conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_N"], conf.num_warps, conf.num_stages
+    bd, bdv = args["BLOCK_D"], args["BLOCK_DV"]
+    if bm > 64 and args["TUNE_LQ"] <= 64:  # short queries: 128-row tiles are mostly padding
         return False
-    if bm * bn >= 128 * 128 and conf.num_warps < 8:  # accumulator too big for 4 warps
+    # Registers per thread: the fp32 accumulator (bm x bdv) and the score tile (bm x bn).
+    # ptxas sm_90a, D=128: 128x64/4 warps spills 184 B, 64x128/4 warps 28 B; 128x128/8 warps fits (240 regs).
+    if not registers_fit(bm * (bdv + bn) / (32 * w), w) or (bdv >= 128 and bn >= 128 and w == 4):
         return False
-    if d >= 256 and (bn > 64 or conf.num_stages > 2 or bm * bn > 64 * 64 * 2):  # shared memory
-        return False
-    if d <= 64 and bn < 64:
-        return False
-    return True
+    smem = 2 * (bm * bd + st * bn * (bd + bdv))  # Q tile + pipelined K/V tiles (16-bit)
+    if args["Q"].dtype.itemsize == 4:
+        smem *= 2
+    return smem <= shared_memory_limit(args["Q"])
+
+
+def _fwd_preferred(args):
+    d = max(args["BLOCK_D"], args["BLOCK_DV"])
+    if d <= 64:
+        return [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
+    if d <= 128:
+        return [(128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
+    return [(128, 32, 8, 2), (64, 32, 8, 2), (64, 64, 8, 2)]
 
 
 def prune_fwd(configs, named_args, **kwargs):
-    kept = [c for c in configs if _keep_fwd(c, {**kwargs, **named_args})]
-    return kept or configs[:1]
+    return choose_configs(configs, _fwd_fits, _fwd_preferred, named_args, kwargs)
 
 
 @triton.jit
@@ -136,6 +146,8 @@ def _attn_fwd(
     num_m = tl.cdiv(MAX_SEQLEN_Q, BLOCK_M)
     bh = pid // num_m
     pid_m = pid % num_m
+    if CAUSAL:  # the last query blocks see the most keys: launch them first (less tail idling)
+        pid_m = num_m - 1 - pid_m
     b = bh // H
     h = bh % H
     hkv = h // GROUP

@@ -358,3 +358,34 @@ def test_gpu_backward_deterministic_and_long_context():
     out = fastformer.scaled_dot_product_attention(q, q, q, is_causal=True, backend="triton")
     assert torch.isfinite(out).all()
     assert math.isfinite(out.float().abs().max().item())
+
+
+# ---------------------------------------------------------------- autotune pruning (GPU config lists, checked on CPU)
+
+
+@pytest.mark.parametrize("mode", ["small", "off", "full"])
+def test_autotune_pruning_keeps_fitting_preferred_configs(mode, monkeypatch):
+    from fastformer.kernels import attention_bwd as bwd
+    from fastformer.kernels import attention_fwd as fwd
+    from fastformer.kernels.attention_common import head_block
+
+    monkeypatch.setenv("FASTFORMER_TRITON_AUTOTUNE", mode)
+    kernels = [
+        (fwd.fwd_configs(interpret=False), fwd.prune_fwd, fwd._fwd_fits, fwd._fwd_preferred),
+        (bwd.bwd_configs(True, interpret=False), bwd.prune_dkdv, bwd._dkdv_fits, bwd._dkdv_preferred),
+        (bwd.bwd_configs(False, interpret=False), bwd.prune_dq, bwd._dq_fits, bwd._dq_preferred),
+    ]
+    for dtype in (torch.bfloat16, torch.float32):
+        for E in (16, 40, 64, 80, 128, 160, 256):
+            for tune_lq in (16, 4096):
+                args = {"Q": torch.empty(0, dtype=dtype), "TUNE_LQ": tune_lq, "TUNE_LK": 4096}
+                kw = {"BLOCK_D": head_block(E), "BLOCK_DV": head_block(E)}
+                for configs, prune, fits, preferred in kernels:
+                    chosen = prune(configs, args, **kw)
+                    assert 1 <= len(chosen) <= {"small": 3, "off": 1, "full": len(configs)}[mode]
+                    assert all(fits(c, {**args, **kw}) for c in chosen), (prune.__name__, E, dtype)
+                    if mode != "full" and dtype == torch.bfloat16:
+                        # the preferred lists were measured spill-free: they must pass their own rule
+                        top = chosen[0]
+                        assert (top.kwargs["BLOCK_M"], top.kwargs["BLOCK_N"], top.num_warps, top.num_stages) in preferred(
+                            {**args, **kw}), (prune.__name__, E)
