@@ -152,6 +152,25 @@ def test_convert_layer_with_replaced_parts_converts_children():
     assert isinstance(new.self_attn, ffnn.MultiheadAttention)  # ...but its attention and norm2 are
     assert isinstance(new.norm2, ffnn.LayerNorm)
     assert any("norm1" in why for _, why in report.skipped)
+    # torch's layer keeps its eval fast path, which calls our MHA's merge_masks and weights
+    layer.eval()
+    new.eval()
+    x = torch.randn(2, 5, D)
+    kpm = torch.zeros(2, 5, dtype=torch.bool)
+    kpm[1, 3:] = True
+    with torch.no_grad():
+        for kw in ({}, {"src_key_padding_mask": kpm}, {"src_mask": torch.zeros(5, 5)}):
+            torch.testing.assert_close(new(x.transpose(0, 1), **kw), layer(x.transpose(0, 1), **kw), atol=1e-5, rtol=1e-5)
+    class MyLayerNorm(nn.LayerNorm):  # blocks our whole-layer swap, not torch's fast path
+        pass
+
+    bf = nn.TransformerEncoderLayer(D, H, 32, batch_first=True).eval()
+    bf.norm1 = MyLayerNorm(D)
+    new_bf, _ = fastformer.convert(bf)
+    assert type(new_bf) is nn.TransformerEncoderLayer and isinstance(new_bf.self_attn, ffnn.MultiheadAttention)
+    with torch.no_grad():
+        for kw in ({"src_key_padding_mask": kpm}, {"src_mask": torch.zeros(5, 5), "src_key_padding_mask": kpm}):
+            torch.testing.assert_close(new_bf(x, **kw), bf(x, **kw), atol=1e-5, rtol=1e-5)
 
 
 def test_register_converter_and_bad_input():

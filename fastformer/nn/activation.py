@@ -140,6 +140,26 @@ class MultiheadAttention(nn.Module):
             state["_qkv_same_embed_dim"] = True
         super().__setstate__(state)
 
+    def merge_masks(
+        self, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], query: Tensor
+    ) -> Tuple[Optional[Tensor], Optional[int]]:
+        """torch's helper, kept because torch's ``TransformerEncoderLayer`` fast path calls it on
+        its ``self_attn`` (e.g. a layer :func:`fastformer.convert` could not swap whole).
+
+        Returns ``(mask, mask_type)``: type 1 = key padding ``(B, S)``, type 2 = merged
+        ``(B, H, L, S)`` (masks already in torch's float form are added), ``(None, None)``.
+        """
+        if attn_mask is None:
+            return (key_padding_mask, 1) if key_padding_mask is not None else (None, None)
+        batch, seq_len, _ = query.shape
+        if attn_mask.dim() == 3:
+            merged = attn_mask.view(batch, -1, seq_len, seq_len)
+        else:
+            merged = attn_mask.view(1, 1, seq_len, seq_len).expand(batch, self.num_heads, -1, -1)
+        if key_padding_mask is not None:
+            merged = merged + key_padding_mask.view(batch, 1, 1, seq_len).expand(-1, self.num_heads, -1, -1)
+        return merged, 2
+
     def forward(
         self,
         query: Tensor,
