@@ -394,3 +394,18 @@ def test_autotune_pruning_keeps_fitting_preferred_configs(mode, monkeypatch):
                         top = chosen[0]
                         assert (top.kwargs["BLOCK_M"], top.kwargs["BLOCK_N"], top.num_warps, top.num_stages) in preferred(
                             {**args, **kw}), (prune.__name__, E)
+
+
+def test_kernels_compile_for_sm90_without_spills():
+    """The interpreter accepts code the GPU compiler rejects: compile every kernel for
+    sm_90a (no GPU needed; a subprocess, since kernels under the interpreter can't be
+    compiled), plain and with every feature on, and check ptxas's spills and pipelining."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.backends.nvidia")
+    script = Path(__file__).resolve().parents[1] / "bench" / "attention_triton_ptxas.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(script), "--check"], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
