@@ -11,6 +11,10 @@ fp32 inputs: the matmuls use TF32 tensor cores only when
 ``torch.backends.cuda.matmul.allow_tf32`` is True (torch's default is False,
 so by default fp32 is computed in full precision, as torch's fp32 SDPA).
 
+Autotuning: ``FASTFORMER_TRITON_AUTOTUNE`` = ``small`` (default; time <= 3 preferred
+configs per shape key), ``full`` or ``off`` (no timing; for test runs), see
+``kernels/attention_common.py``. The backward is always deterministic (no atomics).
+
 The same launchers serve the packed variable-length layout (``varlen.py``):
 a :class:`Layout` says how a tensor's (batch, head, row, dim) strides are read.
 """
