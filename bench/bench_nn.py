@@ -137,7 +137,7 @@ def run(device: str, quick: bool, attention_backend: str = "auto") -> dict:
             speedup = 1.0 / paired["ratio_a_over_b"]  # median of the paired per-round ratios
             rows.append({**base, "provider": "fastformer.nn", "time_ms": paired["a_s"] * 1e3, "best_peer": "torch.nn",
                          "speedup_vs_best_peer": speedup, "attention_backend": used})
-            rows.append({**base, "provider": "torch.nn", "time_ms": paired["b_s"] * 1e3})
+            rows.append({**base, "provider": "torch.nn", "time_ms": paired["b_s"] * 1e3, "attention_backend": "torch"})
             print(f"[{i + 1}/{len(configs)}] {cfg.label()}  ours {paired['a_s'] * 1e3:9.2f} ms  torch "
                   f"{paired['b_s'] * 1e3:9.2f} ms  x{speedup:.2f}  (attention: {used})", flush=True)
         except Exception as exc:  # one failing config must not sink the rest
