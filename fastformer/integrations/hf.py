@@ -93,7 +93,10 @@ def register() -> None:
     Raises ImportError when transformers is not installed.
     """
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(NAME, fastformer_attention_forward)
+    try:
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:  # transformers < 4.53 builds masks inside each model: nothing to register
+        return
     AttentionMaskInterface.register(NAME, sdpa_mask)
