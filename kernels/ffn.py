@@ -109,21 +109,28 @@ def _matmul_act(
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     n_ok = offs_n < N
-    a_ptrs = A + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
-    x_ptrs = AUX + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
-    b_ptrs = B + offs_k[:, None] * stride_bk + offs_n[None, :].to(tl.int64) * stride_bn
+    # Loads wrap rows/columns past the edge (% M, % N) instead of masking them: only
+    # the K tail needs a mask, which keeps the 2-D masks and most address registers
+    # out of the loop (with full masks and int64 addresses the 128x128 tiles spilled
+    # ~1.7 KB per thread on sm_90). The garbage rows/columns are never stored.
+    # Offsets are int32: the launcher sends operands of >= 2**31 elements to torch.
+    offs_am = tl.max_contiguous(tl.multiple_of(offs_m % M, BLOCK_M), BLOCK_M)
+    offs_bn = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N)
+    a_ptrs = A + offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak
+    x_ptrs = AUX + offs_am[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    b_ptrs = B + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     rowsum = tl.zeros((BLOCK_M,), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = (k0 + offs_k) < K
-        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - kb * BLOCK_K
+        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
         if PROLOGUE_GRAD:
-            h = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            h = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0).to(tl.float32)
             a32 = a.to(tl.float32) * _act_grad(h, ACT)
             if DO_ROWSUM:
                 rowsum += tl.sum(a32, 1)
             a = a32.to(A.dtype.element_ty)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         x_ptrs += BLOCK_K * stride_xk
@@ -136,11 +143,11 @@ def _matmul_act(
         acc += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     c_mask = m_ok[:, None] & n_ok[None, :]
     if STORE_PRE:
-        p_ptrs = PRE + offs_m[:, None].to(tl.int64) * stride_pm + offs_n[None, :] * stride_pn
+        p_ptrs = PRE + offs_m[:, None] * stride_pm + offs_n[None, :] * stride_pn
         tl.store(p_ptrs, acc.to(PRE.dtype.element_ty), mask=c_mask)
     if not PROLOGUE_GRAD:
         acc = _act(acc, ACT)
-    c_ptrs = C + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
+    c_ptrs = C + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=c_mask)
 
 
@@ -167,16 +174,18 @@ def _gated_fwd(
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     n_ok = offs_n < H
-    x_ptrs = X + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
-    wa_ptrs = W + offs_k[:, None] * stride_wk + offs_n[None, :].to(tl.int64) * stride_wn
+    offs_xm = tl.max_contiguous(tl.multiple_of(offs_m % M, BLOCK_M), BLOCK_M)  # wrap, as _matmul_act
+    offs_wn = tl.max_contiguous(tl.multiple_of(offs_n % H, BLOCK_N), BLOCK_N)
+    x_ptrs = X + offs_xm[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    wa_ptrs = W + offs_k[:, None] * stride_wk + offs_wn[None, :] * stride_wn
     wb_ptrs = wa_ptrs + H * stride_wn
     acc_a = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc_b = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = (k0 + offs_k) < K
-        x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        wa = tl.load(wa_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        wb = tl.load(wb_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - kb * BLOCK_K
+        x = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+        wa = tl.load(wa_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        wb = tl.load(wb_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
         acc_a = tl.dot(x, wa, acc_a, input_precision=DOT_PRECISION)
         acc_b = tl.dot(x, wb, acc_b, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
@@ -190,11 +199,11 @@ def _gated_fwd(
         # Round like eager code does (pre-activations live in the input dtype there too).
         acc_a = acc_a.to(PRE.dtype.element_ty).to(tl.float32)
         acc_b = acc_b.to(PRE.dtype.element_ty).to(tl.float32)
-        p_ptrs = PRE + offs_m[:, None].to(tl.int64) * stride_pm + offs_n[None, :] * stride_pn
+        p_ptrs = PRE + offs_m[:, None] * stride_pm + offs_n[None, :] * stride_pn
         tl.store(p_ptrs, acc_a.to(PRE.dtype.element_ty), mask=c_mask)
         tl.store(p_ptrs + H * stride_pn, acc_b.to(PRE.dtype.element_ty), mask=c_mask)
     out = _act(acc_a, ACT) * acc_b
-    o_ptrs = OUT + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
+    o_ptrs = OUT + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=c_mask)
 
 
@@ -220,25 +229,28 @@ def _gated_bwd(
 
 # ----------------------------------------------------------------------------- launch configuration
 
-def _configs():
-    keep = lambda bm, bn, bk, s, w: not (bm * bn >= 256 * 128 and w < 8)  # noqa: E731
+def _configs(gated: bool = False):
+    # Chosen from ptxas -v on sm_90a (bf16, as launches specialise unit strides): with a
+    # 128x128 fp32 accumulator, 4 warps spill (the dW GEMM ~1.6 KB/thread) while 8 warps
+    # fit in 174-237 registers; 64x128 with 4 warps fits. The gated kernel holds two
+    # accumulators, so it gets the half-size tiles.
+    # (256x128 and 128x64/4 warps spilled 1.2-1.8 KB in the dW GEMM and were dropped.)
+    tiles = [(128, 256, 64, 3, 8), (128, 128, 64, 3, 8), (128, 128, 32, 4, 8), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)]
+    if gated:
+        tiles = [(128, 128, 64, 3, 8), (64, 128, 64, 3, 4), (64, 128, 64, 4, 4), (128, 64, 64, 3, 4), (64, 64, 64, 4, 4)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
-        for bm, bn, bk, s, w in [
-            (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 4), (128, 128, 32, 4, 4),
-            (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 3, 8), (64, 64, 64, 4, 4),
-        ]
-        if keep(bm, bn, bk, s, w)
+        for bm, bn, bk, s, w in tiles
     ]
 
 
 # The flags are in the key: the forward and the two gradient GEMMs of one layer share (M, N, K) up to order.
 _matmul_act_tuned = triton.autotune(_configs(), key=["M", "N", "K", "ACT", "PROLOGUE_GRAD", "DO_ROWSUM", "STORE_PRE"])(_matmul_act)
-_gated_fwd_tuned = triton.autotune(
-    [c for c in _configs() if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128], key=["M", "H", "K", "ACT", "STORE_PRE"]
-)(_gated_fwd)
+_gated_fwd_tuned = triton.autotune(_configs(gated=True), key=["M", "H", "K", "ACT", "STORE_PRE"])(_gated_fwd)
 
-# Under the CPU interpreter: one small fixed config (autotuning there would only cost time).
+# Operands at or above this many elements overflow the kernels' int32 offsets: the ops use torch then.
+MAX_ELEMENTS = 2**31 - 1
+
 _INTERP_META = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
 
 

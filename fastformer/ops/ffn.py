@@ -221,6 +221,14 @@ def _check(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], activatio
             raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
 
 
+def _too_big(x: Tensor, weight: Tensor) -> bool:
+    """Operands past the kernels' int32 offsets (2**31 elements) go to torch."""
+    from fastformer.kernels.ffn import MAX_ELEMENTS
+
+    M = x.numel() // max(x.shape[-1], 1)
+    return max(x.numel(), weight.numel(), M * weight.shape[0]) >= MAX_ELEMENTS
+
+
 def _needs_grad(*ts) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
@@ -239,7 +247,7 @@ def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activat
     """
     _check("linear_act", x, weight, bias, activation, gated=False)
     chosen = resolve_backend(backend, x.device, "linear_act", dtype=x.dtype)
-    if chosen == "torch" or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if chosen == "torch" or _too_big(x, weight):
         return _act_torch(F.linear(x, weight, bias), activation)
     act = _CODES[activation]
     x2 = x.reshape(-1, x.shape[-1])
@@ -257,7 +265,7 @@ def gated_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activ
     """
     _check("gated_linear", x, weight, bias, activation, gated=True)
     chosen = resolve_backend(backend, x.device, "gated_linear", dtype=x.dtype)
-    if chosen == "torch" or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if chosen == "torch" or _too_big(x, weight):
         a, b = F.linear(x, weight, bias).chunk(2, dim=-1)
         return _act_torch(a, activation) * b
     x2 = x.reshape(-1, x.shape[-1])
