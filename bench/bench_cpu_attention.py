@@ -10,6 +10,7 @@ JSON records the CPU flags and which kernel variant ran (``isa``).
     python bench/bench_cpu_attention.py                  # the full set (long on 2 cores)
     python bench/bench_cpu_attention.py --quick          # CI smoke: seconds
     python bench/bench_cpu_attention.py --dtype bfloat16 --seqlens 1024 2048 --modes fwd
+    python bench/bench_cpu_attention.py --device cuda    # (gpu.sh) the GPU host's CPU, short set
 
 Writes ``bench/results/<cpu-slug>/cpu_attention[-quick].json``.
 """
@@ -80,7 +81,7 @@ def naive(q, k, v, causal):
     return fastformer.scaled_dot_product_attention(q, k, v, is_causal=causal, backend="naive")
 
 
-def measure(cfg: Config, ceiling_flops: float, args) -> dict:
+def measure(cfg: Config, ceiling_flops: float, fp32_ceiling_flops: float, args) -> dict:
     dtype = getattr(torch, cfg.dtype)
     shape = (1, HEADS, cfg.seqlen, cfg.head_dim)
     grad = cfg.mode != "fwd"
@@ -97,6 +98,7 @@ def measure(cfg: Config, ceiling_flops: float, args) -> dict:
     row["ours_gflops"], row["torch_gflops"] = flops / pair["a_s"] / 1e9, flops / pair["b_s"] / 1e9
     row["ours_frac_ceiling"] = flops / pair["a_s"] / ceiling_flops
     row["torch_frac_ceiling"] = flops / pair["b_s"] / ceiling_flops
+    row["ours_frac_fp32_ceiling"] = flops / pair["a_s"] / fp32_ceiling_flops
     row["ours_peak_bytes"] = common.peak_memory(a, "cpu")
     row["torch_peak_bytes"] = common.peak_memory(b, "cpu")
     if cfg.seqlen <= args.naive_max_len:
@@ -114,6 +116,17 @@ def measure(cfg: Config, ceiling_flops: float, args) -> dict:
     return row
 
 
+def matmul_ceilings(quick: bool) -> dict:
+    """This run's fp32 and bf16 matmul rates (TFLOP/s). Sizes are kept moderate:
+    without avx512_bf16, torch's bf16 matmul runs at well under 1 GFLOP/s."""
+    out = {}
+    for dt, n in ((torch.float32, 256 if quick else 1024), (torch.bfloat16, 256 if quick else 768)):
+        a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
+        t = common.time_cpu(lambda: torch.mm(a, b), warmup=1, min_reps=3, min_time_s=0.0)
+        out[f"matmul_{str(dt).split('.')[-1]}_TFLOPs"] = 2.0 * n**3 / t / 1e12
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
@@ -129,8 +142,10 @@ def main(argv=None) -> int:
     p.add_argument("--tag", default="", help="suffix of the results file name")
     args = p.parse_args(argv)
     if args.device == "cuda":
-        print("bench_cpu_attention: CPU benchmark, nothing to do on --device cuda")
-        return 0
+        # bench/gpu.sh: measure the GPU host's processor (often AVX-512, maybe avx512_bf16,
+        # which this project's own machines may lack) on a short set, 2 threads as the issue.
+        args.head_dims, args.seqlens, args.rounds, args.threads = [64], [2048], 5, 2
+        args.tag = args.tag or "gpu-host"
     common.exact_cpu_memory_accounting()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -144,13 +159,14 @@ def main(argv=None) -> int:
 
     env = common.environment("cpu")
     env["isa"] = isa()
+    env["load_average"] = list(__import__("os").getloadavg())  # shared machines: say how busy it was
     env["cpu_features_detected"] = list(fastformer._ext.C.cpu_features())
-    ceilings = common.ceilings("cpu", quick=args.quick)
+    ceilings = matmul_ceilings(args.quick)
     print(f"{env['device']} flags={env['cpu_flags']} isa={env['isa']} ceilings={ceilings}", flush=True)
     rows = []
     for cfg in configs(args):
         ceiling = ceilings[f"matmul_{cfg.dtype}_TFLOPs"] * 1e12
-        row = measure(cfg, ceiling, args)
+        row = measure(cfg, ceiling, ceilings["matmul_float32_TFLOPs"] * 1e12, args)
         rows.append(row)
         naive_s = f" naive {row['naive_gflops']:6.1f} (x{row['speedup_vs_naive']:.2f})" if "naive_ms" in row else ""
         print(f"{cfg.label()}: ours {row['ours_gflops']:6.1f} GFLOP/s ({row['ours_frac_ceiling']:.0%} of ceiling) "

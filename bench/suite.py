@@ -27,6 +27,7 @@ SUITE = [
     ("bench_nn.py", 240, []),
     ("bench_kernels.py", 240, []),  # issue 7: softmax, LayerNorm, FFN
     ("bench_models.py", 240, []),  # issue 9: GPT/ViT vs transformers/timm
+    ("bench_cpu_attention.py", 600, []),  # issue 5: "cpu" backend vs torch CPU SDPA (on a GPU host: its CPU, 2 threads)
 ]
 
 

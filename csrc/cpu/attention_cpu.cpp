@@ -44,10 +44,12 @@ int64_t env_int(const char* name, int64_t fallback) {
   return v ? std::max<int64_t>(1, std::atoll(v)) : fallback;
 }
 
-// Block sizes (see bench/NOTES.md for the sweep). BK is rounded to the panel width.
-int64_t block_q() { return env_int("FASTFORMER_CPU_ATTN_BQ", 64); }
+// Block sizes (bench/NOTES.md has the sweep; FASTFORMER_CPU_ATTN_BQ/BK override).
+// BQ = 96 is a multiple of both micro-kernel heights (6 for AVX2, 12 for
+// AVX-512), so no row remainder; BK is rounded to the panel width.
+int64_t block_q() { return env_int("FASTFORMER_CPU_ATTN_BQ", 96); }
 int64_t block_k(int nr) {
-  const int64_t bk = env_int("FASTFORMER_CPU_ATTN_BK", 64);
+  const int64_t bk = env_int("FASTFORMER_CPU_ATTN_BK", 128);
   return (bk + nr - 1) / nr * nr;
 }
 
