@@ -409,3 +409,25 @@ def test_kernels_compile_for_sm90_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, str(script), "--check"], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+
+
+@pytest.mark.parametrize("tiles", [((16, 64), (64, 16), (16, 32)), ((64, 32), (32, 32), (64, 16))],
+                         ids=["narrow_q", "wide_q"])
+def test_other_tilings(tiles, monkeypatch):
+    """Stage boundaries (full vs diagonal tiles, causal offsets) must not depend on the
+    interpreter's one tiling: rerun causal, bottom-right, GQA and varlen cases with others."""
+    import triton
+
+    from fastformer.kernels import attention_bwd as bwd
+    from fastformer.kernels import attention_fwd as fwd
+
+    if not os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("tiling override is for the interpreter's single-config autotuners")
+    for kernel, (bm, bn) in zip((fwd._attn_fwd, bwd._attn_bwd_dkdv, bwd._attn_bwd_dq), tiles):
+        monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=1)])
+    for case in (Case("causal", is_causal=True, L=45, S=45, batch=(1,), hq=2),
+                 Case("br_gqa", is_causal=True, bottom_right=True, L=30, S=77, hq=4, hkv=2, batch=(1,)),
+                 Case("br_dead", is_causal=True, bottom_right=True, L=50, S=21, batch=(1,), hq=1),
+                 Case("mask", mask="bool", mask_shape="B11S", L=33, S=40, batch=(2,), hq=2)):
+        check_case(case, "triton", torch.float32, DEVICE)
+    check_varlen([5, 40, 0, 19], [70, 33, 4, 1], 2, 1, 16, 16, True, torch.float32, DEVICE)
