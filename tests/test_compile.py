@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import fastformer
+from attention_cases import require_backend
 from fastformer.ops.fused_attention import attention_bwd, attention_fwd
 
 
@@ -47,8 +48,10 @@ class TinyAttentionModel(torch.nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, L, D))
 
 
-@pytest.mark.parametrize("backend", ["naive", "reference", "auto"])
+@pytest.mark.parametrize("backend", ["naive", "reference", "auto", "cpu"])
 def test_compile_fullgraph_forward_backward(backend):
+    if backend != "auto":
+        require_backend(backend)
     torch._dynamo.reset()
     model = TinyAttentionModel(backend=backend)
     x = torch.randn(2, 10, 32)
@@ -70,3 +73,22 @@ def test_compile_fullgraph_inductor_naive():
     x = torch.randn(2, 10, 32)
     out = torch.compile(model, fullgraph=True)(x)
     torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_compile_in_a_fresh_process():
+    """The first call of a fresh process may be inside a trace: no backend import may happen there."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import torch, fastformer\n"
+        "q = torch.randn(1, 2, 8, 16, requires_grad=True)\n"
+        "f = torch.compile(lambda q: fastformer.scaled_dot_product_attention(q, q, q, is_causal=True),"
+        " fullgraph=True, backend='aot_eager')\n"
+        "f(q).sum().backward()\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).parent)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]

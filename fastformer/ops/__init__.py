@@ -2,7 +2,7 @@
 
 from .attention import attention, scaled_dot_product_attention
 from .decode_attention import decode_attention
-from .dispatch import backends, use_backend
+from .dispatch import backends, load_all_backends, use_backend
 # Issue 7: fused softmax, norms, feed-forward and positional encodings.
 from .softmax import softmax
 from .layernorm import layer_norm, rms_norm
@@ -13,3 +13,6 @@ from .sinusoidal import add_sinusoidal_positions
 __all__ = ["attention", "scaled_dot_product_attention", "backends", "use_backend", "decode_attention",
            "softmax", "layer_norm", "rms_norm", "linear_act", "gated_linear", "feed_forward",
            "apply_rotary", "add_sinusoidal_positions"]
+
+# Backends register themselves on import; do it now, outside any torch.compile trace.
+load_all_backends()

@@ -7,6 +7,7 @@ with :func:`register_backend` when their module is imported; the modules named
 in ``_BACKEND_MODULES`` are imported lazily, so a missing Triton, extension or
 GPU never breaks ``import fastformer``.
 
+They are all imported once when fastformer is imported (``load_all_backends``).
 ``"auto"`` tries :data:`AUTO_ORDER` for the device type and falls back to
 ``"reference"``, which handles every valid input. A backend asked for by name
 raises a clear error instead of falling back.
@@ -122,6 +123,16 @@ def select_backend(problem: AttentionProblem, backend: str = "auto") -> Attentio
             if candidate.auto and candidate.unsupported(problem) is None:
                 return candidate
     return _load("reference")
+
+
+def load_all_backends() -> None:
+    """Import every backend module now (failures are recorded, never raised).
+
+    Called when fastformer is imported, so that neither a first call nor a
+    ``torch.compile`` trace ever has to import a module (dynamo cannot trace imports).
+    """
+    for name in _BACKEND_MODULES:
+        _load(name)
 
 
 def backends() -> Dict[str, Dict[str, object]]:

@@ -70,7 +70,9 @@ def attention_fwd(
     scale: float,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    return _kernels(backend).forward(q, k, v, mask, rng_state, dropout_p, is_causal, causal_bottom_right, scale)
+    out, lse = _kernels(backend).forward(q, k, v, mask, rng_state, dropout_p, is_causal, causal_bottom_right, scale)
+    # Outputs are contiguous whatever the kernel did: the fake implementation promises it to compile.
+    return out.contiguous(), lse.contiguous()
 
 
 @attention_fwd.register_fake
@@ -97,14 +99,16 @@ def attention_bwd(
     scale: float,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _kernels(backend).backward(
+    dq, dk, dv = _kernels(backend).backward(
         dout, q, k, v, out, lse, mask, rng_state, dropout_p, is_causal, causal_bottom_right, scale
     )
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @attention_bwd.register_fake
 def _attention_bwd_fake(dout, q, k, v, out, lse, mask, rng_state, dropout_p, is_causal, causal_bottom_right, scale, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # Contiguous, like the real op's outputs (empty_like would copy q's strides).
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
