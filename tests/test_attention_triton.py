@@ -431,3 +431,22 @@ def test_other_tilings(tiles, monkeypatch):
                  Case("mask", mask="bool", mask_shape="B11S", L=33, S=40, batch=(2,), hq=2)):
         check_case(case, "triton", torch.float32, DEVICE)
     check_varlen([5, 40, 0, 19], [70, 33, 4, 1], 2, 1, 16, 16, True, torch.float32, DEVICE)
+
+
+def test_varlen_op_compiles_fullgraph_on_packed_qkv_views():
+    """q, k, v as non-contiguous views of one packed qkv tensor, through torch.compile."""
+    from fastformer.ops.varlen import varlen_attention_fwd
+
+    cu = _cu([5, 9], DEVICE)
+    qkv = torch.randn(14, 3, 2, 16, device=DEVICE, requires_grad=True)
+    q, k, v = qkv.unbind(1)
+
+    def f(q, k, v):
+        return varlen_attention_fwd(q, k, v, cu, cu, None, 9, 9, 0.0, True, 0.25)[0]
+
+    out = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v)
+    out.sum().backward()
+    ref = fastformer.varlen_attention(q.detach(), k.detach(), v.detach(), cu, cu, 9, 9, causal=True,
+                                      softmax_scale=0.25, backend="reference")
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    assert torch.isfinite(qkv.grad).all() and qkv.grad.abs().sum() > 0

@@ -84,7 +84,8 @@ def varlen_attention_bwd(
 @varlen_attention_bwd.register_fake
 def _varlen_bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng_state, max_seqlen_q, max_seqlen_k,
                      dropout_p, causal, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # Contiguous, like the real op's outputs (empty_like would copy q's strides).
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
