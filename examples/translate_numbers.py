@@ -89,7 +89,7 @@ def main(argv=None) -> dict:
     p.add_argument("--backend", default="auto", help="fastformer attention backend (auto, cpu, triton, cuda, reference)")
     args = p.parse_args(argv)
     if args.smoke:
-        args.steps, args.test = 3, 16
+        args.steps, args.test, args.batch = 3, 8, 16
     d = setup(args.device, args.backend)
     torch.manual_seed(0)
     rng = random.Random(0)

@@ -81,17 +81,14 @@ def test_autocast_bf16_training_step():
 
 
 def test_torch_compile_matches_eager():
+    """aot_eager: traces the whole model (custom attention ops through their fake impls)
+    without paying for Inductor's C++ compile in CI."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(**CFG)).eval()
     ids, _ = _data()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(ids), model(ids))
-    vit = ViT(img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=16, depth=1, num_heads=2)
-    x = torch.randn(2, 1, 8, 8, requires_grad=True)
-    out = torch.compile(vit, backend="aot_eager")(x)
-    out.sum().backward()
-    torch.testing.assert_close(out, vit(x))
 
 
 def _example(name):
