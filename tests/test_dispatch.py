@@ -82,3 +82,10 @@ def test_info_prints_backend_table():
     assert out.returncode == 0, out.stderr
     for word in ("torch", "triton", "reference", "naive", "cpu", "cuda", "available"):
         assert word in out.stdout
+
+
+@pytest.mark.cuda
+def test_auto_uses_triton_for_cuda_tensors():
+    q, k, v = (torch.randn(1, 2, 64, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    chosen = dispatch.select_backend(validate_attention_inputs(q, k, v))
+    assert chosen.name in ("triton", "cuda"), chosen.name
