@@ -86,5 +86,7 @@ def rope(q, k, q_out, k_out, positions, inv_freq, interleaved: bool, inverse: bo
         *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(),
         stride_pb, positions.stride(1),
         HQ, HK, L, D2,
-        INTERLEAVED=interleaved, INVERSE=inverse, BLOCK_L=block_l, BLOCK_I=block_i, num_warps=4,
+        INTERLEAVED=interleaved, INVERSE=inverse, BLOCK_L=block_l, BLOCK_I=block_i,
+        num_warps=8,  # 4 warps spilled ~600 B at head dim 128 (ptxas -v, sm_90a); 8: none
+
     )

@@ -134,8 +134,10 @@ def _launch_params(n: int, elem_bytes: int, max_block: int | None):
     """(BLOCK, ONE_BLOCK, num_warps): whole row in registers up to 64 KiB of fp32 per row."""
     cap = max_block if max_block is not None else 16384
     block = min(triton.next_power_of_2(max(n, 1)), cap)
-    num_warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
-    return block, n <= block, num_warps
+    one = n <= block
+    # ptxas -v (sm_90a): the two-pass loop at 16384 spills with 16 warps (float mask), not with 32.
+    num_warps = 4 if block <= 2048 else (8 if block <= 8192 else (16 if one else 32))
+    return block, one, num_warps
 
 
 def softmax_fwd(x4, y4, mask4, scale: float, causal: bool, max_block: int | None = None) -> None:
