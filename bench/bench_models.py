@@ -95,8 +95,10 @@ def gpt_rows(device: str, quick: bool, cfg: GPTConfig, batch: int, seqlen: int, 
     print(f"{name}: ours {r['a_s'] * 1e3:.1f} ms, transformers {r['b_s'] * 1e3:.1f} ms, "
           f"speedup {1.0 / r['ratio_a_over_b']:.2f}x", flush=True)
 
-    # greedy generation with the KV cache, same weights (so the same tokens)
-    ours.eval(), theirs.eval()
+    # greedy generation with the KV cache; the training steps above moved the two models'
+    # weights apart (different optimisers' states), so re-export ours: same weights again
+    ours.eval()
+    theirs = _hf_sdpa(ours).to(device).eval()
     if dtype != torch.float32:
         ours.to(dtype), theirs.to(dtype)
     for gb in gen_batches:
@@ -110,16 +112,20 @@ def gpt_rows(device: str, quick: bool, cfg: GPTConfig, batch: int, seqlen: int, 
             return theirs.generate(p, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                    do_sample=False, pad_token_id=0)
 
-        same = torch.equal(ga(), gb_())
+        # Random weights give near-uniform logits, where fp32 rounding differences flip
+        # argmax ties: report how many leading generated tokens agree.
+        a_tok, b_tok = ga()[:, prompt:], gb_()[:, prompt:]
+        differ = (a_tok != b_tok).any(0).nonzero()
+        same = int(differ[0, 0]) if len(differ) else new_tokens
         r = paired_wall(ga, gb_, device, rounds)
         name = f"gpt generate {shape} B{gb} prompt{prompt} +{new_tokens} {str(dtype).split('.')[-1]}"
         n = gb * new_tokens
         rows.append(dict(provider="fastformer", config=name, time_ms=r["a_s"] * 1e3, tokens_per_s=n / r["a_s"],
                          speedup_vs_best_peer=1.0 / r["ratio_a_over_b"], best_peer="transformers-sdpa",
-                         same_tokens=same))
+                         matching_prefix_tokens=same))
         rows.append(dict(provider="transformers-sdpa", config=name, time_ms=r["b_s"] * 1e3, tokens_per_s=n / r["b_s"]))
         print(f"{name}: ours {r['a_s'] * 1e3:.1f} ms, transformers {r['b_s'] * 1e3:.1f} ms, "
-              f"speedup {1.0 / r['ratio_a_over_b']:.2f}x, same tokens: {same}", flush=True)
+              f"speedup {1.0 / r['ratio_a_over_b']:.2f}x, first {same}/{new_tokens} tokens equal", flush=True)
     return rows
 
 
