@@ -9,6 +9,12 @@
 #   gpu_log.txt       every step's full output
 #   results.tgz       bench JSON (<device>/<topic>.json) + junit XML: unpack into bench/results/
 # At most a handful of files, because the device tool returns at most 8.
+#
+# Peers missing from the device image travel as wheels in .whl/ (git-ignored via
+# .git/info/exclude; name ".whl" in the device tool's carry): before the call, run
+#   echo /.whl/ >> .git/info/exclude
+#   pip download --no-deps --only-binary=:all: -d .whl liger-kernel==0.8.5
+# and this script installs them for the run (Liger-Kernel is pure Python).
 set -uo pipefail
 
 DRY_RUN=0
@@ -56,6 +62,10 @@ else
   # One device call: ~470 s in all. Later steps get what is left (left N = min(N, time remaining)).
   TOTAL=470
   left() { local r=$(( TOTAL - ($(date +%s) - T0) )); [ "$r" -lt "$1" ] && echo $(( r > 10 ? r : 10 )) || echo "$1"; }
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    step "carried wheels" 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/ff-site .whl/*.whl
+    export PYTHONPATH=/tmp/ff-site${PYTHONPATH:+:$PYTHONPATH}
+  fi
   step "environment" 60 bash -c "nvidia-smi; $PY -c 'import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())'"
   step "build extension" 240 env MAX_JOBS=16 FASTFORMER_REQUIRE_EXT=1 "$PY" -m pip install --no-build-isolation --no-deps -q -e .
   step "info" 30 "$PY" -m fastformer.info
