@@ -173,7 +173,9 @@ def main(argv=None) -> int:
               f"torch {row['torch_gflops']:6.1f} -> x{row['speedup_vs_torch']:.2f}{naive_s} "
               f"peak {row['ours_peak_bytes'] or 0:.2e}/{row['torch_peak_bytes'] or 0:.2e} B", flush=True)
     topic = "cpu_attention" + ("-quick" if args.quick else "") + (f"-{args.tag}" if args.tag else "")
-    path = common.write_results(topic, {"ceilings": ceilings, "results": [{"provider": "ff-cpu", **r} for r in rows]}, env)
+    path = common.write_results(topic, {"args": vars(args), "ceilings": ceilings, "results": [
+        {"provider": "ff-cpu", "time_ms": r["ours_ms"], "speedup_vs_best_peer": r["speedup_vs_torch"],
+         "best_peer": "torch-sdpa", **r} for r in rows]}, env)
     print(f"wrote {path}")
     return 0
 
