@@ -179,7 +179,7 @@ class Seq2SeqTransformer(nn.Module):
                         dtype=memory.dtype, device=memory.device)
         return mem_kv, mask, cache
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def greedy_decode(self, src: Tensor, max_len: int = 64, use_cache: bool = True) -> Tensor:
         """Target ids ``(B, T<=max_len)`` after BOS, padded with ``pad_id`` after EOS (EOS kept)."""
         c = self.config
@@ -199,7 +199,7 @@ class Seq2SeqTransformer(nn.Module):
                 break
         return ys[:, 1:]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def beam_search(self, src: Tensor, beam_size: int = 4, max_len: int = 64, length_penalty: float = 1.0) -> Tensor:
         """Best hypothesis per source ``(B, T<=max_len)``, padded with ``pad_id`` after EOS.
 
