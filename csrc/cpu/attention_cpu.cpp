@@ -79,8 +79,12 @@ at::Tensor pack_panels(const at::Tensor& x, bool transpose, int nr) {
   const int64_t panels = (C + nr - 1) / nr, head = panels * R * nr;
   at::Tensor out = at::empty({B * H, head}, x.options().dtype(at::kFloat));
   float* dst = out.data_ptr<float>();
+  // Small packs run on the calling thread: each parallel region costs a wake-up of
+  // every pool thread, and on a busy machine a descheduled one stalls the region
+  // for a time slice (measured: 2-thread L=512 forward at half the 1-thread rate).
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, R * C));
   auto pack = [&](auto* base) {
-    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
       for (int64_t bh = begin; bh < end; ++bh) {
         const auto* src = base + (bh / H) * x.stride(0) + (bh % H) * x.stride(1);
         float* d = dst + bh * head;
@@ -238,7 +242,8 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
   at::Tensor dof_c = dof.contiguous(), out_c = as_float(out).contiguous();
   at::Tensor delta = at::empty({p.B, p.Hq, p.L}, q.options().dtype(at::kFloat));
   const int64_t rows = p.B * p.Hq * p.L;
-  at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, std::max<int64_t>(256, (int64_t{1} << 18) / std::max<int64_t>(1, p.Ev)),
+                   [&](int64_t begin, int64_t end) {
     K.row_dots(end - begin, p.Ev, dof_c.data_ptr<float>() + begin * p.Ev, p.Ev, out_c.data_ptr<float>() + begin * p.Ev,
                p.Ev, delta.data_ptr<float>() + begin);
   });
