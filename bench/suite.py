@@ -20,13 +20,13 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 
 # (script, time limit in seconds on the GPU set, extra arguments). Fixed order.
-SUITE = [
+SUITE = [  # in priority order: with --budget, later entries run only if time is left
     ("attention.py", 240, []),
-    ("bench_pytest.py", 120, []),
-    ("bench_cuda_kernels.py", 300, []),
-    ("bench_nn.py", 240, []),
+    ("bench_cuda_kernels.py", 300, []),  # issue 6: CUDA flash attention and softmax vs torch flash
     ("bench_kernels.py", 240, []),  # issue 7: softmax, LayerNorm, FFN
+    ("bench_nn.py", 240, []),  # issue 8: fastformer.nn vs torch.nn
     ("bench_models.py", 240, []),  # issue 9: GPT/ViT vs transformers/timm
+    ("bench_pytest.py", 120, []),  # the same attention comparisons as pytest-benchmark JSON
     ("bench_cpu_attention.py", 600, []),  # issue 5: "cpu" backend vs torch CPU SDPA (on a GPU host: its CPU, 2 threads)
 ]
 
@@ -55,7 +55,10 @@ def main(argv=None) -> int:
         print(f"== {script}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.time()
         try:
-            rc = subprocess.run(cmd, timeout=limit * (1 if not args.quick else 0.5)).returncode
+            timeout = limit * (1 if not args.quick else 0.5)
+            if args.budget is not None:  # never run past the suite's budget (plus a little grace)
+                timeout = max(30.0, min(timeout, args.budget - (time.time() - start) + 30))
+            rc = subprocess.run(cmd, timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
         print(f"== {script}: {'ok' if rc == 0 else f'FAILED ({rc})'} in {time.time() - t0:.0f}s", flush=True)

@@ -86,7 +86,9 @@ def naive_backward(dout, q, k, v, out, lse, mask, rng_state, dropout_p, is_causa
         p_used = p * keep
         dp = dp * keep
     dv = torch.matmul(p_used.transpose(-2, -1), dout.float())
-    delta = (dout.float() * out.float()).sum(-1, keepdim=True)  # rowsum(P ∘ dP)
+    # rowsum(P ∘ dP) (= rowsum(dO ∘ O)); formed from P and dP so that a row whose weight
+    # sits on one key gets an exactly zero score gradient.
+    delta = (p * dp).sum(-1, keepdim=True)
     ds = p * (dp - delta) * scale
     dq = torch.matmul(ds, k_full.float())
     dk = torch.matmul(ds.transpose(-2, -1), q.float())
