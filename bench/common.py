@@ -205,7 +205,10 @@ def attention_flops(B: int, H: int, L: int, S: int, E: int, Ev: Optional[int] = 
 
 def matmul_ceiling(device: str, dtype: torch.dtype, quick: bool = False) -> float:
     """Measured matmul FLOP/s of this machine in ``dtype`` (the roofline's compute roof)."""
-    n = (8192 if not quick else 4096) if device == "cuda" else (2048 if not quick else 512)
+    if device == "cuda":
+        n = 8192 if not quick else 4096
+    else:  # bf16 matmul without avx512_bf16 runs at ~1 GFLOP/s: keep its probe small
+        n = (1024 if dtype == torch.float32 else 512) if not quick else 256
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     t = time_fn(lambda: torch.mm(a, b), device, quick=quick)
