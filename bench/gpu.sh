@@ -71,13 +71,12 @@ else
   step "info" 30 "$PY" -m fastformer.info
   # Backends that must be present on a GPU: their tests fail instead of skipping if the build lost them.
   step "cuda tests" "$(left 150)" env FASTFORMER_EXPECT_BACKENDS=cuda,triton FASTFORMER_TRITON_AUTOTUNE=off "$PY" -m pytest -q -m cuda -p no:cacheprovider --junitxml="$WORK/junit.xml" tests
-  # Benchmarks get what is left after reserving ~110 s for the sanitizer and the fuzzer.
-  bench_s=$(( TOTAL - ($(date +%s) - T0) - 110 ))
+  # Benchmarks get what is left after reserving ~170 s for the sanitizers and the fuzzer.
+  bench_s=$(( TOTAL - ($(date +%s) - T0) - 170 ))
   [ $bench_s -lt 60 ] && bench_s=60
   step "benchmarks" "$bench_s" "$PY" bench/suite.py --device cuda --budget $(( bench_s - 20 ))
-  if [ -f bench/sanitize_cuda.sh ]; then
-    step "compute-sanitizer" "$(left 80)" bash bench/sanitize_cuda.sh
-  fi
+  step "compute-sanitizer (cuda)" "$(left 80)" env PYTHON="$PY" bash bench/sanitize_cuda.sh
+  step "compute-sanitizer (triton)" "$(left 60)" env PYTHON="$PY" bash bench/sanitize_triton.sh
   step "fuzz (gpu profile)" "$(left 30)" env FASTFORMER_FUZZ_PROFILE=gpu "$PY" -m pytest -q -x -p no:cacheprovider tests/test_fuzz.py
 fi
 
