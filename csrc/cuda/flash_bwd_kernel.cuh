@@ -271,7 +271,7 @@ __global__ void __launch_bounds__(128) flash_bwd_dq_kernel(const AttentionParams
 
   const int64_t n_end = plan::causal_key_tile_end(row0, BM, BN, p.len_k, p.is_causal, p.causal_offset);
   if (n_end <= 0) {
-    for (int i = tid; i < valid_q * D; i += THREADS) dq_out[i] = T(0.f);
+    for (int i = tid; i < valid_q * D; i += THREADS) dq_out[i] = TypeTraits<T>::from_float(0.f);
     return;
   }
 

@@ -20,6 +20,9 @@
 namespace fastformer {
 namespace cuda {
 
+// Conversions go through these intrinsics only: torch's CUDAExtension compiles with
+// -D__CUDA_NO_HALF_CONVERSIONS__ / -D__CUDA_NO_BFLOAT16_CONVERSIONS__ / -D__CUDA_NO_HALF_OPERATORS__,
+// which delete the implicit constructors and operators (T(0.f), a + b) on __half / __nv_bfloat16.
 template <typename T> struct TypeTraits;
 template <> struct TypeTraits<__half> {
   static constexpr DType kDType = DType::kFloat16;
@@ -28,6 +31,7 @@ template <> struct TypeTraits<__half> {
     return *reinterpret_cast<uint32_t*>(&h);
   }
   __device__ static __forceinline__ float to_float(__half x) { return __half2float(x); }
+  __device__ static __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
 };
 template <> struct TypeTraits<__nv_bfloat16> {
   static constexpr DType kDType = DType::kBFloat16;
@@ -36,6 +40,7 @@ template <> struct TypeTraits<__nv_bfloat16> {
     return *reinterpret_cast<uint32_t*>(&h);
   }
   __device__ static __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  __device__ static __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
 };
 
 // D = A * B + D, fp32 accumulate.

@@ -99,7 +99,7 @@ __global__ void __launch_bounds__(128) flash_fwd_kernel(const AttentionParams p)
   if (n_end <= 0) {  // every row of the tile sees no key: output 0, lse -inf
     T* out = out_ptr();
     float* lse = lse_ptr();
-    for (int i = tid; i < valid_q * D; i += THREADS) out[i] = T(0.f);
+    for (int i = tid; i < valid_q * D; i += THREADS) out[i] = TypeTraits<T>::from_float(0.f);
     for (int i = tid; i < valid_q; i += THREADS) lse[i] = -INFINITY;
     return;
   }
