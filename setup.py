@@ -69,7 +69,17 @@ def _extension():
 
 
 class TolerantBuildExtension(BuildExtension):
-    """Keeps the install usable when the extension does not compile, and says why."""
+    """Keeps the install usable when the extension does not compile, and says why.
+
+    FASTFORMER_BUILD_DIR=<dir> keeps the object files there instead of in pip's
+    throw-away temporary folder, so ninja recompiles only what changed
+    (bench/setup_env.sh points it into the virtual environment).
+    """
+
+    def finalize_options(self):
+        super().finalize_options()
+        if os.environ.get("FASTFORMER_BUILD_DIR"):
+            self.build_temp = os.path.join(os.environ["FASTFORMER_BUILD_DIR"], "temp")
 
     def build_extension(self, ext):
         try:

@@ -1,0 +1,74 @@
+"""bench/setup_env.sh's rebuild decision (bench/setup_state.py): the extension is
+rebuilt exactly when something it is built from changed, or its file was replaced."""
+
+import importlib.util
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def state(tmp_path, monkeypatch):
+    """setup_state pointed at a miniature checkout in tmp_path (csrc, setup.py, a built extension)."""
+    spec = importlib.util.spec_from_file_location("setup_state", REPO / "bench" / "setup_state.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    repo = tmp_path / "repo"
+    (repo / "csrc" / "cpu").mkdir(parents=True)
+    (repo / "fastformer").mkdir()
+    (repo / "csrc" / "cpu" / "kernel.cpp").write_text("int f() { return 1; }\n")
+    (repo / "csrc" / "launch.h").write_text("#pragma once\n")
+    (repo / "setup.py").write_text("# setup\n")
+    (repo / "pyproject.toml").write_text("[build-system]\n")
+    (repo / "fastformer" / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}").write_bytes(b"\x7fELF built")
+    monkeypatch.setattr(mod, "REPO", repo)
+    monkeypatch.setattr(mod, "torch_identity", lambda: "__version__ = '2.13.0+cpu'")
+    mod.venv = tmp_path / "venv"
+    return mod
+
+
+def test_fresh_after_stamp(state):
+    assert state.stamp_state(state.venv).startswith("stale no build stamp")
+    state.write_stamp(state.venv)
+    assert state.stamp_state(state.venv) == "fresh"
+
+
+@pytest.mark.parametrize("change, reason", [
+    (lambda s: (s.REPO / "csrc" / "cpu" / "kernel.cpp").write_text("int f() { return 2; }\n"), "sources"),
+    (lambda s: (s.REPO / "csrc" / "launch.h").write_text("#pragma once // header\n"), "sources"),
+    (lambda s: (s.REPO / "csrc" / "cpu" / "new.cpp").write_text("\n"), "sources"),
+    (lambda s: (s.REPO / "setup.py").write_text("# setup, changed\n"), "setup.py"),
+    (lambda s: setattr(s, "torch_identity", lambda: "__version__ = '2.14.0'"), "torch version"),
+    (lambda s: next((s.REPO / "fastformer").glob("_C*")).write_bytes(b"\x7fELF another build"), "replaced"),
+    (lambda s: next((s.REPO / "fastformer").glob("_C*")).unlink(), "removed"),
+])
+def test_stale_when_an_input_changes(state, change, reason):
+    state.write_stamp(state.venv)
+    change(state)
+    verdict = state.stamp_state(state.venv)
+    assert verdict.startswith("stale") and reason in verdict, verdict
+
+
+def test_build_switch_change_is_stale(state, monkeypatch):
+    state.write_stamp(state.venv)
+    monkeypatch.setenv("FASTFORMER_NO_CUDA", "1")
+    assert "build switches" in state.stamp_state(state.venv)
+
+
+def test_unchanged_python_sources_need_no_rebuild(state):
+    state.write_stamp(state.venv)
+    (state.REPO / "fastformer" / "__init__.py").write_text("# editable install: no rebuild\n")
+    assert state.stamp_state(state.venv) == "fresh"
+
+
+def test_check_command_output_format():
+    """What setup_env.sh parses: 'need <req>' lines, then one 'build fresh|stale <why>' line."""
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "setup_state.py"), "check", sys.prefix],
+                         capture_output=True, text=True, timeout=60, check=True).stdout.splitlines()
+    assert out and out[-1].startswith(("build fresh", "build stale "))
+    assert all(line.startswith("need ") for line in out[:-1])
