@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -148,7 +149,8 @@ def _reference64(q, k, v, causal):
         return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=causal)
 
 
-def measure(cfg: Config, name: str, fn: Callable, device: str, quick: bool, ref: Optional[torch.Tensor], inputs):
+def measure(cfg: Config, name: str, fn: Callable, device: str, quick: bool, ref: Optional[torch.Tensor], inputs,
+            noise: float = 0.0):
     q, k, v = inputs
     grad = cfg.mode != "fwd"
     row = {"provider": name, **asdict(cfg)}
@@ -171,7 +173,12 @@ def measure(cfg: Config, name: str, fn: Callable, device: str, quick: bool, ref:
         step()  # compile / autotune / warm caches before timing and memory
         common.synchronize(device)
         row["peak_bytes"] = common.peak_memory(step, device)
-        t = common.time_fn(step, device, quick=quick)
+        timing = common.time_stats(step, device, quick=quick)
+        t = timing.median_s
+        row["spread"] = timing.spread
+        row["repeats"] = timing.reps
+        if common.is_noisy(timing.spread, noise):
+            row["noisy"] = True
         flops = common.attention_flops(cfg.batch, cfg.heads, cfg.seqlen, cfg.seqlen, cfg.head_dim,
                                        causal=cfg.causal, mode=cfg.mode)
         row["time_ms"] = t * 1e3
@@ -222,6 +229,8 @@ def format_row(r: dict, device: str) -> str:
         extra += f"  x{r['speedup_vs_naive']:.2f} vs naive"
     if "speedup_vs_best_peer" in r:
         extra += f"  x{r['speedup_vs_best_peer']:.2f} vs {r['best_peer']}"
+    if r.get("noisy"):
+        extra += f"  NOISY (repeats spread {r['spread']:.0%})"
     return f"  {r['provider']:<16} {r['time_ms']:10.3f} ms {r['tflops'] * scale:9.2f} {unit} {mem}  err {err}{extra}"
 
 
@@ -233,11 +242,14 @@ def run(device: str, quick: bool, only: Optional[List[str]] = None) -> dict:
     configs = default_configs(device, quick)
     print(f"# attention benchmark on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
           f"flags {','.join(env['cpu_flags'])}); providers: {', '.join(provs)}", flush=True)
-    ceil = common.ceilings(device, quick=quick)
-    print(f"# measured ceilings: {', '.join(f'{k} {v:.4g}' for k, v in ceil.items())}", flush=True)
+    noise = common.machine_noise(device, quick)
+    print(common.describe_noise(noise), flush=True)
+    ceil, spreads = common.measure_ceilings(device, quick=quick)
+    print(common.describe_ceilings(ceil, spreads, noise), flush=True)
     rows: List[dict] = []
+    start = time.perf_counter()
     for i, cfg in enumerate(configs):
-        print(f"[{i + 1}/{len(configs)}] {cfg.label()}", flush=True)
+        print(f"[{i + 1}/{len(configs)}, {time.perf_counter() - start:.0f} s] {cfg.label()}", flush=True)
         long = cfg.seqlen > 16384
         inputs = _inputs(cfg, device, requires_grad=cfg.mode != "fwd")
         ref = None
@@ -247,7 +259,7 @@ def run(device: str, quick: bool, only: Optional[List[str]] = None) -> dict:
         for name, fn in provs.items():
             if long and name not in ("ff-triton", "ff-cuda", "torch-flash", "torch-cudnn"):
                 continue  # L = 65536 shows what runs at all; naive/math would need tens of GB
-            row = measure(cfg, name, fn, device, quick, ref, inputs)
+            row = measure(cfg, name, fn, device, quick, ref, inputs, noise)
             group.append(row)
         add_ratios(group)
         for row in group:
@@ -255,9 +267,13 @@ def run(device: str, quick: bool, only: Optional[List[str]] = None) -> dict:
         rows.extend(group)
         del inputs, ref
         # Rewritten after every configuration, so a run stopped by its time limit keeps its results.
-        payload = {"ceilings": ceil, "providers": list(provs), "results": rows, "complete": i + 1 == len(configs)}
+        payload = {"ceilings": ceil, "ceilings_spread": spreads, "noise": noise, "providers": list(provs),
+                   "results": rows, "complete": i + 1 == len(configs)}
         path = common.write_results("attention-quick" if quick else "attention", payload, env)
-    print(f"# wrote {path}")
+    noisy = sum(bool(r.get("noisy")) for r in rows)
+    if noisy:
+        print(f"# {noisy} of {len(rows)} rows NOISY: their repeats disagree beyond the machine's noise; rerun on a quieter machine")
+    print(f"# {len(configs)} configurations in {time.perf_counter() - start:.0f} s; {common.where_results_went(path)}")
     return payload
 
 

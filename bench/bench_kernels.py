@@ -189,7 +189,7 @@ def add_ratios(group: List[dict], ceil: Dict[str, float], dtype_name: str) -> No
             r["speedup_vs_best_peer"] = best["time_ms"] / r["time_ms"]
         for peer in peers:
             r[f"speedup_vs_{peer['provider']}"] = peer["time_ms"] / r["time_ms"]
-        if "gbps" in r:
+        if "gbps" in r and ceil.get("copy_GBps"):  # no ceilings in quick runs
             r["fraction_of_copy_bw"] = r["gbps"] / ceil["copy_GBps"]
         mm = ceil.get(f"matmul_{dtype_name}_TFLOPs")
         if "tflops" in r and mm:
@@ -199,8 +199,10 @@ def add_ratios(group: List[dict], ceil: Dict[str, float], dtype_name: str) -> No
 def format_row(r: dict) -> str:
     if "error" in r:
         return f"  {r['provider']:<14} {r['error']}"
-    rate = f"{r['gbps']:8.1f} GB/s ({r.get('fraction_of_copy_bw', 0):.0%} of copy)" if "gbps" in r else \
-        f"{r['tflops']:8.2f} TFLOP/s ({r.get('fraction_of_matmul', 0):.0%} of matmul)"
+    if "gbps" in r:
+        rate = f"{r['gbps']:8.1f} GB/s" + (f" ({r['fraction_of_copy_bw']:.0%} of copy)" if "fraction_of_copy_bw" in r else "")
+    else:
+        rate = f"{r['tflops']:8.2f} TFLOP/s" + (f" ({r['fraction_of_matmul']:.0%} of matmul)" if "fraction_of_matmul" in r else "")
     vs = "  ".join(f"x{r[k]:.2f} vs {k[len('speedup_vs_'):]}" for k in r
                    if k.startswith("speedup_vs_") and k != "speedup_vs_best_peer")
     err = f"err {r['max_error']:.1e}" if r.get("max_error") is not None else ""
@@ -211,8 +213,9 @@ def run(device: str, quick: bool) -> dict:
     env = common.environment(device)
     print(f"# kernels benchmark on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
           f"flags {','.join(env['cpu_flags'])})", flush=True)
-    ceil = common.ceilings(device, quick=quick)
-    print(f"# measured ceilings: {', '.join(f'{k} {v:.4g}' for k, v in ceil.items())}", flush=True)
+    noise = common.machine_noise(device, quick)
+    ceil, spreads = common.measure_ceilings(device, quick=quick)
+    print(common.describe_ceilings(ceil, spreads, noise), flush=True)
     rows: List[dict] = []
     cfgs = configs(device, quick)
     for i, cfg in enumerate(cfgs):
@@ -231,7 +234,7 @@ def run(device: str, quick: bool) -> dict:
         del inputs, ref
         if device == "cuda":
             torch.cuda.empty_cache()
-    payload = {"ceilings": ceil, "results": rows}
+    payload = {"ceilings": ceil, "ceilings_spread": spreads, "results": rows}
     path = common.write_results("kernels-quick" if quick else "kernels", payload, env)
     print(f"# wrote {path}")
     return payload

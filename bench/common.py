@@ -17,8 +17,9 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -104,8 +105,25 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_cpu(fn: Callable[[], object], warmup: int = 2, min_reps: int = 5, min_time_s: float = 0.3) -> float:
-    """Median wall time of ``fn`` in seconds, after warm-up (CPU)."""
+@dataclass(frozen=True)
+class Timing:
+    """Repeated measurements of one callable: the median and how much the repeats disagree."""
+
+    median_s: float
+    spread: float  # (q3 - q1) / median of the repeats: 0.1 = the middle half lies within 10 % of the median
+    reps: int
+
+
+def _timing(times: List[float]) -> Timing:
+    med = statistics.median(times)
+    if len(times) >= 4:
+        q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    else:
+        q1, q3 = min(times), max(times)
+    return Timing(med, (q3 - q1) / med if med > 0 else 0.0, len(times))
+
+
+def _cpu_samples(fn: Callable[[], object], warmup: int, min_reps: int, min_time_s: float) -> List[float]:
     for _ in range(warmup):
         fn()
     times: List[float] = []
@@ -114,7 +132,12 @@ def time_cpu(fn: Callable[[], object], warmup: int = 2, min_reps: int = 5, min_t
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
+
+
+def time_cpu(fn: Callable[[], object], warmup: int = 2, min_reps: int = 5, min_time_s: float = 0.3) -> float:
+    """Median wall time of ``fn`` in seconds, after warm-up (CPU)."""
+    return statistics.median(_cpu_samples(fn, warmup, min_reps, min_time_s))
 
 
 def time_gpu(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100) -> float:
@@ -124,10 +147,41 @@ def time_gpu(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 10
     return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median") / 1e3
 
 
+def time_stats(fn: Callable[[], object], device: str, quick: bool = False) -> Timing:
+    """Median and spread of ``fn``'s repeats (GPU: do_bench's samples; CPU: at least
+    5 repeats, and 0.3 s of them in full runs, 0.05 s in quick ones)."""
+    if device == "cuda":
+        import triton.testing
+
+        times = triton.testing.do_bench(fn, warmup=25, rep=30 if quick else 100, return_mode="all")
+        return _timing([t / 1e3 for t in times])
+    return _timing(_cpu_samples(fn, warmup=1 if quick else 2, min_reps=5, min_time_s=0.05 if quick else 0.3))
+
+
 def time_fn(fn: Callable[[], object], device: str, quick: bool = False) -> float:
+    """Median time of ``fn`` in seconds (quick: as few repeats as possible; see
+    :func:`time_stats` for the spread as well)."""
     if device == "cuda":
         return time_gpu(fn, rep_ms=30 if quick else 100)
     return time_cpu(fn, warmup=1 if quick else 2, min_reps=2 if quick else 5, min_time_s=0.0 if quick else 0.3)
+
+
+def machine_noise(device: str, quick: bool = False) -> float:
+    """How much repeats of a fixed small workload disagree on this machine right now
+    (relative interquartile range, as :attr:`Timing.spread`): the yardstick for
+    :func:`is_noisy`. A loaded machine shows 0.1-0.5; a quiet one under 0.05."""
+    a = torch.randn(256, 256, device=device)
+    b = torch.randn(256, 256, device=device)
+    if device == "cuda":
+        return time_stats(lambda: torch.mm(a, b), device, quick).spread
+    return _timing(_cpu_samples(lambda: torch.mm(a, b), warmup=3, min_reps=20,
+                                min_time_s=0.1 if quick else 0.3)).spread
+
+
+def is_noisy(spread: float, noise: float) -> bool:
+    """A measurement whose repeats disagree clearly more than the machine's noise
+    (more than twice it, and more than 10 %): its median is not to be trusted."""
+    return spread > max(2.0 * noise, 0.10)
 
 
 def paired_ratio(fn_a: Callable[[], object], fn_b: Callable[[], object], device: str, rounds: int = 7,
@@ -203,34 +257,74 @@ def attention_flops(B: int, H: int, L: int, S: int, E: int, Ev: Optional[int] = 
 
 # ----------------------------------------------------------------------------- ceilings
 
-def matmul_ceiling(device: str, dtype: torch.dtype, quick: bool = False) -> float:
-    """Measured matmul FLOP/s of this machine in ``dtype`` (the roofline's compute roof)."""
+CEILING_ROUNDS = 3
+
+
+def _roof(fn: Callable[[], object], work: float, device: str) -> Tuple[float, float]:
+    """(best rate, spread) of ``fn`` over CEILING_ROUNDS full-length rounds: a roof is what the
+    machine can do, so the best round counts; spread = (best - worst) / best tells how stable it was."""
+    fn()
+    rates = [work / time_stats(fn, device).median_s for _ in range(CEILING_ROUNDS)]
+    best = max(rates)
+    return best, (best - min(rates)) / best
+
+
+def matmul_ceiling(device: str, dtype: torch.dtype) -> Tuple[float, float]:
+    """Measured matmul FLOP/s of this machine in ``dtype`` (the roofline's compute roof), and its spread."""
     if device == "cuda":
-        n = 8192 if not quick else 4096
+        n = 8192
     else:  # bf16 matmul without avx512_bf16 runs at ~1 GFLOP/s: keep its probe small
-        n = (1024 if dtype == torch.float32 else 512) if not quick else 256
+        n = 1024 if dtype == torch.float32 else 512
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    t = time_fn(lambda: torch.mm(a, b), device, quick=quick)
-    return 2.0 * n**3 / t
+    return _roof(lambda: torch.mm(a, b), 2.0 * n**3, device)
 
 
-def copy_bandwidth(device: str, quick: bool = False) -> float:
-    """Measured copy bandwidth in bytes/s (read + write counted), the memory roof."""
-    numel = (1 << 28 if not quick else 1 << 24) if device == "cuda" else (1 << 25 if not quick else 1 << 22)
+def copy_bandwidth(device: str) -> Tuple[float, float]:
+    """Measured copy bandwidth in bytes/s (read + write counted), the memory roof, and its spread."""
+    numel = 1 << 28 if device == "cuda" else 1 << 25
     src = torch.empty(numel, device=device, dtype=torch.float32).uniform_()
     dst = torch.empty_like(src)
-    t = time_fn(lambda: dst.copy_(src), device, quick=quick)
-    return 2.0 * src.numel() * src.element_size() / t
+    return _roof(lambda: dst.copy_(src), 2.0 * src.numel() * src.element_size(), device)
+
+
+def measure_ceilings(device: str, quick: bool = False) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """(ceilings, spreads): the machine roofs the README and reports compare against, measured
+    in this run, each the best of CEILING_ROUNDS rounds of at least 0.3 s, with how far the
+    rounds disagreed. Quick runs measure none (empty dicts): a probe short enough for a quick
+    run is noise on a shared machine (two quick runs once gave 101 and 2.5 GFLOP/s)."""
+    if quick:
+        return {}, {}
+    values, spreads = {}, {}
+    values["copy_GBps"], spreads["copy_GBps"] = copy_bandwidth(device)
+    values["copy_GBps"] /= 1e9
+    dtypes = [torch.bfloat16, torch.float16] if device == "cuda" else [torch.float32, torch.bfloat16]
+    for dt in dtypes:
+        key = f"matmul_{str(dt).split('.')[-1]}_TFLOPs"
+        values[key], spreads[key] = matmul_ceiling(device, dt)
+        values[key] /= 1e12
+    return values, spreads
 
 
 def ceilings(device: str, quick: bool = False) -> Dict[str, float]:
-    """The ceilings the README and reports compare against, measured in this run."""
-    out = {"copy_GBps": copy_bandwidth(device, quick) / 1e9}
-    dtypes = [torch.bfloat16, torch.float16] if device == "cuda" else [torch.float32, torch.bfloat16]
-    for dt in dtypes:
-        out[f"matmul_{str(dt).split('.')[-1]}_TFLOPs"] = matmul_ceiling(device, dt, quick) / 1e12
-    return out
+    """The measured ceilings (see :func:`measure_ceilings`); empty in quick runs."""
+    return measure_ceilings(device, quick)[0]
+
+
+def describe_ceilings(values: Dict[str, float], spreads: Dict[str, float], noise: float) -> str:
+    """One line for a benchmark's header."""
+    if not values:
+        return "# ceilings: measured in full runs only (a quick probe is too short to be stable)"
+    parts = []
+    for k, v in values.items():
+        sp = spreads.get(k, 0.0)
+        parts.append(f"{k} {v:.4g} (rounds within {sp:.0%}{', UNSTABLE' if is_noisy(sp, noise) else ''})")
+    return "# measured ceilings (best of %d rounds): %s" % (CEILING_ROUNDS, ", ".join(parts))
+
+
+def describe_noise(noise: float) -> str:
+    return (f"# machine noise: repeats of a fixed 256x256 matmul spread {noise:.0%} (interquartile range / median); "
+            f"rows marked NOISY spread more than {max(2 * noise, 0.10):.0%}")
 
 
 # ----------------------------------------------------------------------------- results
@@ -262,6 +356,22 @@ def write_results(topic: str, payload: Dict[str, object], env: Dict[str, object]
         json.dump({"topic": topic, "environment": env, **payload}, f, indent=1, default=str)
         f.write("\n")
     return path
+
+
+def where_results_went(path: Path) -> str:
+    """The closing line of a benchmark run: where its JSON went, and what git thinks of it."""
+    path = Path(path).resolve()
+    try:
+        shown = path.relative_to(REPO_DIR)
+    except ValueError:
+        return f"results in {path}"
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(shown)], cwd=REPO_DIR, capture_output=True)
+    if ignored.returncode == 0:
+        return f"results in {shown} (a quick run's file, ignored by git)"
+    if not _run(["git", "ls-files", str(shown.parent)]):
+        return (f"results in {shown} (a device with no committed results yet: `git add {shown.parent}` "
+                f"to publish them with the README's others)")
+    return f"results in {shown}"
 
 
 def exact_cpu_memory_accounting() -> None:
