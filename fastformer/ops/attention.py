@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from .attention_inputs import validate_attention_inputs
@@ -30,9 +31,15 @@ def scaled_dot_product_attention(
         key: ``(..., Hkv, S, E)``.
         value: ``(..., Hkv, S, Ev)``.
         attn_mask: ``None``; a bool mask (``True`` = attend) or a float mask of query's
-            dtype added to the scores, broadcastable to ``(..., Hq, L, S)``.
+            dtype added to the scores, broadcastable to ``(..., Hq, L, S)``; or a
+            :class:`torch.nn.attention.bias.CausalBias` (``causal_upper_left(L, S)`` /
+            ``causal_lower_right(L, S)``), run as the kernels' causal mode with that
+            alignment (top-left / bottom-right), never materialised.
         dropout_p: dropout probability on the attention weights, applied whenever > 0
-            (as in torch; pass 0.0 in evaluation).
+            (as in torch; pass 0.0 in evaluation). The kernels draw their own dropout
+            masks from a seed taken from torch's generator: reproducible under
+            ``torch.manual_seed``, with torch's keep probability and ``1/(1-p)`` scaling,
+            but not the same random stream as torch's (equal seeds give different masks).
         is_causal: causal mask aligned top-left (query i sees keys j <= i), as torch.
         scale: score scale; ``None`` means ``1 / sqrt(E)``.
         enable_gqa: allow ``Hq`` to be a multiple of ``Hkv`` (grouped-query attention).
@@ -42,6 +49,13 @@ def scaled_dot_product_attention(
 
     Returns:
         ``(..., Hq, L, Ev)`` in query's dtype.
+
+    Raises:
+        :class:`~fastformer.ops.errors.AttentionInputError` (a ``ValueError`` and a
+        ``RuntimeError``, torch's type) for bad shapes and values, e.g. a 1-D query or
+        an ``attn_mask`` together with ``is_causal=True``;
+        :class:`~fastformer.ops.errors.AttentionDtypeError` (``TypeError`` and
+        ``RuntimeError``) for dtype mixes, e.g. float32 query with float16 key.
     """
     problem = validate_attention_inputs(
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
@@ -69,6 +83,7 @@ def attention(
     Same arguments as :func:`scaled_dot_product_attention`, plus:
         causal_bottom_right: align the causal mask bottom-right (query i sees keys
             ``j <= i + S - L``), as when decoding new tokens against a KV cache.
+            ``attn_mask=causal_lower_right(L, S)`` says the same.
         return_lse: also return the float32 log-sum-exp of each row of scaled,
             masked scores, shaped ``query.shape[:-1]`` (``-inf`` for fully masked
             rows). Only fused backends produce it; ``"auto"`` then falls back to the
@@ -91,3 +106,28 @@ def attention(
         name = "naive"
     out, lse = fused_attention(problem, name, return_lse=True)
     return out.reshape(problem.out_shape), lse.reshape(problem.out_shape[:-1])
+
+
+# TorchScript: the op below is ``scaled_dot_product_attention`` as a dispatcher op
+# (CompositeImplicitAutograd, so autograd flows through the fused ops it calls), and
+# the Python function is registered as a builtin that scripts to it. Scripted code
+# that calls ``fastformer.scaled_dot_product_attention`` (the drop-in modules do)
+# therefore compiles, saves and loads; ``import fastformer`` registers the op in the
+# loading process.
+_LIB = torch.library.Library("fastformer", "FRAGMENT")
+_LIB.define(
+    "scaled_dot_product_attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, "
+    "float dropout_p=0.0, bool is_causal=False, float? scale=None, bool enable_gqa=False, *, "
+    "str backend='auto') -> Tensor"
+)
+
+
+def _scaled_dot_product_attention_op(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                     enable_gqa=False, *, backend="auto"):
+    return scaled_dot_product_attention(
+        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend=backend
+    )
+
+
+_LIB.impl("scaled_dot_product_attention", _scaled_dot_product_attention_op, "CompositeImplicitAutograd")
+torch.jit._builtins._register_builtin(scaled_dot_product_attention, "fastformer::scaled_dot_product_attention")

@@ -16,6 +16,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .errors import AttentionDtypeError, AttentionInputError
+
+try:  # torch >= 2.3
+    from torch.nn.attention.bias import CausalBias, CausalVariant
+except ImportError:  # pragma: no cover - older torch: no CausalBias to accept
+    CausalBias = CausalVariant = None
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -81,12 +88,31 @@ def _check_tensor(name: str, t) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(
+        raise AttentionDtypeError(
             f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
             f"got dtype {t.dtype}"
         )
-    if t.dim() < 2:
-        raise ValueError(f"{name} must have at least 2 dimensions (..., L, E), got shape {tuple(t.shape)}")
+
+
+def is_causal_bias(attn_mask) -> bool:
+    """True for a :class:`torch.nn.attention.bias.CausalBias` (``causal_upper_left`` / ``causal_lower_right``)."""
+    return CausalBias is not None and isinstance(attn_mask, CausalBias)
+
+
+def causal_bias_alignment(bias, len_q: int, len_k: int) -> bool:
+    """Check a ``CausalBias`` against the problem's sizes; return ``causal_bottom_right``.
+
+    ``causal_upper_left`` is the top-left alignment of ``is_causal=True`` (query ``i`` sees
+    keys ``j <= i``); ``causal_lower_right`` the bottom-right one (``j <= i + S - L``).
+    Neither is ever materialised. Raises :class:`AttentionInputError` when the bias was
+    built for other sequence lengths (torch would silently use its own).
+    """
+    if (bias.seq_len_q, bias.seq_len_kv) != (len_q, len_k):
+        raise AttentionInputError(
+            f"attn_mask is a CausalBias for seq_len_q={bias.seq_len_q}, seq_len_kv={bias.seq_len_kv}, "
+            f"but query has L={len_q} and key has S={len_k}"
+        )
+    return bias.variant == CausalVariant.LOWER_RIGHT
 
 
 def _broadcastable(src: tuple, dst: tuple) -> bool:
@@ -112,17 +138,28 @@ def validate_attention_inputs(
     """Check the arguments of ``scaled_dot_product_attention`` as torch does and
     return the canonical :class:`AttentionProblem`.
 
-    Errors name the offending argument: ``TypeError`` for wrong types/dtypes,
-    ``ValueError`` for shapes and values, ``RuntimeError`` for device mixes.
+    ``attn_mask`` may be a :class:`torch.nn.attention.bias.CausalBias`: it becomes
+    ``is_causal=True`` with its alignment (``causal_lower_right`` = bottom-right), no mask.
+
+    Errors name the offending argument. Each is an instance of torch's type
+    (``RuntimeError``, as from torch's SDPA) and of the Pythonic one:
+    :class:`~fastformer.ops.errors.AttentionDtypeError` (also ``TypeError``) for dtypes,
+    :class:`~fastformer.ops.errors.AttentionInputError` (also ``ValueError``) for shapes
+    and values; ``RuntimeError`` for device mixes, ``TypeError`` for non-tensors.
     """
     _check_tensor("query", query)
     _check_tensor("key", key)
     _check_tensor("value", value)
+    if min(query.dim(), key.dim(), value.dim()) < 2:
+        raise AttentionInputError(
+            "Expected query, key, and value to all be at least 2 dimensional, but got "
+            f"query.dim: {query.dim()} key.dim: {key.dim()} and value.dim: {value.dim()} instead."
+        )
 
     if not (query.dtype == key.dtype == value.dtype):
-        raise TypeError(
-            "query, key and value must have the same dtype, got "
-            f"query.dtype={query.dtype}, key.dtype={key.dtype}, value.dtype={value.dtype}"
+        raise AttentionDtypeError(
+            "Expected query, key, and value to have the same dtype, but got "
+            f"query.dtype: {query.dtype} key.dtype: {key.dtype} and value.dtype: {value.dtype} instead."
         )
     if not (query.device == key.device == value.device):
         raise RuntimeError(
@@ -130,17 +167,17 @@ def validate_attention_inputs(
             f"query.device={query.device}, key.device={key.device}, value.device={value.device}"
         )
     if not (query.dim() == key.dim() == value.dim()):
-        raise ValueError(
+        raise AttentionInputError(
             "query, key and value must have the same number of dimensions, got "
             f"query.shape={tuple(query.shape)}, key.shape={tuple(key.shape)}, value.shape={tuple(value.shape)}"
         )
     if query.shape[-1] != key.shape[-1]:
-        raise ValueError(
+        raise AttentionInputError(
             f"key's last dimension (head dim E) must equal query's: query.shape={tuple(query.shape)}, "
             f"key.shape={tuple(key.shape)}"
         )
     if key.shape[-2] != value.shape[-2]:
-        raise ValueError(
+        raise AttentionInputError(
             f"key and value must have the same sequence length S (dim -2): key.shape={tuple(key.shape)}, "
             f"value.shape={tuple(value.shape)}"
         )
@@ -149,12 +186,12 @@ def validate_attention_inputs(
     batch_dims = tuple(query.shape[:-3]) if ndim >= 3 else ()
     for name, t in (("key", key), ("value", value)):
         if ndim >= 4 and tuple(t.shape[:-3]) != batch_dims:
-            raise ValueError(
+            raise AttentionInputError(
                 f"{name}'s batch dimensions {tuple(t.shape[:-3])} must equal query's {batch_dims} "
                 f"(query.shape={tuple(query.shape)}, {name}.shape={tuple(t.shape)})"
             )
     if key.shape[:-2] != value.shape[:-2]:
-        raise ValueError(
+        raise AttentionInputError(
             f"key and value must have the same batch and head dimensions: key.shape={tuple(key.shape)}, "
             f"value.shape={tuple(value.shape)}"
         )
@@ -163,12 +200,12 @@ def validate_attention_inputs(
     hkv = key.shape[-3] if ndim >= 3 else 1
     if hq != hkv:
         if not enable_gqa:
-            raise ValueError(
+            raise AttentionInputError(
                 f"query has {hq} heads (dim -3) but key/value have {hkv}; heads must match "
                 "unless enable_gqa=True"
             )
         if hkv == 0 or hq % hkv != 0:
-            raise ValueError(
+            raise AttentionInputError(
                 f"enable_gqa=True requires the number of query heads ({hq}) to be a multiple of the "
                 f"number of key/value heads ({hkv})"
             )
@@ -176,7 +213,7 @@ def validate_attention_inputs(
     if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool):
         raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
     if not (0.0 <= float(dropout_p) <= 1.0) or math.isnan(dropout_p):
-        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
+        raise AttentionInputError(f"dropout probability has to be between 0 and 1, but got {dropout_p}")
     if scale is not None:
         if not isinstance(scale, (int, float)) or isinstance(scale, bool):
             raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
@@ -195,16 +232,26 @@ def validate_attention_inputs(
         v4 = value.reshape(B, hkv, S, Ev)
 
     mask4 = None
+    if is_causal_bias(attn_mask):
+        # A CausalBias is one of the two native causal alignments: run it as the flag.
+        if is_causal:
+            raise AttentionInputError("CausalBias should not be used with causal=True")
+        bottom_right = causal_bias_alignment(attn_mask, L, S)
+        if causal_bottom_right and not bottom_right:
+            raise AttentionInputError(
+                "attn_mask is causal_upper_left (top-left alignment) but causal_bottom_right=True was passed"
+            )
+        attn_mask, is_causal, causal_bottom_right = None, True, bottom_right
     if attn_mask is not None:
         if is_causal:
-            raise ValueError(
-                "attn_mask must be None when is_causal=True (as in torch): pass either an explicit "
-                "mask or is_causal, not both"
+            raise AttentionInputError(
+                "_scaled_dot_product_attention: Explicit attn_mask should not be set when is_causal=True "
+                "(pass either an explicit mask or is_causal, not both)"
             )
         if not isinstance(attn_mask, Tensor):
             raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
         if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
-            raise TypeError(
+            raise AttentionDtypeError(
                 f"attn_mask must be a bool tensor or have query's dtype ({query.dtype}), got {attn_mask.dtype}"
             )
         if attn_mask.device != query.device:
@@ -213,7 +260,7 @@ def validate_attention_inputs(
             )
         full = (*batch_dims, hq, L, S) if ndim >= 3 else (L, S)
         if not _broadcastable(tuple(attn_mask.shape), full):
-            raise ValueError(
+            raise AttentionInputError(
                 f"attn_mask of shape {tuple(attn_mask.shape)} is not broadcastable to the attention "
                 f"weights' shape {full} (batch..., heads, L, S)"
             )

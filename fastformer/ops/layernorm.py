@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .buffers import new_output
+from .errors import DtypeError, InputError
 from .kernel_backend import resolve_backend
 
 _ShapeArg = Union[int, Sequence[int], torch.Size]
@@ -131,16 +132,16 @@ def _check(op: str, x: Tensor, shape: Tuple[int, ...], weight, bias, residual, d
     if not isinstance(x, Tensor):
         raise TypeError(f"{op}: x must be a Tensor, got {type(x).__name__}")
     if not x.dtype.is_floating_point:
-        raise TypeError(f"{op}: x must be floating point, got {x.dtype}")
+        raise DtypeError(f"{op}: x must be floating point, got {x.dtype}")
     if len(shape) == 0 or tuple(x.shape[x.dim() - len(shape):]) != shape or x.dim() < len(shape):
-        raise ValueError(f"{op}: normalized_shape {shape} does not match the trailing dims of x {tuple(x.shape)}")
+        raise InputError(f"{op}: normalized_shape {shape} does not match the trailing dims of x {tuple(x.shape)}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and tuple(t.shape) != shape:
-            raise ValueError(f"{op}: {name} must have shape {shape}, got {tuple(t.shape)}")
+            raise InputError(f"{op}: {name} must have shape {shape}, got {tuple(t.shape)}")
     if residual is not None and residual.shape != x.shape:
-        raise ValueError(f"{op}: residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+        raise InputError(f"{op}: residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
     if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
+        raise InputError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
 
 
 def _norm(op: str, rms: bool, x: Tensor, normalized_shape: _ShapeArg, weight: Optional[Tensor],
