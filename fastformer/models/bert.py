@@ -47,6 +47,9 @@ class BERTOutput(NamedTuple):
     loss: Optional[Tensor]  # MLM cross-entropy over labels != -100
 
 
+# torch.export.save needs a stable serialized name for the output's pytree node.
+torch.utils._pytree._register_namedtuple(BERTOutput, serialized_type_name="fastformer.models.bert.BERTOutput")
+
 class Embeddings(nn.Module):
     def __init__(self, c: BERTConfig):
         super().__init__()

@@ -140,7 +140,9 @@ class Seq2SeqTransformer(nn.Module):
         if src.dim() != 2:
             raise ValueError(f"src must be (B, S) token ids, got shape {tuple(src.shape)}")
         keep = src != self.config.pad_id
-        mask = None if bool(keep.all()) else keep[:, None, None, :]
+        # Without padding the mask is dropped (the kernels' fastest path). Under torch.compile /
+        # torch.export the all-True mask is kept instead: same result, no data-dependent branch.
+        mask = None if not torch.compiler.is_compiling() and bool(keep.all()) else keep[:, None, None, :]
         x = self._embed(self.src_embed, src)
         for layer in self.encoder:
             x = layer(x, mask)

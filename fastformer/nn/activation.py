@@ -13,8 +13,6 @@ the fastest fused backend for the device. Masks are converted once: torch's
 bool mask (fused kernels skip fully masked blocks), a float mask is added.
 """
 
-from __future__ import annotations
-
 import math
 import warnings
 from typing import Optional, Tuple
@@ -25,7 +23,9 @@ from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from torch.nn.parameter import Parameter
 
-from ..ops import scaled_dot_product_attention
+from ..ops import attention, scaled_dot_product_attention
+from ..ops.attention_inputs import causal_bias_alignment, is_causal_bias
+from ..ops.errors import AttentionInputError, MultiheadAttentionDtypeError, MultiheadAttentionShapeError
 
 __all__ = ["MultiheadAttention", "multi_head_attention"]
 
@@ -182,61 +182,264 @@ class MultiheadAttention(nn.Module):
             need_weights: also return the attention weights (materialised; see the class
                 docstring for the cost). ``False`` keeps attention on the fused kernel.
             attn_mask: ``(L, S)`` or ``(B·H, L, S)``; bool ``True`` = *not* allowed to
-                attend, or float added to the scores.
+                attend, or float added to the scores. Also a
+                :class:`torch.nn.attention.bias.CausalBias` built for ``(L, S)``
+                (``causal_upper_left`` / ``causal_lower_right``; an extension, torch's
+                module rejects it): without a key padding mask, ``bias_k`` or the zero
+                key and with ``need_weights=False`` it runs as the kernel's causal mode
+                with that alignment, never materialised; otherwise it is materialised.
             average_attn_weights: average the returned weights over heads.
             is_causal: hint that ``attn_mask`` is the causal mask (an ``attn_mask`` is
-                still required, as in torch); without a key padding mask and with
-                ``need_weights=False`` the kernel's causal mode replaces the mask.
+                still required, as in torch). Without a key padding mask and with
+                ``need_weights=False`` the kernel's causal mode replaces the mask, which is
+                then neither used nor shape-checked (torch's rule); otherwise the mask is used.
+
+        The attention dropout (``dropout``) applies while this module is in training
+        mode. Its random stream is the kernels' own (seeded from torch's generator):
+        the same probability and scaling as torch's, not the same masks.
 
         Returns:
             ``(output, weights)``: output shaped like ``query`` with ``E`` features;
             weights ``(B, L, S')`` averaged or ``(B, H, L, S')`` per head (batch dim
             dropped when unbatched; ``S'`` counts ``bias_k`` and the zero key), or ``None``.
+
+        Raises:
+            :class:`~fastformer.ops.errors.MultiheadAttentionShapeError` (``ValueError`` and
+            torch's ``AssertionError``) for shapes torch's module asserts on;
+            :class:`~fastformer.ops.errors.MultiheadAttentionDtypeError` (``TypeError`` and
+            ``AssertionError``) for integer masks;
+            :class:`~fastformer.ops.errors.AttentionInputError` (``ValueError`` and
+            torch's ``RuntimeError``) for a wrongly shaped ``attn_mask`` or batch mismatch.
+            Under TorchScript every error is a ``torch.jit.Error`` with the message, as with torch's module.
         """
-        return multi_head_attention(
-            self,
-            query,
-            key,
-            value,
-            key_padding_mask=key_padding_mask,
-            need_weights=need_weights,
-            attn_mask=attn_mask,
-            average_attn_weights=average_attn_weights,
-            is_causal=is_causal,
+        bottom_right: Optional[bool] = None
+        if not torch.jit.is_scripting():
+            if is_causal_bias(attn_mask):
+                # CausalBias: (L, S) in the caller's layout, before bias_k / the zero key.
+                len_q = query.shape[-2] if query.dim() == 2 else query.shape[1 if self.batch_first and query.dim() == 3 else 0]
+                len_k = key.shape[-2] if key.dim() == 2 else key.shape[1 if self.batch_first and key.dim() == 3 else 0]
+                bottom_right = causal_bias_alignment(attn_mask, len_q, len_k)
+                if key_padding_mask is None and not need_weights and self.bias_k is None and not self.add_zero_attn:
+                    attn_mask = None  # the kernel's causal mode, nothing materialised
+                else:
+                    attn_mask = attn_mask._materialize(query.device).logical_not()  # torch's True = masked
+                    bottom_right = None
+        return self._attend(
+            query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal, bottom_right
         )
+
+    def _attend(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Optional[Tensor],
+        need_weights: bool,
+        attn_mask: Optional[Tensor],
+        average_attn_weights: bool,
+        is_causal: bool,
+        bottom_right: Optional[bool],
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """The computation (TorchScript-compatible); ``bottom_right`` set = a CausalBias
+        already turned into the kernel's causal mode with that alignment."""
+        batched = _check_shapes(query, key, value, key_padding_mask, attn_mask, self.num_heads)
+        _check_mask_dtype(key_padding_mask, "key_padding_mask")
+        _check_mask_dtype(attn_mask, "attn_mask")
+        if key_padding_mask is not None and attn_mask is not None and key_padding_mask.dtype != attn_mask.dtype:
+            warnings.warn(
+                "Support for mismatched key_padding_mask and attn_mask is deprecated. Use same type for both instead."
+            )
+        if is_causal and attn_mask is None and bottom_right is None:
+            raise RuntimeError(
+                "Need attn_mask if specifying the is_causal hint. You may use the Transformer module method "
+                "`generate_square_subsequent_mask` to create this mask."
+            )
+        if query.shape[-1] != self.embed_dim:
+            raise MultiheadAttentionShapeError(
+                f"was expecting embedding dimension of {self.embed_dim}, but got {query.shape[-1]}"
+            )
+        if key.shape[:-1] != value.shape[:-1]:
+            raise MultiheadAttentionShapeError(f"key shape {key.shape} does not match value shape {value.shape}")
+        if key.shape[-1] != self.kdim or value.shape[-1] != self.vdim:
+            raise MultiheadAttentionShapeError(
+                f"expected key/value feature sizes kdim={self.kdim}, vdim={self.vdim}, got key.shape={key.shape}, "
+                f"value.shape={value.shape}"
+            )
+
+        # Layout: batch-first (B, L, E) or sequence-first (L, B, E); unbatched is batch-first with B = 1.
+        batch_first = self.batch_first or not batched
+        if not batched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        bsz = query.shape[0] if batch_first else query.shape[1]
+        len_q = query.shape[1] if batch_first else query.shape[0]
+        len_k = key.shape[1] if batch_first else key.shape[0]
+        key_bsz = key.shape[0] if batch_first else key.shape[1]
+        if key_bsz != bsz:
+            raise AttentionInputError(
+                f"query and key must have the same batch size, got query.shape={query.shape}, key.shape={key.shape}"
+            )
+        num_heads, head_dim = self.num_heads, self.head_dim
+
+        # torch's rule for the is_causal hint: without a key padding mask (and without
+        # weights to return) the causal flag replaces the mask, unchecked; otherwise the mask is used.
+        use_causal_flag = bottom_right is not None or (is_causal and key_padding_mask is None and not need_weights)
+        if use_causal_flag:
+            attn_mask = None
+        if attn_mask is not None:
+            if attn_mask.dim() == 2:
+                expected = [len_q, len_k]
+                shown = f"({len_q}, {len_k})"
+            else:
+                expected = [bsz * num_heads, len_q, len_k]
+                shown = f"({bsz * num_heads}, {len_q}, {len_k})"
+            if list(attn_mask.shape) != expected:
+                raise AttentionInputError(
+                    f"The shape of the {attn_mask.dim()}D attn_mask is {attn_mask.shape}, but should be {shown}."
+                )
+        if key_padding_mask is not None and list(key_padding_mask.shape) != [bsz, len_k]:
+            raise MultiheadAttentionShapeError(
+                f"expecting key_padding_mask shape of {[bsz, len_k]}, but got {key_padding_mask.shape}"
+            )
+
+        q, k, v = self._project(query, key, value)
+        q = _heads(q, num_heads, batch_first)  # (B, H, L, D)
+        k = _heads(k, num_heads, batch_first)  # (B, H, S, D)
+        v = _heads(v, num_heads, batch_first)
+
+        extra_keys = 0
+        bias_k, bias_v = self.bias_k, self.bias_v
+        if bias_k is not None and bias_v is not None:
+            k = torch.cat([k, bias_k.view(1, num_heads, 1, head_dim).expand(bsz, -1, -1, -1)], dim=2)
+            v = torch.cat([v, bias_v.view(1, num_heads, 1, head_dim).expand(bsz, -1, -1, -1)], dim=2)
+            extra_keys += 1
+        elif bias_k is not None or bias_v is not None:
+            raise ValueError("bias_k and bias_v must be both set or both None")
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros(bsz, num_heads, 1, head_dim)], dim=2)
+            v = torch.cat([v, v.new_zeros(bsz, num_heads, 1, head_dim)], dim=2)
+            extra_keys += 1
+
+        mask = _merge_masks(attn_mask, key_padding_mask, bsz, num_heads, len_q, len_k, extra_keys, q.dtype)
+        dropout_p = self.dropout if self.training else 0.0
+
+        weights: Optional[Tensor] = None
+        if need_weights:
+            w = _attention_weights(q, k, mask, 1.0 / math.sqrt(head_dim))
+            if dropout_p > 0.0:
+                # Output and returned weights must share one dropout sample, as in torch.
+                w = F.dropout(w, p=dropout_p)
+            out = torch.matmul(w, v)
+            weights = w.mean(dim=1) if average_attn_weights else w
+        elif bottom_right is not None and bottom_right:
+            out = _bottom_right_causal(q, k, v, dropout_p)
+        else:
+            out = scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=use_causal_flag)
+
+        # (B, H, L, D) → the caller's layout with E features, then the output projection.
+        if batch_first:
+            out = out.transpose(1, 2).reshape(bsz, len_q, self.embed_dim)
+        else:
+            out = out.permute(2, 0, 1, 3).reshape(len_q, bsz, self.embed_dim)
+        out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
+
+        if not batched:
+            out = out.squeeze(0)
+            if weights is not None:
+                weights = weights.squeeze(0)
+        return out, weights
+
+    def _project(self, query: Tensor, key: Tensor, value: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """The q, k, v projections, each ``(..., E)`` in the input's layout; one GEMM for
+        self-attention with packed weights (the common case), two when key is value.
+
+        A bias in another dtype than the weights (e.g. a half ``in_proj_bias`` in a float64
+        module) is cast to the weights' dtype, which is what torch's module computes."""
+        e = self.embed_dim
+        b = self.in_proj_bias
+        w = self.in_proj_weight
+        if w is not None:
+            if b is not None and b.dtype != w.dtype:
+                b = b.to(w.dtype)
+            if query is key and key is value:
+                qkv = F.linear(query, w, b).chunk(3, dim=-1)
+                return qkv[0], qkv[1], qkv[2]
+            bq: Optional[Tensor] = None
+            bkv: Optional[Tensor] = None
+            if b is not None:
+                bq, bkv = b[:e], b[e:]
+            q = F.linear(query, w[:e], bq)
+            if key is value:
+                kv = F.linear(key, w[e:], bkv).chunk(2, dim=-1)
+                return q, kv[0], kv[1]
+            bk: Optional[Tensor] = None
+            bv: Optional[Tensor] = None
+            if bkv is not None:
+                bk, bv = bkv[:e], bkv[e:]
+            return q, F.linear(key, w[e : 2 * e], bk), F.linear(value, w[2 * e :], bv)
+        wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        assert wq is not None and wk is not None and wv is not None
+        bq2: Optional[Tensor] = None
+        bk2: Optional[Tensor] = None
+        bv2: Optional[Tensor] = None
+        if b is not None:
+            if b.dtype != wq.dtype:
+                b = b.to(wq.dtype)
+            bq2, bk2, bv2 = b[:e], b[e : 2 * e], b[2 * e :]
+        return F.linear(query, wq, bq2), F.linear(key, wk, bk2), F.linear(value, wv, bv2)
 
 
 # ----------------------------------------------------------------------------- the computation
+# Plain functions, TorchScript-compatible: torch.jit.script(MultiheadAttention(...)) compiles them.
 
 
 def _check_mask_dtype(mask: Optional[Tensor], name: str) -> None:
     if mask is not None and mask.dtype != torch.bool and not torch.is_floating_point(mask):
-        raise TypeError(f"only bool and floating types of {name} are supported, got {mask.dtype}")
+        raise MultiheadAttentionDtypeError(f"only bool and floating types of {name} are supported, got {mask.dtype}")
 
 
-def _check_shapes(query, key, value, key_padding_mask, attn_mask, num_heads) -> bool:
-    """torch's ``_mha_shape_check`` with clearer error types; returns whether batched."""
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if query.dim() not in (2, 3):
-        raise ValueError(f"query should be unbatched 2D or batched 3D tensor but received {query.dim()}-D query tensor")
+def _check_shapes(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_padding_mask: Optional[Tensor],
+    attn_mask: Optional[Tensor],
+    num_heads: int,
+) -> bool:
+    """torch's ``_mha_shape_check`` (its messages; errors are also ``ValueError``); returns whether batched."""
+    if not torch.jit.is_scripting():
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if query.dim() != 2 and query.dim() != 3:
+        raise MultiheadAttentionShapeError(
+            f"query should be unbatched 2D or batched 3D tensor but received {query.dim()}-D query tensor"
+        )
     batched = query.dim() == 3
     kind = "batched (3-D)" if batched else "unbatched (2-D)"
     if key.dim() != query.dim() or value.dim() != query.dim():
-        raise ValueError(
+        raise MultiheadAttentionShapeError(
             f"For {kind} `query`, expected `key` and `value` to be {query.dim()}-D but found "
             f"{key.dim()}-D and {value.dim()}-D tensors respectively"
         )
     if key_padding_mask is not None and key_padding_mask.dim() != query.dim() - 1:
-        raise ValueError(
+        raise MultiheadAttentionShapeError(
             f"For {kind} `query`, expected `key_padding_mask` to be `None` or {query.dim() - 1}-D but found "
             f"{key_padding_mask.dim()}-D tensor instead"
         )
-    if attn_mask is not None and attn_mask.dim() not in (2, 3):
-        raise ValueError(
-            f"For {kind} `query`, expected `attn_mask` to be `None`, 2-D or 3-D but found {attn_mask.dim()}-D tensor instead"
-        )
+    if attn_mask is not None:
+        if attn_mask.dim() != 2 and attn_mask.dim() != 3:
+            raise MultiheadAttentionShapeError(
+                f"For {kind} `query`, expected `attn_mask` to be `None`, 2-D or 3-D but found "
+                f"{attn_mask.dim()}-D tensor instead"
+            )
+        if not batched and attn_mask.dim() == 3:
+            if list(attn_mask.shape) != [num_heads, query.shape[0], key.shape[0]]:
+                raise MultiheadAttentionShapeError(
+                    f"Expected `attn_mask` shape to be ({num_heads}, {query.shape[0]}, {key.shape[0]}) "
+                    f"but got {attn_mask.shape}"
+                )
     return batched
 
 
@@ -247,24 +450,6 @@ def _heads(x: Tensor, num_heads: int, batch_first: bool) -> Tensor:
         return x.view(b, n, num_heads, e // num_heads).transpose(1, 2)
     n, b, e = x.shape
     return x.view(n, b, num_heads, e // num_heads).permute(1, 2, 0, 3)
-
-
-def _project(mha: MultiheadAttention, query: Tensor, key: Tensor, value: Tensor):
-    """The q, k, v projections, each ``(..., E)`` in the input's layout; one GEMM for
-    self-attention with packed weights (the common case), two when key is value."""
-    w, b, e = mha.in_proj_weight, mha.in_proj_bias, mha.embed_dim
-    if w is not None:
-        if query is key and key is value:
-            return F.linear(query, w, b).chunk(3, dim=-1)
-        bq, bkv = (None, None) if b is None else (b[:e], b[e:])
-        q = F.linear(query, w[:e], bq)
-        if key is value:
-            k, v = F.linear(key, w[e:], bkv).chunk(2, dim=-1)
-            return q, k, v
-        bk, bv = (None, None) if bkv is None else bkv.chunk(2)
-        return q, F.linear(key, w[e : 2 * e], bk), F.linear(value, w[2 * e :], bv)
-    bq, bk, bv = (None, None, None) if b is None else b.chunk(3)
-    return F.linear(query, mha.q_proj_weight, bq), F.linear(key, mha.k_proj_weight, bk), F.linear(value, mha.v_proj_weight, bv)
 
 
 def _to_float_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -287,25 +472,32 @@ def _merge_masks(
     """Both masks (torch's ``True`` = masked) → one SDPA mask broadcastable to
     ``(B, H, L, S + extra_keys)``: bool ``True`` = attend when both are bool,
     else float (bool converted to ``-inf``, then added, as torch adds them)."""
-    if attn_mask is None and key_padding_mask is None:
-        return None
-    am = None
+    am: Optional[Tensor] = None
     if attn_mask is not None:
         am = attn_mask.view(1, 1, len_q, len_k) if attn_mask.dim() == 2 else attn_mask.view(batch, num_heads, len_q, len_k)
-    kpm = None if key_padding_mask is None else key_padding_mask.view(batch, 1, 1, len_k)
-    all_bool = all(m is None or m.dtype == torch.bool for m in (am, kpm))
-    if all_bool:
-        masked = am if kpm is None else (kpm if am is None else am | kpm)
-        if extra_keys:
-            masked = F.pad(masked, (0, extra_keys), value=False)  # bias_k / zero key: always attended
-        return ~masked
-    merged = None
-    for m in (am, kpm):
-        if m is not None:
-            m = _to_float_mask(m, dtype)
-            merged = m if merged is None else merged + m
-    if extra_keys:
-        merged = F.pad(merged, (0, extra_keys), value=0.0)
+    kpm: Optional[Tensor] = None
+    if key_padding_mask is not None:
+        kpm = key_padding_mask.view(batch, 1, 1, len_k)
+    merged: Optional[Tensor] = None
+    if (am is None or am.dtype == torch.bool) and (kpm is None or kpm.dtype == torch.bool):
+        if am is not None and kpm is not None:
+            merged = am | kpm
+        elif am is not None:
+            merged = am
+        else:
+            merged = kpm
+        if merged is None:
+            return None
+        if extra_keys > 0:  # bias_k / zero key: always attended
+            merged = torch.cat([merged, merged.new_zeros(list(merged.shape[:-1]) + [extra_keys])], dim=-1)
+        return merged.logical_not()
+    if am is not None:
+        merged = _to_float_mask(am, dtype)
+    if kpm is not None:
+        kf = _to_float_mask(kpm, dtype)
+        merged = kf if merged is None else merged + kf
+    if merged is not None and extra_keys > 0:
+        merged = torch.cat([merged, merged.new_zeros(list(merged.shape[:-1]) + [extra_keys])], dim=-1)
     return merged
 
 
@@ -313,8 +505,17 @@ def _attention_weights(q: Tensor, k: Tensor, mask: Optional[Tensor], scale: floa
     """``softmax(q kᵀ · scale + mask)``, ``(B, H, L, S)`` in q's dtype, as torch's need_weights path."""
     scores = torch.matmul(q * scale, k.transpose(-2, -1))
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(mask.logical_not(), float("-inf"))
+        else:
+            scores = scores + mask
     return torch.softmax(scores, dim=-1)
+
+
+@torch.jit.unused
+def _bottom_right_causal(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> Tensor:
+    """Causal attention aligned bottom-right (a ``causal_lower_right`` CausalBias; eager only)."""
+    return attention(q, k, v, dropout_p=dropout_p, is_causal=True, causal_bottom_right=True)
 
 
 def multi_head_attention(
@@ -329,90 +530,13 @@ def multi_head_attention(
     is_causal: bool = False,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """The forward of :class:`MultiheadAttention` (arguments and returns as there)."""
-    batched = _check_shapes(query, key, value, key_padding_mask, attn_mask, mha.num_heads)
-    _check_mask_dtype(key_padding_mask, "key_padding_mask")
-    _check_mask_dtype(attn_mask, "attn_mask")
-    if key_padding_mask is not None and attn_mask is not None and key_padding_mask.dtype != attn_mask.dtype:
-        warnings.warn(
-            "Support for mismatched key_padding_mask and attn_mask is deprecated. Use same type for both instead.",
-            stacklevel=3,
-        )
-    if is_causal and attn_mask is None:
-        raise RuntimeError(
-            "Need attn_mask if specifying the is_causal hint. You may use the Transformer module method "
-            "`generate_square_subsequent_mask` to create this mask."
-        )
-    if query.shape[-1] != mha.embed_dim:
-        raise ValueError(f"was expecting embedding dimension of {mha.embed_dim}, but got {query.shape[-1]}")
-    if key.shape[-1] != mha.kdim or value.shape[-1] != mha.vdim:
-        raise ValueError(
-            f"expected key/value feature sizes kdim={mha.kdim}, vdim={mha.vdim}, got key.shape={tuple(key.shape)}, "
-            f"value.shape={tuple(value.shape)}"
-        )
-    if key.shape[:-1] != value.shape[:-1]:
-        raise ValueError(f"key's sequence and batch dims {tuple(key.shape[:-1])} do not match value's {tuple(value.shape[:-1])}")
-
-    # Layout: batch-first (B, L, E) or sequence-first (L, B, E); unbatched is batch-first with B = 1.
-    batch_first = mha.batch_first or not batched
-    if not batched:
-        query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-        if key_padding_mask is not None:
-            key_padding_mask = key_padding_mask.unsqueeze(0)
-    bsz, len_q = (query.shape[0], query.shape[1]) if batch_first else (query.shape[1], query.shape[0])
-    len_k = key.shape[1] if batch_first else key.shape[0]
-    if batched and key.shape[:-1] != ((bsz, len_k) if batch_first else (len_k, bsz)):
-        raise ValueError(f"query and key must have the same batch size, got query.shape={tuple(query.shape)}, key.shape={tuple(key.shape)}")
-    num_heads, head_dim = mha.num_heads, mha.head_dim
-
-    if attn_mask is not None:
-        expected = (len_q, len_k) if attn_mask.dim() == 2 else (bsz * num_heads, len_q, len_k)
-        if tuple(attn_mask.shape) != expected:
-            raise RuntimeError(f"The shape of the {attn_mask.dim()}D attn_mask is {attn_mask.shape}, but should be {expected}.")
-    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (bsz, len_k):
-        raise ValueError(f"expected key_padding_mask of shape {(bsz, len_k)}, got {tuple(key_padding_mask.shape)}")
-
-    q, k, v = (_heads(t, num_heads, batch_first) for t in _project(mha, query, key, value))  # (B, H, ·, D)
-
-    extra_keys = 0
-    if mha.bias_k is not None and mha.bias_v is not None:
-        k = torch.cat([k, mha.bias_k.view(1, num_heads, 1, head_dim).expand(bsz, -1, -1, -1)], dim=2)
-        v = torch.cat([v, mha.bias_v.view(1, num_heads, 1, head_dim).expand(bsz, -1, -1, -1)], dim=2)
-        extra_keys += 1
-    elif mha.bias_k is not None or mha.bias_v is not None:
-        raise ValueError("bias_k and bias_v must be both set or both None")
-    if mha.add_zero_attn:
-        k = F.pad(k, (0, 0, 0, 1))
-        v = F.pad(v, (0, 0, 0, 1))
-        extra_keys += 1
-
-    # torch's rule for the is_causal hint: without a key padding mask (and without
-    # weights to return) the causal flag replaces the mask; otherwise the mask is used.
-    use_causal_flag = is_causal and key_padding_mask is None and not need_weights
-    mask = None if use_causal_flag else _merge_masks(
-        attn_mask, key_padding_mask, bsz, num_heads, len_q, len_k, extra_keys, q.dtype
+    return mha(
+        query,
+        key,
+        value,
+        key_padding_mask=key_padding_mask,
+        need_weights=need_weights,
+        attn_mask=attn_mask,
+        average_attn_weights=average_attn_weights,
+        is_causal=is_causal,
     )
-    dropout_p = mha.dropout if mha.training else 0.0
-
-    weights = None
-    if need_weights:
-        weights = _attention_weights(q, k, mask, 1.0 / math.sqrt(head_dim))
-        if dropout_p > 0.0:
-            # Output and returned weights must share one dropout sample, as in torch.
-            weights = F.dropout(weights, p=dropout_p)
-        out = torch.matmul(weights, v)
-    else:
-        out = scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=use_causal_flag)
-
-    # (B, H, L, D) → the caller's layout with E features, then the output projection.
-    if batch_first:
-        out = out.transpose(1, 2).reshape(bsz, len_q, mha.embed_dim)
-    else:
-        out = out.permute(2, 0, 1, 3).reshape(len_q, bsz, mha.embed_dim)
-    out = F.linear(out, mha.out_proj.weight, mha.out_proj.bias)
-
-    if weights is not None and average_attn_weights:
-        weights = weights.mean(dim=1)
-    if not batched:
-        out = out.squeeze(0)
-        weights = None if weights is None else weights.squeeze(0)
-    return out, weights

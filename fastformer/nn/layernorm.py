@@ -6,10 +6,10 @@ checks keep working. Only ``forward`` changes, and it accepts an optional
 ``residual`` (``norm(x, residual)`` = ``norm(x + residual)``, fused).
 """
 
-from __future__ import annotations
-
 from typing import Optional
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
@@ -22,6 +22,9 @@ class LayerNorm(nn.LayerNorm):
     """
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        if torch.jit.is_scripting():  # TorchScript: torch's op (the fused one is a Python function)
+            x = input if residual is None else input + residual
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         return ops.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, residual=residual)
 
 
@@ -32,4 +35,7 @@ class RMSNorm(nn.RMSNorm):
     """
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        if torch.jit.is_scripting():  # TorchScript: torch's op (the fused one is a Python function)
+            h = x if residual is None else x + residual
+            return F.rms_norm(h, self.normalized_shape, self.weight, self.eps)
         return ops.rms_norm(x, self.normalized_shape, self.weight, self.eps, residual=residual)

@@ -8,17 +8,17 @@ and the first feed-forward GEMM with its activation fused (relu/gelu; any other
 callable runs as given).
 """
 
-from __future__ import annotations
-
 import copy
-from typing import Any, Callable, Optional, Union
+import warnings
+from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.attention_inputs import is_causal_bias
 from ._fused import activation_name, add_layer_norm, linear_act, make_layer_norm
-from .activation import MultiheadAttention
+from .activation import MultiheadAttention, _check_mask_dtype
 
 __all__ = [
     "Transformer",
@@ -30,7 +30,9 @@ __all__ = [
 ]
 
 
-def generate_square_subsequent_mask(sz: int, device=None, dtype=None) -> Tensor:
+def generate_square_subsequent_mask(
+    sz: int, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None
+) -> Tensor:
     """``(sz, sz)`` float causal mask: ``-inf`` above the diagonal, ``0`` elsewhere (torch's)."""
     return torch.triu(torch.full((sz, sz), float("-inf"), dtype=dtype, device=device), diagonal=1)
 
@@ -48,7 +50,7 @@ def _activation_fn(activation: Union[str, Callable[[Tensor], Tensor]]) -> Callab
 
 
 def _seq_len(src: Tensor, batch_first: bool) -> Optional[int]:
-    if src.is_nested:
+    if not torch.jit.is_scripting() and src.is_nested:
         return None
     if src.dim() == 2:
         return src.shape[0]
@@ -56,16 +58,33 @@ def _seq_len(src: Tensor, batch_first: bool) -> Optional[int]:
 
 
 def _detect_is_causal_mask(mask: Optional[Tensor], is_causal: Optional[bool], size: Optional[int]) -> bool:
-    """torch's rule: an explicit ``is_causal`` wins; ``None`` means "is ``mask`` the causal mask?"."""
-    if is_causal is not None or mask is None:
-        return is_causal is True
+    """torch's rule: an explicit ``is_causal`` wins; ``None`` means "is ``mask`` the causal mask?".
+
+    A :class:`~torch.nn.attention.bias.CausalBias` mask carries its own causality (and
+    alignment): the hint stays off and the attention runs it natively."""
+    if is_causal is not None:
+        return is_causal
+    if mask is None:
+        return False
+    if not torch.jit.is_scripting():
+        if is_causal_bias(mask):
+            return False
     sz = size if size is not None else mask.size(-2)
     causal = generate_square_subsequent_mask(sz, device=mask.device, dtype=mask.dtype)
     return mask.size() == causal.size() and bool((mask == causal).all())
 
 
-def _dropout_p(module: nn.Dropout, training: bool) -> float:
-    return module.p if training else 0.0
+@torch.jit.unused
+def _branch_dropout(x: Tensor, dropout: nn.Module) -> Tuple[Tensor, float]:
+    """``(x, p)`` for a fused op that applies dropout ``p`` to ``x`` itself.
+
+    torch's layers call each ``Dropout`` submodule, so each follows its own ``training``
+    flag (a layer in train mode whose dropouts are in eval runs without dropout); here a
+    ``nn.Dropout`` is read the same way (``p`` in training mode, else 0) and fused, and any
+    other module put in its place is called as torch would call it."""
+    if type(dropout) is nn.Dropout:
+        return x, (dropout.p if dropout.training else 0.0)
+    return dropout(x), 0.0
 
 
 class TransformerEncoderLayer(nn.Module):
@@ -124,25 +143,44 @@ class TransformerEncoderLayer(nn.Module):
         src_key_padding_mask: Optional[Tensor] = None,
         is_causal: bool = False,
     ) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._forward_unfused(src, src_mask, src_key_padding_mask, is_causal)
         x = src
-        p1, p2 = _dropout_p(self.dropout1, self.training), _dropout_p(self.dropout2, self.training)
         if self.norm_first:
-            attn = self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal)
+            attn, p1 = _branch_dropout(self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal), self.dropout1)
             # x + dropout1(attn) and norm2 of it, in one fused op.
             h, x = add_layer_norm(attn, self.norm2, residual=x, dropout_p=p1, return_residual=True)
-            return x + self._ff_block(h, p2)
-        x = add_layer_norm(self._sa_block(x, src_mask, src_key_padding_mask, is_causal), self.norm1, residual=x, dropout_p=p1)
-        return add_layer_norm(self._ff_block(x, 0.0), self.norm2, residual=x, dropout_p=p2)
+            return x + self.dropout2(self._ff_block(h))
+        attn, p1 = _branch_dropout(self._sa_block(x, src_mask, src_key_padding_mask, is_causal), self.dropout1)
+        x = add_layer_norm(attn, self.norm1, residual=x, dropout_p=p1)
+        ff, p2 = _branch_dropout(self._ff_block(x), self.dropout2)
+        return add_layer_norm(ff, self.norm2, residual=x, dropout_p=p2)
 
-    def _sa_block(self, x: Tensor, attn_mask, key_padding_mask, is_causal: bool) -> Tensor:
+    def _forward_unfused(
+        self, src: Tensor, src_mask: Optional[Tensor], src_key_padding_mask: Optional[Tensor], is_causal: bool
+    ) -> Tensor:
+        """torch's formulas with plain torch ops around fastformer's attention (the TorchScript path)."""
+        x = src
+        if self.norm_first:
+            x = x + self.dropout1(self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal))
+            return x + self.dropout2(self._ff_block_unfused(self.norm2(x)))
+        x = self.norm1(x + self.dropout1(self._sa_block(x, src_mask, src_key_padding_mask, is_causal)))
+        return self.norm2(x + self.dropout2(self._ff_block_unfused(x)))
+
+    def _sa_block(
+        self, x: Tensor, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], is_causal: bool
+    ) -> Tensor:
         return self.self_attn(
             x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, need_weights=False, is_causal=is_causal
         )[0]
 
-    def _ff_block(self, x: Tensor, dropout_out: float) -> Tensor:
-        h = self.dropout(linear_act(x, self.linear1, self.activation))
-        h = F.linear(h, self.linear2.weight, self.linear2.bias)
-        return F.dropout(h, p=dropout_out, training=True) if dropout_out > 0.0 else h
+    @torch.jit.unused
+    def _ff_block(self, x: Tensor) -> Tensor:
+        """``linear2(dropout(activation(linear1(x))))``, the first GEMM fused with its activation."""
+        return self.linear2(self.dropout(linear_act(x, self.linear1, self.activation)))
+
+    def _ff_block_unfused(self, x: Tensor) -> Tensor:
+        return self.linear2(self.dropout(self.activation(self.linear1(x))))
 
 
 class TransformerDecoderLayer(nn.Module):
@@ -205,33 +243,73 @@ class TransformerDecoderLayer(nn.Module):
         tgt_is_causal: bool = False,
         memory_is_causal: bool = False,
     ) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._forward_unfused(
+                tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask, memory_key_padding_mask, tgt_is_causal,
+                memory_is_causal,
+            )
         x = tgt
-        p1, p2, p3 = (_dropout_p(d, self.training) for d in (self.dropout1, self.dropout2, self.dropout3))
         if self.norm_first:
-            attn = self._sa_block(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal)
+            attn, p1 = _branch_dropout(self._sa_block(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal), self.dropout1)
             h, x = add_layer_norm(attn, self.norm2, residual=x, dropout_p=p1, return_residual=True)
-            cross = self._mha_block(h, memory, memory_mask, memory_key_padding_mask, memory_is_causal)
+            cross, p2 = _branch_dropout(
+                self._mha_block(h, memory, memory_mask, memory_key_padding_mask, memory_is_causal), self.dropout2
+            )
             h, x = add_layer_norm(cross, self.norm3, residual=x, dropout_p=p2, return_residual=True)
-            return x + self._ff_block(h, p3)
-        x = add_layer_norm(self._sa_block(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal), self.norm1, residual=x, dropout_p=p1)
-        cross = self._mha_block(x, memory, memory_mask, memory_key_padding_mask, memory_is_causal)
+            return x + self.dropout3(self._ff_block(h))
+        attn, p1 = _branch_dropout(self._sa_block(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal), self.dropout1)
+        x = add_layer_norm(attn, self.norm1, residual=x, dropout_p=p1)
+        cross, p2 = _branch_dropout(self._mha_block(x, memory, memory_mask, memory_key_padding_mask, memory_is_causal), self.dropout2)
         x = add_layer_norm(cross, self.norm2, residual=x, dropout_p=p2)
-        return add_layer_norm(self._ff_block(x, 0.0), self.norm3, residual=x, dropout_p=p3)
+        ff, p3 = _branch_dropout(self._ff_block(x), self.dropout3)
+        return add_layer_norm(ff, self.norm3, residual=x, dropout_p=p3)
 
-    def _sa_block(self, x: Tensor, attn_mask, key_padding_mask, is_causal: bool) -> Tensor:
+    def _forward_unfused(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        tgt_mask: Optional[Tensor],
+        memory_mask: Optional[Tensor],
+        tgt_key_padding_mask: Optional[Tensor],
+        memory_key_padding_mask: Optional[Tensor],
+        tgt_is_causal: bool,
+        memory_is_causal: bool,
+    ) -> Tensor:
+        """torch's formulas with plain torch ops around fastformer's attention (the TorchScript path)."""
+        x = tgt
+        if self.norm_first:
+            x = x + self.dropout1(self._sa_block(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal))
+            x = x + self.dropout2(
+                self._mha_block(self.norm2(x), memory, memory_mask, memory_key_padding_mask, memory_is_causal)
+            )
+            return x + self.dropout3(self._ff_block_unfused(self.norm3(x)))
+        x = self.norm1(x + self.dropout1(self._sa_block(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal)))
+        x = self.norm2(
+            x + self.dropout2(self._mha_block(x, memory, memory_mask, memory_key_padding_mask, memory_is_causal))
+        )
+        return self.norm3(x + self.dropout3(self._ff_block_unfused(x)))
+
+    def _sa_block(
+        self, x: Tensor, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], is_causal: bool
+    ) -> Tensor:
         return self.self_attn(
             x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal, need_weights=False
         )[0]
 
-    def _mha_block(self, x: Tensor, mem: Tensor, attn_mask, key_padding_mask, is_causal: bool) -> Tensor:
+    def _mha_block(
+        self, x: Tensor, mem: Tensor, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], is_causal: bool
+    ) -> Tensor:
         return self.multihead_attn(
             x, mem, mem, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal, need_weights=False
         )[0]
 
-    def _ff_block(self, x: Tensor, dropout_out: float) -> Tensor:
-        h = self.dropout(linear_act(x, self.linear1, self.activation))
-        h = F.linear(h, self.linear2.weight, self.linear2.bias)
-        return F.dropout(h, p=dropout_out, training=True) if dropout_out > 0.0 else h
+    @torch.jit.unused
+    def _ff_block(self, x: Tensor) -> Tensor:
+        """``linear2(dropout(activation(linear1(x))))``, the first GEMM fused with its activation."""
+        return self.linear2(self.dropout(linear_act(x, self.linear1, self.activation)))
+
+    def _ff_block_unfused(self, x: Tensor) -> Tensor:
+        return self.linear2(self.dropout(self.activation(self.linear1(x))))
 
 
 def _clones(module: nn.Module, n: int) -> nn.ModuleList:
@@ -246,7 +324,7 @@ def _nesting_blocker(layer: nn.Module) -> str:
     if layer.norm_first:
         return "encoder_layer.norm_first was True"
     if not attn.batch_first:
-        return "encoder_layer.self_attn.batch_first was not True"
+        return "encoder_layer.self_attn.batch_first was not True(use batch_first for better inference performance)"
     if not attn._qkv_same_embed_dim:
         return "encoder_layer.self_attn._qkv_same_embed_dim was not True"
     if attn.in_proj_bias is None:
@@ -258,6 +336,25 @@ def _nesting_blocker(layer: nn.Module) -> str:
     if attn.num_heads % 2 == 1:
         return "encoder_layer.self_attn.num_heads is odd"
     return ""
+
+
+_PADDING_NOTE_SHOWN = False
+
+
+@torch.jit.unused
+def _warn_padding_computed() -> None:
+    """Once per process: where torch's encoder would take its nested-tensor fast path, say
+    why ours differs (as torch explains its own ``why_not_sparsity_fast_path``)."""
+    global _PADDING_NOTE_SHOWN
+    if not _PADDING_NOTE_SHOWN:
+        _PADDING_NOTE_SHOWN = True
+        warnings.warn(
+            "fastformer.nn.TransformerEncoder: torch would run this call on nested tensors (its sparsity fast "
+            "path, skipping padded positions); fastformer computes the padded positions with the fused kernels "
+            "and writes zeros there, so outputs match torch's but padding is not skipped. "
+            "(This note is shown once.)",
+            stacklevel=3,
+        )
 
 
 def _left_aligned(keep: Tensor) -> bool:
@@ -293,7 +390,14 @@ class TransformerEncoder(nn.Module):
         self.num_layers = num_layers
         self.norm = norm
         self.enable_nested_tensor = enable_nested_tensor
-        self.use_nested_tensor = enable_nested_tensor and not _nesting_blocker(encoder_layer)
+        why_not_sparsity_fast_path = _nesting_blocker(encoder_layer)
+        # torch's warning, word for word: code and tests rely on it.
+        if enable_nested_tensor and why_not_sparsity_fast_path:
+            warnings.warn(
+                f"enable_nested_tensor is True, but self.use_nested_tensor is False because {why_not_sparsity_fast_path}",
+                stacklevel=2,
+            )
+        self.use_nested_tensor = enable_nested_tensor and not why_not_sparsity_fast_path
         self.mask_check = mask_check
 
     def forward(
@@ -303,20 +407,26 @@ class TransformerEncoder(nn.Module):
         src_key_padding_mask: Optional[Tensor] = None,
         is_causal: Optional[bool] = None,
     ) -> Tensor:
+        _check_mask_dtype(mask, "mask")  # torch's encoder asserts this before anything else
+        _check_mask_dtype(src_key_padding_mask, "src_key_padding_mask")
         first = self.layers[0]
-        zero_padding = self._torch_would_nest(src, mask, src_key_padding_mask)
-        is_causal = _detect_is_causal_mask(mask, is_causal, _seq_len(src, first.self_attn.batch_first))
+        zero_padding = False
+        if not torch.jit.is_scripting():
+            zero_padding = self._torch_would_nest(src, mask, src_key_padding_mask)
+        causal = _detect_is_causal_mask(mask, is_causal, _seq_len(src, first.self_attn.batch_first))
         output = src
         for layer in self.layers:
-            output = layer(output, src_mask=mask, is_causal=is_causal, src_key_padding_mask=src_key_padding_mask)
-        if zero_padding:
+            output = layer(output, src_mask=mask, is_causal=causal, src_key_padding_mask=src_key_padding_mask)
+        if zero_padding and src_key_padding_mask is not None:
+            _warn_padding_computed()
             pad = src_key_padding_mask if src_key_padding_mask.dtype == torch.bool else src_key_padding_mask != 0
             output = output.masked_fill(pad.unsqueeze(-1), 0.0)
         if self.norm is not None:
             output = self.norm(output)
         return output
 
-    def _torch_would_nest(self, src: Tensor, mask, src_key_padding_mask) -> bool:
+    @torch.jit.unused
+    def _torch_would_nest(self, src: Tensor, mask: Optional[Tensor], src_key_padding_mask: Optional[Tensor]) -> bool:
         """torch's conditions for its nested-tensor path (whose output has zeros at padding)."""
         if not (getattr(self, "use_nested_tensor", False) and torch.backends.mha.get_fastpath_enabled()):
             return False
@@ -362,6 +472,7 @@ class TransformerDecoder(nn.Module):
         tgt_is_causal: Optional[bool] = None,
         memory_is_causal: bool = False,
     ) -> Tensor:
+        _check_mask_dtype(tgt_mask, "tgt_mask")
         output = tgt
         tgt_is_causal = _detect_is_causal_mask(tgt_mask, tgt_is_causal, _seq_len(tgt, self.layers[0].self_attn.batch_first))
         for layer in self.layers:
@@ -463,7 +574,9 @@ class Transformer(nn.Module):
         )
 
     @staticmethod
-    def generate_square_subsequent_mask(sz: int, device=None, dtype=None) -> Tensor:
+    def generate_square_subsequent_mask(
+        sz: int, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None
+    ) -> Tensor:
         """``(sz, sz)`` float causal mask: ``-inf`` above the diagonal, ``0`` elsewhere."""
         return generate_square_subsequent_mask(sz, device=device, dtype=dtype)
 
