@@ -503,3 +503,28 @@ def test_padding_note_once_where_torch_would_nest(monkeypatch):
         enc(x, src_key_padding_mask=pad)
     notes = [w for w in caught if "nested tensors" in str(w.message)]
     assert len(notes) == 1
+
+
+# ----------------------------------------------------------------------------- dropout streams
+
+
+def test_dropout_matches_torch_in_statistics_not_bits():
+    """The kernels draw their own dropout masks (seeded from torch's generator): equal seeds
+    give different samples than torch's, but the same expectation and spread."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 6, 8) for _ in range(3))
+    p, n = 0.3, 300
+    ours = torch.stack([fastformer.scaled_dot_product_attention(q, k, v, dropout_p=p) for _ in range(n)])
+    theirs = torch.stack([F.scaled_dot_product_attention(q, k, v, dropout_p=p) for _ in range(n)])
+    exact = F.scaled_dot_product_attention(q, k, v)
+    for samples in (ours, theirs):
+        bound = 5 * (samples.var(0) / n).sqrt() + 1e-6  # 5 standard errors of the mean
+        assert ((samples.mean(0) - exact).abs() <= bound).all()  # unbiased: 1/(1-p) scaling
+    ratio = ours.var(0).mean() / theirs.var(0).mean()
+    assert 0.8 < ratio < 1.25, f"dropout spread differs from torch's: variance ratio {ratio:.3f}"
+    torch.manual_seed(1)
+    first = fastformer.scaled_dot_product_attention(q, k, v, dropout_p=p)
+    torch.manual_seed(1)
+    assert torch.equal(fastformer.scaled_dot_product_attention(q, k, v, dropout_p=p), first)  # reproducible
+    torch.manual_seed(1)
+    assert not torch.equal(F.scaled_dot_product_attention(q, k, v, dropout_p=p), first)  # not torch's stream

@@ -95,8 +95,14 @@ class TransformerEncoderLayer(nn.Module):
     ``batch_first=False``, ``norm_first=False``, ``bias=True``, ``device``, ``dtype``.
 
     Forward: ``src`` ``(S, B, E)`` / ``(B, S, E)`` / ``(S, E)``, ``src_mask`` ``(S, S)`` or
-    ``(B·H, S, S)``, ``src_key_padding_mask`` ``(B, S)`` (bool ``True`` = padding, or
-    float), ``is_causal`` (hint that ``src_mask`` is causal). Returns ``src``'s shape.
+    ``(B·H, S, S)`` (or a ``CausalBias``), ``src_key_padding_mask`` ``(B, S)`` (bool ``True`` =
+    padding, or float), ``is_causal`` (hint that ``src_mask`` is causal). Returns ``src``'s shape.
+
+    Dropout, as in torch, follows each submodule's own mode: ``dropout1``/``dropout2``/``dropout``
+    apply while *they* are in training mode, the attention dropout while ``self_attn`` is;
+    the layer's own ``training`` flag is not read. The random masks are fastformer's own
+    (seeded from torch's generator), not torch's stream. Under ``torch.jit.script`` the layer
+    runs torch's formulas with plain torch ops around fastformer's attention op.
     """
 
     __constants__ = ["norm_first"]
@@ -190,7 +196,7 @@ class TransformerDecoderLayer(nn.Module):
     / ``(T, E)``, ``memory`` ``(S, B, E)`` / ``(B, S, E)`` / ``(S, E)``, ``tgt_mask`` ``(T, T)``,
     ``memory_mask`` ``(T, S)``, ``tgt_key_padding_mask`` ``(B, T)``,
     ``memory_key_padding_mask`` ``(B, S)``, ``tgt_is_causal``, ``memory_is_causal``.
-    Returns ``tgt``'s shape.
+    Returns ``tgt``'s shape. Dropout and TorchScript: as :class:`TransformerEncoderLayer`.
     """
 
     __constants__ = ["norm_first"]
@@ -372,7 +378,9 @@ class TransformerEncoder(nn.Module):
     torch would run on nested tensors (eval, batch_first, key padding mask, no
     ``mask``, no gradients, ...), its output is ``0`` at padded positions: the same
     zeros are written here, so outputs match torch's everywhere. Padded positions are
-    still computed (not skipped) — a possible speed-up for heavily padded batches.
+    still computed (not skipped) — a possible speed-up for heavily padded batches — and a
+    ``UserWarning`` says so once per process. When ``enable_nested_tensor`` cannot be used
+    (e.g. ``bias=False``), the constructor warns with torch's words.
     """
 
     __constants__ = ["norm"]
