@@ -170,25 +170,30 @@ def test_multihead_attention_mask_shape_messages_are_torchs():
     assert str(got.value) == str(want.value)
 
 
-def _layer_pairs():
+_KW = dict(d_model=E, nhead=H, dim_feedforward=8, dropout=0.0)
+_LAYER_PAIRS = {
+    "TransformerEncoderLayer": lambda: (fnn.TransformerEncoderLayer(**_KW), nn.TransformerEncoderLayer(**_KW)),
+    "TransformerDecoderLayer": lambda: (fnn.TransformerDecoderLayer(**_KW), nn.TransformerDecoderLayer(**_KW)),
+    "TransformerEncoder": lambda: (
+        fnn.TransformerEncoder(fnn.TransformerEncoderLayer(**_KW), 2, enable_nested_tensor=False),
+        nn.TransformerEncoder(nn.TransformerEncoderLayer(**_KW), 2, enable_nested_tensor=False),
+    ),
+    "TransformerDecoder": lambda: (
+        fnn.TransformerDecoder(fnn.TransformerDecoderLayer(**_KW), 2),
+        nn.TransformerDecoder(nn.TransformerDecoderLayer(**_KW), 2),
+    ),
+    "Transformer": lambda: (fnn.Transformer(E, H, 1, 1, 8, dropout=0.0), nn.Transformer(E, H, 1, 1, 8, dropout=0.0)),
+}
+
+
+def _layer_pair(name):
+    """(ours, torch's) with the same weights."""
     torch.manual_seed(0)
-    kw = dict(d_model=E, nhead=H, dim_feedforward=8, dropout=0.0)
-    return {
-        "TransformerEncoderLayer": (fnn.TransformerEncoderLayer(**kw), nn.TransformerEncoderLayer(**kw)),
-        "TransformerDecoderLayer": (fnn.TransformerDecoderLayer(**kw), nn.TransformerDecoderLayer(**kw)),
-        "TransformerEncoder": (
-            fnn.TransformerEncoder(fnn.TransformerEncoderLayer(**kw), 2, enable_nested_tensor=False),
-            nn.TransformerEncoder(nn.TransformerEncoderLayer(**kw), 2, enable_nested_tensor=False),
-        ),
-        "TransformerDecoder": (
-            fnn.TransformerDecoder(fnn.TransformerDecoderLayer(**kw), 2),
-            nn.TransformerDecoder(nn.TransformerDecoderLayer(**kw), 2),
-        ),
-        "Transformer": (
-            fnn.Transformer(E, H, 1, 1, 8, dropout=0.0),
-            nn.Transformer(E, H, 1, 1, 8, dropout=0.0),
-        ),
-    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the Transformer's seq-first encoder: both warn alike (tested below)
+        ours, theirs = _LAYER_PAIRS[name]()
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
 
 
 def _layer_call(name, module, mask):
@@ -202,14 +207,14 @@ def _layer_call(name, module, mask):
     return module(x, x, tgt_mask=mask)
 
 
-@pytest.mark.parametrize("name", sorted(_layer_pairs()))
+@pytest.mark.parametrize("name", sorted(_LAYER_PAIRS))
 @pytest.mark.parametrize(
     "mask,pythonic",
     [(torch.zeros(5, 5), ValueError), (torch.zeros(3, 3, dtype=torch.int32), TypeError), (torch.zeros(1, 1, 3, 3), ValueError)],
     ids=["wrong-shape", "integer", "4-D"],
 )
 def test_layer_error_types(name, mask, pythonic):
-    ours, theirs = _layer_pairs()[name]
+    ours, theirs = _layer_pair(name)
     if name == "TransformerDecoder" and mask.dtype == torch.int32:
         # torch's decoder stack fails by accident here (RuntimeError: -inf overflows int while it
         # builds a causal mask to compare against); its layers assert the dtype, as ours do.
@@ -528,3 +533,58 @@ def test_dropout_matches_torch_in_statistics_not_bits():
     assert torch.equal(fastformer.scaled_dot_product_attention(q, k, v, dropout_p=p), first)  # reproducible
     torch.manual_seed(1)
     assert not torch.equal(F.scaled_dot_product_attention(q, k, v, dropout_p=p), first)  # not torch's stream
+
+
+# ----------------------------------------------------------------------------- is_causal hints, every layer
+
+
+def assert_same_behaviour(ours_fn, torch_fn):
+    """torch raises -> ours raises an instance of its type; torch returns -> ours returns the same values."""
+    theirs = _raised(torch_fn)
+    if theirs is not None:
+        ours = _raised(ours_fn)
+        assert isinstance(ours, type(theirs)), f"torch raises {type(theirs).__name__}: {theirs}; ours: {ours!r}"
+        return
+    torch.testing.assert_close(ours_fn(), torch_fn())
+
+
+def _stack_call(name, module, x, mask, is_causal):
+    if name == "TransformerEncoderLayer":
+        return module(x, src_mask=mask, is_causal=is_causal)
+    if name == "TransformerEncoder":
+        return module(x, mask=mask, is_causal=is_causal)
+    if name == "Transformer":
+        return module(x, x, tgt_mask=mask, tgt_is_causal=is_causal)
+    return module(x, x, tgt_mask=mask, tgt_is_causal=is_causal)
+
+
+CAUSAL_HINTS = {
+    "hint without a mask": (None, True),
+    "hint with the causal mask": ("causal", True),
+    "hint with a zero mask": ("zeros", True),
+    "hint with a wrongly shaped mask": ("wrong", True),
+    "causal mask, no hint": ("causal", False),
+    "causal mask, hint left to detection": ("causal", None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CAUSAL_HINTS))
+@pytest.mark.parametrize("name", sorted(_LAYER_PAIRS))
+def test_is_causal_hints_match_torch(name, case):
+    ours, theirs = _layer_pair(name)
+    ours.eval(), theirs.eval()
+    kind, is_causal = CAUSAL_HINTS[case]
+    if is_causal is None and name.endswith("Layer"):
+        pytest.skip("the layers take a bool hint; detection is the stacks' job")
+    torch.manual_seed(0)
+    x = torch.randn(4, 2, E)
+    mask = {
+        None: None,
+        "causal": nn.Transformer.generate_square_subsequent_mask(4),
+        "zeros": torch.zeros(4, 4),
+        "wrong": torch.zeros(3, 3),
+    }[kind]
+    with torch.no_grad():
+        assert_same_behaviour(
+            lambda: _stack_call(name, ours, x, mask, is_causal), lambda: _stack_call(name, theirs, x, mask, is_causal)
+        )
