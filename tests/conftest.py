@@ -5,6 +5,8 @@
 * Kernel outputs are NaN-poisoned (``FASTFORMER_POISON_OUTPUTS=1``) so elements a
   kernel never writes fail the checks.
 * ``@pytest.mark.cuda`` tests are skipped without a GPU.
+* Skipped tests of an advertised integration (transformers, timm; see advertised.py)
+  get their own section in the terminal summary, with the reason.
 """
 
 import os
@@ -16,6 +18,8 @@ if not torch.cuda.is_available():
 os.environ.setdefault("FASTFORMER_POISON_OUTPUTS", "1")
 
 import pytest  # noqa: E402
+
+from advertised import SKIP_PREFIX  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -31,3 +35,19 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """List the advertised integrations whose tests skipped here, with why (visible in CI's log)."""
+    counts = {}
+    for rep in terminalreporter.stats.get("skipped", []):
+        if isinstance(rep.longrepr, tuple) and rep.longrepr[2].startswith("Skipped: " + SKIP_PREFIX):
+            reason = rep.longrepr[2][len("Skipped: "):]
+            counts.setdefault(reason, []).append(rep.nodeid)
+    if not counts:
+        return
+    terminalreporter.section("advertised integrations NOT tested here", sep="=", yellow=True, bold=True)
+    for reason, nodeids in sorted(counts.items()):
+        files = sorted({n.split("::")[0] for n in nodeids})
+        terminalreporter.line(f"{reason}: {len(nodeids)} test(s)/module(s) skipped in {', '.join(files)}")
+    terminalreporter.line("(set FASTFORMER_EXPECT_INTEGRATIONS=<names> where they must run, to fail instead of skip)")

@@ -5,7 +5,9 @@ import copy
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+from advertised import require_integration
+
+transformers = require_integration("transformers")
 
 import fastformer.integrations.hf as ff_hf  # noqa: E402
 from error_rule import assert_close_by_rule  # noqa: E402

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from fastformer.integrations.timm import Attention, convert_attention
+from advertised import require_integration
 from nn_parity import check_parity, single_thread
 
 pytestmark = pytest.mark.usefixtures(single_thread.__name__)
@@ -86,7 +87,7 @@ def test_bad_arguments():
 
 
 def _tiny_vit(**kw):
-    timm = pytest.importorskip("timm")
+    timm = require_integration("timm")
     from timm.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(0)

@@ -10,7 +10,9 @@ import torch
 from error_rule import assert_close_by_rule
 from fastformer.models import BERT, BERTConfig, ViT
 
-transformers = pytest.importorskip("transformers")
+from advertised import require_integration
+
+transformers = require_integration("transformers")
 
 
 def tiny_hf_bert():
@@ -120,7 +122,7 @@ def test_vit_options_and_resampled_positions():
 
 
 def test_vit_loads_timm_state_dict_names():
-    timm = pytest.importorskip("timm")
+    timm = require_integration("timm")
     ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32).eval()
     ours = ViT(img_size=32, patch_size=16, num_classes=10, embed_dim=192, depth=12, num_heads=3).eval()
     ours.load_state_dict(ref.state_dict())

@@ -12,7 +12,9 @@ from error_rule import assert_close_by_rule
 from fastformer.models import GPT, GPTConfig
 from fastformer.models.sampling import sample_next
 
-transformers = pytest.importorskip("transformers")
+from advertised import require_integration
+
+transformers = require_integration("transformers")
 
 
 def tiny_hf_gpt2(seed=0):
