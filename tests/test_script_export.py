@@ -200,3 +200,18 @@ def _models():
 def test_export_model_save_load(name):
     torch.manual_seed(0)
     _export_roundtrip(*_models()[name])
+
+
+def test_scripted_encoder_padding_matches_torchs_scripted():
+    """torch's scripted encoder takes its nested-tensor path too (zeros at padding); so does ours."""
+    torch.manual_seed(0)
+    theirs = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 2).eval()
+    ours = fnn.TransformerEncoder(fnn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 2).eval()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 4, 8)
+    pad = torch.tensor([[False, False, False, True], [False, False, False, False]])
+    with torch.no_grad():
+        want = torch.jit.script(theirs)(x, src_key_padding_mask=pad)
+        got = torch.jit.script(ours)(x, src_key_padding_mask=pad)
+    assert (got[0, 3] == 0).all()
+    torch.testing.assert_close(got, want)

@@ -10,7 +10,7 @@ callable runs as given).
 
 import copy
 import warnings
-from typing import Any, Callable, Optional, Tuple, Union
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -365,7 +365,7 @@ def _warn_padding_computed() -> None:
 
 def _left_aligned(keep: Tensor) -> bool:
     """Every row of ``keep`` (B, S) is ones then zeros: padding only at the end."""
-    return bool((keep.cummin(dim=1).values == keep).all())
+    return bool((keep.cummin(dim=1)[0] == keep).all())
 
 
 class TransformerEncoder(nn.Module):
@@ -418,38 +418,51 @@ class TransformerEncoder(nn.Module):
         _check_mask_dtype(mask, "mask")  # torch's encoder asserts this before anything else
         _check_mask_dtype(src_key_padding_mask, "src_key_padding_mask")
         first = self.layers[0]
-        zero_padding = False
-        if not torch.jit.is_scripting():
-            zero_padding = self._torch_would_nest(src, mask, src_key_padding_mask)
+        zero_padding = self._torch_would_nest(src, mask, src_key_padding_mask)
         causal = _detect_is_causal_mask(mask, is_causal, _seq_len(src, first.self_attn.batch_first))
         output = src
         for layer in self.layers:
             output = layer(output, src_mask=mask, is_causal=causal, src_key_padding_mask=src_key_padding_mask)
         if zero_padding and src_key_padding_mask is not None:
-            _warn_padding_computed()
+            if not torch.jit.is_scripting():
+                _warn_padding_computed()
             pad = src_key_padding_mask if src_key_padding_mask.dtype == torch.bool else src_key_padding_mask != 0
             output = output.masked_fill(pad.unsqueeze(-1), 0.0)
         if self.norm is not None:
             output = self.norm(output)
         return output
 
-    @torch.jit.unused
     def _torch_would_nest(self, src: Tensor, mask: Optional[Tensor], src_key_padding_mask: Optional[Tensor]) -> bool:
-        """torch's conditions for its nested-tensor path (whose output has zeros at padding)."""
-        if not (getattr(self, "use_nested_tensor", False) and torch.backends.mha.get_fastpath_enabled()):
+        """torch's conditions for its nested-tensor path (whose output has zeros at padding);
+        TorchScript-compatible, as torch's scripted encoder takes that path too."""
+        if not self.use_nested_tensor or not torch.backends.mha.get_fastpath_enabled():
             return False
-        if self.layers[0].training or src.dim() != 3 or src_key_padding_mask is None or mask is not None:
+        first = self.layers[0]
+        if first.training or src.dim() != 3 or src_key_padding_mask is None or mask is not None:
             return False
-        if src.is_nested or torch.is_autocast_enabled():
+        if src.is_nested or torch.is_autocast_enabled() or (src.device.type != "cpu" and src.device.type != "cuda"):
             return False
         if src_key_padding_mask.dtype == torch.bool:
             keep = src_key_padding_mask.logical_not()
         else:
             keep = src_key_padding_mask == 0  # torch: float mask → bool via -inf; 0 = keep
-        if self.mask_check and (torch.compiler.is_compiling() or not _left_aligned(keep)):
-            return False
-        if torch.is_grad_enabled() and (src.requires_grad or any(p.requires_grad for p in self.layers[0].parameters())):
-            return False
+        if self.mask_check:
+            if not torch.jit.is_scripting():
+                if torch.compiler.is_compiling():
+                    return False
+            if not _left_aligned(keep):
+                return False
+        if torch.is_grad_enabled():
+            # torch's list: the input and the first layer's projection, norm and linear parameters.
+            attn = first.self_attn
+            tensors: List[Optional[Tensor]] = [
+                src, attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias,
+                first.norm1.weight, first.norm1.bias, first.norm2.weight, first.norm2.bias,
+                first.linear1.weight, first.linear1.bias, first.linear2.weight, first.linear2.bias,
+            ]
+            for t in tensors:
+                if t is not None and t.requires_grad:
+                    return False
         return True
 
 
