@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 import fastformer
 
@@ -39,8 +40,15 @@ class Dist:
         return slice(self.rank, n, self.world)
 
     def log(self, *args) -> None:
+        """Print on rank 0 (above a running progress bar, if any)."""
         if self.main:
-            print(*args, flush=True)
+            tqdm.write(" ".join(str(a) for a in args))
+
+    def progress(self, iterable=None, total: int = None, desc: str = "train", unit: str = "step") -> tqdm:
+        """A tqdm progress bar over the training loop on rank 0 (silent on the others):
+        wrap an iterable, or pass ``total`` and call ``update()``."""
+        return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not self.main, mininterval=1.0,
+                    dynamic_ncols=True)
 
     def close(self) -> None:
         self._scope.close()

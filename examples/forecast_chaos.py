@@ -5,9 +5,13 @@ with a little noise. The model learns ``x_t`` from the previous ``W`` values;
 it is scored one step ahead and over short rollouts against the persistence
 baseline (tomorrow = today).
 
-    python examples/forecast_chaos.py           # about a minute on 2 CPU cores
+    OMP_NUM_THREADS=1 python examples/forecast_chaos.py   # 1.5-5 minutes on 2 shared CPU cores (below)
     python examples/forecast_chaos.py --smoke   # a few steps (CI)
     torchrun --nproc_per_node 2 examples/forecast_chaos.py
+
+Measured on an AMD EPYC with 2 cores shared with other jobs (bench/NOTES.md): 83 s at
+load average ~8, 317 s on a busier day. On such a machine keep OMP_NUM_THREADS=1: two
+OpenMP threads on oversubscribed cores made these tiny models' steps 10-25x slower.
 """
 
 from __future__ import annotations
@@ -33,6 +37,15 @@ def logistic_series(n: int, r: float = 3.9, x0: float = 0.3, noise: float = 1e-3
     for t in range(1, n):
         x[t] = r * x[t - 1] * (1 - x[t - 1])
     return (x + noise * torch.randn(n, generator=g, dtype=torch.float64)).float()[:, None]  # (n, 1)
+
+
+def versus_persistence(model_mse: float, persistence_mse: float) -> str:
+    """'12.3x better than persistence' / '1.39x worse than persistence' (by mean squared error)."""
+    if model_mse == persistence_mse:
+        return "as good as persistence"
+    if model_mse < persistence_mse:
+        return f"{persistence_mse / model_mse:.3g}x better than persistence" if model_mse > 0 else "exact"
+    return f"{model_mse / persistence_mse:.3g}x worse than persistence"
 
 
 def main(argv=None) -> dict:
@@ -61,7 +74,8 @@ def main(argv=None) -> dict:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.steps, pct_start=0.05)
     gen = torch.Generator().manual_seed(1)
     t0 = time.time()
-    for step in range(1, args.steps + 1):
+    bar = d.progress(range(1, args.steps + 1))
+    for step in bar:
         model.train()
         idx = torch.randint(len(x_tr), (args.batch,), generator=gen)[d.shard(args.batch)]
         pred = net(x_tr[idx].to(d.device))
@@ -70,6 +84,8 @@ def main(argv=None) -> dict:
         loss.backward()
         opt.step()
         sched.step()
+        if step % 20 == 0 or step == args.steps:
+            bar.set_postfix(mse=f"{loss.item():.2e}", refresh=False)
         if step % 300 == 0 or step == args.steps:
             d.log(f"step {step:5d}  mse {loss.item():.2e}  ({time.time() - t0:.0f}s)")
 
@@ -84,7 +100,7 @@ def main(argv=None) -> dict:
     mse_base = ((base - truth) ** 2).mean(dim=(0, 2))
     for h in range(H):
         d.log(f"horizon {h + 1}: model mse {mse[h]:.2e}   persistence mse {mse_base[h]:.2e}   "
-              f"({mse_base[h] / mse[h]:.0f}x better)")
+              f"({versus_persistence(mse[h].item(), mse_base[h].item())})")
     result = {"one_step_mse": mse[0].item(), "persistence_one_step_mse": mse_base[0].item(),
               "rollout_mse": mse.tolist(), "persistence_rollout_mse": mse_base.tolist(),
               "seconds": time.time() - t0, "steps": args.steps}

@@ -108,3 +108,18 @@ def test_example_smoke(name, key):
     with use_decode_backend("torch"):  # the interpreted kernel is covered elsewhere
         result = _example(name).main(["--smoke", "--device", "cpu"])
     assert key in result and result[key] == result[key]  # present and not NaN
+
+
+@pytest.mark.parametrize("model_mse, base_mse, words", [
+    (1.84e-1, 1.33e-1, "1.38x worse than persistence"),   # once printed as "(1x better)"
+    (8.0e-6, 2.65e-1, "3.31e+04x better than persistence"),
+    (0.5, 0.5, "as good as persistence"),
+])
+def test_forecast_says_better_or_worse(model_mse, base_mse, words):
+    assert _example("forecast_chaos").versus_persistence(model_mse, base_mse) == words
+
+
+def test_every_example_training_loop_shows_progress():
+    """Each example's training loop runs under the tqdm bar from _dist.Dist.progress."""
+    for path in sorted((REPO / "examples").glob("[!_]*.py")):
+        assert "d.progress(" in path.read_text(), f"{path.name}: training loop without a progress bar"
