@@ -2,8 +2,11 @@
 # The main job, with its own set-up: fastformer's attention backends vs naive
 # attention and torch, on this machine (GPU if present, else CPU).
 #   bash bench/run.sh            # default set, writes bench/results/<device>/attention.json
-#   bash bench/run.sh --quick    # a few seconds
+#   bash bench/run.sh --quick    # seconds once set up (the first run builds the extension)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/setup_env.sh
+# Set here, so attention.py need not re-exec itself for it (that imports torch twice);
+# see bench/common.py:exact_cpu_memory_accounting.
+export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-65536}
 python bench/attention.py "$@"
