@@ -22,6 +22,10 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634  # scores are kept in the log2 domain so the kernels use exp2
 LN2 = 0.6931471805599453
+# Float-mask values are saturated to +-MASK_LIMIT before scaling by log2(e) (see
+# _load_mask_tile): MASK_LIMIT * LOG2E = 3.3e38 stays finite, with room below FLT_MAX
+# for the scaled q.k term.
+MASK_LIMIT = tl.constexpr(2.3e38)
 # Philox rounds: 7 passes BigCrush (Salmon et al. 2011) and costs 30% less than 10.
 PHILOX_ROUNDS = 7
 
@@ -101,14 +105,21 @@ def _dropout_keep(seed, rng_offset, bh, rows, cols, dropout_p):
 @triton.jit
 def _load_mask_tile(mask_base, rows, cols, ok, stride_mm, stride_mn, MASK_BOOL: tl.constexpr):
     """Additive log2-domain bias of an attn_mask tile: 0/-inf for bool masks
-    (True = attend), value * log2(e) for float masks. ``rows``/``cols`` are
+    (True = attend), value * log2(e) for float masks (finite values saturated at
+    +-MASK_LIMIT). ``rows``/``cols`` are
     broadcastable index tiles; ``ok`` masks the load."""
     ptrs = mask_base + rows.to(tl.int64) * stride_mm + cols.to(tl.int64) * stride_mn
     if MASK_BOOL:
         keep = tl.load(ptrs, mask=ok, other=0)
         bias = tl.where(keep != 0, 0.0, float("-inf"))
     else:
-        bias = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32) * 1.4426950408889634
+        # Finite fills beyond +-MASK_LIMIT (finfo.min: Hugging Face's padding fill) would
+        # overflow to -+inf when scaled by log2(e); saturating them keeps a row of equal
+        # huge fills a row of equal finite scores (uniform weights, as torch) and -inf masked.
+        x = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+        x = tl.where((tl.abs(x) > MASK_LIMIT) & (tl.abs(x) < float("inf")),
+                     tl.where(x > 0, MASK_LIMIT, -MASK_LIMIT), x)
+        bias = x * 1.4426950408889634
     return bias
 
 

@@ -143,6 +143,17 @@ static inline void scale_row(float* s, int64_t n, int64_t npad, float c) {
   for (int64_t j = n; j < npad; ++j) s[j] = kNegInf;
 }
 
+// A float mask value in the log2 domain. Finite fills beyond +-kMaskLimit (finfo.min, the
+// padding fill of Hugging Face models) would overflow to -+inf once scaled by log2(e):
+// they saturate instead, so a row of equal huge fills stays a row of equal finite scores
+// (uniform weights over its keys, as torch gives) while -inf still means "masked".
+// kMaskLimit * log2(e) = 3.3e38 leaves room below FLT_MAX for the scaled q.k term.
+constexpr float kMaskLimit = 2.3e38f;
+static inline float mask_log2(float x) {
+  if (std::fabs(x) > kMaskLimit && std::isfinite(x)) x = std::copysign(kMaskLimit, x);
+  return x * kLog2e;
+}
+
 // The mask and the causal limit for query i on keys j0 .. j0+n-1, in the log2 domain.
 static inline void mask_row(const Problem& p, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t n, float* s) {
   const MaskView& m = p.mask;
@@ -154,10 +165,10 @@ static inline void mask_row(const Problem& p, int64_t b, int64_t h, int64_t i, i
         if (!mb[j * m.ss]) s[j] = kNegInf;
     } else if (m.kind == kMaskF32) {
       const float* mf = static_cast<const float*>(m.data) + base;
-      for (int64_t j = 0; j < n; ++j) s[j] += mf[j * m.ss] * kLog2e;
+      for (int64_t j = 0; j < n; ++j) s[j] += mask_log2(mf[j * m.ss]);
     } else {
       const uint16_t* mh = static_cast<const uint16_t*>(m.data) + base;
-      for (int64_t j = 0; j < n; ++j) s[j] += bf16_to_float(mh[j * m.ss]) * kLog2e;
+      for (int64_t j = 0; j < n; ++j) s[j] += mask_log2(bf16_to_float(mh[j * m.ss]));
     }
   }
   if (p.causal) {

@@ -54,6 +54,25 @@ def _pad_last(t, d: int):
     return t if t.shape[-1] == d else F.pad(t, (0, d - t.shape[-1]))
 
 
+# The kernels scale a float mask by log2(e) in its dtype's range: bfloat16 fills beyond
+# +-MASK_LIMIT (finfo.min) would overflow to -+inf, so they are saturated here first
+# (as kernels/attention_common.MASK_LIMIT does inside the Triton kernels).
+MASK_LIMIT = 2.3e38
+
+
+def saturated_mask(mask):
+    """``mask`` with finite values beyond +-MASK_LIMIT clamped (+-inf and NaN kept).
+
+    Works on the mask's own storage (broadcast dims of the view are read once) and
+    returns a view broadcast back to ``mask.shape``, so a broadcast mask is not materialised.
+    """
+    if mask is None or mask.dtype != torch.bfloat16:  # bool never, float16 cannot overflow
+        return mask
+    own = mask[tuple(slice(0, 1) if st == 0 else slice(None) for st in mask.stride())]
+    fixed = torch.where(own.isfinite(), own.clamp(-MASK_LIMIT, MASK_LIMIT), own)
+    return fixed.expand(mask.shape)
+
+
 def cuda_forward(q, k, v, mask, rng_state, dropout_p, is_causal, causal_bottom_right, scale):
     """Fused-kernel contract (fused_attention.py): out (B, Hq, L, Ev), lse (B, Hq, L) float32."""
     if dropout_p > 0.0:
@@ -67,7 +86,7 @@ def cuda_forward(q, k, v, mask, rng_state, dropout_p, is_causal, causal_bottom_r
     stream, sm_count, smem = launch_context(q.device)
     with torch.cuda.device(q.device):
         C.flash_attention_fwd(
-            q, k, v, mask, out, lse, float(scale), bool(is_causal),
+            q, k, v, saturated_mask(mask), out, lse, float(scale), bool(is_causal),
             _causal_offset(is_causal, causal_bottom_right, L, k.shape[2]), stream, sm_count, smem,
         )
     # Sliced outputs are made contiguous: the ops' fake implementations promise dense tensors.
@@ -90,7 +109,7 @@ def cuda_backward(dout, q, k, v, out, lse, mask, rng_state, dropout_p, is_causal
     stream, sm_count, smem = launch_context(q.device)
     with torch.cuda.device(q.device):
         C.flash_attention_bwd(
-            dout, q, k, v, out, lse, mask, delta, dq, dk, dv, float(scale), bool(is_causal),
+            dout, q, k, v, out, lse, saturated_mask(mask), delta, dq, dk, dv, float(scale), bool(is_causal),
             _causal_offset(is_causal, causal_bottom_right, L, k.shape[2]), stream, sm_count, smem,
         )
     if E != d:
@@ -112,6 +131,9 @@ def _unsupported(problem: AttentionProblem) -> Optional[str]:
         return "dropout is not implemented in the cuda kernels"
     if problem.mask_needs_grad:
         return "attn_mask requires grad (use the reference backend)"
+    mask = problem.mask
+    if mask is not None and mask.dtype not in (torch.bool, problem.q.dtype):
+        return f"a {mask.dtype} attn_mask with {problem.q.dtype} inputs (the kernels read masks in q's dtype)"
     if problem.is_empty:
         return None  # run() hands empty problems to the reference path
     d = kernel_head_dim(problem.head_dim, problem.head_dim_v)

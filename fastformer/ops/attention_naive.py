@@ -28,13 +28,14 @@ def causal_mask(L: int, S: int, bottom_right: bool, device) -> Tensor:
 
 
 def _expand_kv(t: Tensor, heads_q: int) -> Tensor:
-    groups = heads_q // t.shape[1]
-    return t if groups == 1 else t.repeat_interleave(groups, dim=1)
+    if t.shape[1] in (0, heads_q):  # no GQA (or no heads at all: nothing to repeat)
+        return t
+    return t.repeat_interleave(heads_q // t.shape[1], dim=1)
 
 
 def _reduce_kv(grad: Tensor, heads_kv: int) -> Tensor:
     B, Hq, S, D = grad.shape
-    return grad if Hq == heads_kv else grad.view(B, heads_kv, Hq // heads_kv, S, D).sum(2)
+    return grad if Hq == heads_kv or heads_kv == 0 else grad.view(B, heads_kv, Hq // heads_kv, S, D).sum(2)
 
 
 def dropout_keep_mask(rng_state: Tensor, shape, p: float, device) -> Tensor:
@@ -47,6 +48,9 @@ def dropout_keep_mask(rng_state: Tensor, shape, p: float, device) -> Tensor:
 
 def _scores(q, k, mask, is_causal, causal_bottom_right, scale) -> Tensor:
     """Scaled, masked scores in float32, (B, Hq, L, S)."""
+    if q.dtype == torch.float16:
+        # q·kᵀ can pass float16's 65504 where torch's (float32) scores are finite.
+        q, k = q.float(), k.float()
     s = torch.matmul(q, _expand_kv(k, q.shape[1]).transpose(-2, -1)).float() * scale
     if is_causal:
         s = s.masked_fill(~causal_mask(q.shape[2], k.shape[2], causal_bottom_right, q.device), float("-inf"))
@@ -55,10 +59,22 @@ def _scores(q, k, mask, is_causal, causal_bottom_right, scale) -> Tensor:
     return s
 
 
-def _probabilities(s: Tensor, lse: Tensor) -> Tensor:
-    # Rows with every key masked have lse = -inf; they attend to nothing (torch gives 0).
-    p = torch.exp(s - lse[..., None])
-    return torch.where(torch.isneginf(lse)[..., None], torch.zeros_like(p), p)
+def _softmax(s: Tensor):
+    """Row softmax of float32 scores and the natural-log log-sum-exp, ``(p, lse)``.
+
+    Normalised by the row sum, not by ``exp(s - lse)``: where |scores| are huge
+    (a row of ``finfo.min`` fills, scores ~1e11) ``lse = max + log(sum)`` cannot hold
+    ``log(sum)`` in float32 and ``exp(s - lse)`` would weigh every key 1. Rows with
+    every key masked (-inf) attend to nothing: p = 0, lse = -inf (torch gives 0).
+    """
+    if s.shape[-1] == 0:
+        return s, s.new_full(s.shape[:-1], float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    e = torch.exp(s - m)
+    total = e.sum(-1, keepdim=True)
+    p = e / torch.where(total == 0, torch.ones_like(total), total)
+    return p, (m + torch.log(total)).squeeze(-1)
 
 
 def _keep_scale(p: float) -> float:
@@ -66,9 +82,7 @@ def _keep_scale(p: float) -> float:
 
 
 def naive_forward(q, k, v, mask, rng_state, dropout_p, is_causal, causal_bottom_right, scale):
-    s = _scores(q, k, mask, is_causal, causal_bottom_right, scale)
-    lse = torch.logsumexp(s, dim=-1)
-    p = _probabilities(s, lse)
+    p, lse = _softmax(_scores(q, k, mask, is_causal, causal_bottom_right, scale))
     if dropout_p > 0.0:
         p = p * dropout_keep_mask(rng_state, p.shape, dropout_p, q.device) * _keep_scale(dropout_p)
     out = torch.matmul(p.to(v.dtype), _expand_kv(v, q.shape[1]))
@@ -78,7 +92,7 @@ def naive_forward(q, k, v, mask, rng_state, dropout_p, is_causal, causal_bottom_
 def naive_backward(dout, q, k, v, out, lse, mask, rng_state, dropout_p, is_causal, causal_bottom_right, scale):
     Hkv = k.shape[1]
     k_full, v_full = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
-    p = _probabilities(_scores(q, k, mask, is_causal, causal_bottom_right, scale), lse)
+    p, _ = _softmax(_scores(q, k, mask, is_causal, causal_bottom_right, scale))
     dp = torch.matmul(dout.float(), v_full.float().transpose(-2, -1))
     p_used = p
     if dropout_p > 0.0:
