@@ -17,10 +17,17 @@ def qkv(B=2, H=2, L=5, S=7, E=8, Ev=8, dtype=torch.float32, hkv=None):
 
 
 @pytest.mark.parametrize("backend", ["reference", "naive"])
-def test_rank_mismatch(backend):
+def test_rank_mismatch_broadcasts_as_torch(backend):
     q, k, v = qkv()
-    with pytest.raises(ValueError, match="same number of dimensions"):
-        sdpa(q, k[0], v, backend=backend)
+    out = sdpa(q, k[0], v, backend=backend)  # key (H, S, E) serves every batch, as in torch
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k[0], v))
+
+
+@pytest.mark.parametrize("backend", ["reference", "naive"])
+def test_rank_mismatch_not_broadcastable(backend):
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="broadcastable"):
+        sdpa(q, torch.randn(3, 7, 8), v, backend=backend)
 
 
 def test_rank_too_small():
@@ -56,8 +63,8 @@ def test_key_value_length_mismatch():
 
 def test_batch_mismatch():
     q, k, v = qkv()
-    with pytest.raises(ValueError, match="batch dimensions"):
-        sdpa(q, k[:1], v[:1])
+    with pytest.raises(ValueError, match="batch and head dimensions"):
+        sdpa(q, torch.cat([k, k[:1]]), torch.cat([v, v[:1]]))
 
 
 @pytest.mark.parametrize("shape", [(5, 6), (2, 3, 5, 7), (3, 1, 1, 7)])
@@ -69,7 +76,7 @@ def test_mask_not_broadcastable(shape):
 
 def test_mask_wrong_dtype():
     q, k, v = qkv()
-    with pytest.raises(TypeError, match="attn_mask must be a bool tensor or have query's dtype"):
+    with pytest.raises(TypeError, match="attn_mask must be a bool tensor, a float32 tensor or have query's dtype"):
         sdpa(q, k, v, attn_mask=torch.zeros(5, 7, dtype=torch.float64))
     with pytest.raises(TypeError, match="attn_mask"):
         sdpa(q, k, v, attn_mask=torch.zeros(5, 7, dtype=torch.int64))

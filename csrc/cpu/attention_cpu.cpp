@@ -131,7 +131,7 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   }
   TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), "attention_cpu: batch sizes differ: q ",
               q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
-  TORCH_CHECK(k.size(1) == v.size(1) && k.size(1) > 0 && q.size(1) % k.size(1) == 0,
+  TORCH_CHECK(k.size(1) == v.size(1) && (k.size(1) > 0 ? q.size(1) % k.size(1) == 0 : q.size(1) == 0),
               "attention_cpu: q heads must be a multiple of k/v heads: q ", q.sizes(), ", k ", k.sizes(), ", v ",
               v.sizes());
   TORCH_CHECK(k.size(3) == q.size(3), "attention_cpu: k head dim ", k.size(3), " != q head dim ", q.size(3));
@@ -170,8 +170,10 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     TORCH_CHECK(m.dim() == 4 && m.size(0) == p.B && m.size(1) == p.Hq && m.size(2) == p.L && m.size(3) == p.S,
                 "attention_cpu: mask must be (a view) of shape (B, Hq, L, S) = (", p.B, ", ", p.Hq, ", ", p.L, ", ",
                 p.S, "), got ", m.sizes());
-    TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == q.scalar_type(),
-                "attention_cpu: mask must be bool or q's dtype (", q.scalar_type(), "), got ", m.scalar_type());
+    // As torch: bool, float32 (added in float32 whatever q's dtype) or q's dtype.
+    TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == at::kFloat || m.scalar_type() == q.scalar_type(),
+                "attention_cpu: mask must be bool, float32 or q's dtype (", q.scalar_type(), "), got ",
+                m.scalar_type());
     p.mask.data = m.data_ptr();
     p.mask.kind = m.scalar_type() == at::kBool ? kMaskBool : m.scalar_type() == at::kFloat ? kMaskF32 : kMaskBF16;
     p.mask.sb = m.stride(0);

@@ -71,7 +71,9 @@ def fastformer_attention_forward(
 
         attention_mask = create_position_bias_mask(position_bias, attention_mask, is_causal, query, key)
         is_causal = False
-    if attention_mask is not None and attention_mask.dtype != torch.bool and attention_mask.dtype != query.dtype:
+    if attention_mask is not None and attention_mask.dtype not in (torch.bool, torch.float32, query.dtype):
+        # bool, float32 and query's dtype pass as they are (as transformers' SDPA path hands them
+        # to torch: a float32 mask is added in float32); anything else becomes query's dtype.
         attention_mask = attention_mask.to(query.dtype)
 
     out = attention(

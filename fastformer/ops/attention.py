@@ -7,9 +7,25 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .attention_inputs import validate_attention_inputs
+from .attention_inputs import is_causal_bias, validate_attention_inputs
 from .dispatch import select_backend
 from .fused_attention import FUSED_KERNELS, fused_attention
+
+
+def _autocast(query, key, value, attn_mask):
+    """As torch's autocast does for SDPA: inside ``torch.autocast`` for query's device type,
+    floating q, k, v and float mask (float64 excepted) are cast to the autocast dtype."""
+    device = getattr(query, "device", None)
+    if device is None or not torch.is_autocast_enabled(device.type):
+        return query, key, value, attn_mask
+    dtype = torch.get_autocast_dtype(device.type)
+
+    def cast(t):
+        eligible = (isinstance(t, Tensor) and not is_causal_bias(t) and t.is_floating_point()
+                    and t.dtype != torch.float64)
+        return t.to(dtype) if eligible else t
+
+    return cast(query), cast(key), cast(value), cast(attn_mask)
 
 
 def scaled_dot_product_attention(
@@ -29,12 +45,15 @@ def scaled_dot_product_attention(
     Args:
         query: ``(..., Hq, L, E)`` (any number of leading batch dimensions, or none).
         key: ``(..., Hkv, S, E)``.
-        value: ``(..., Hkv, S, Ev)``.
-        attn_mask: ``None``; a bool mask (``True`` = attend) or a float mask of query's
-            dtype added to the scores, broadcastable to ``(..., Hq, L, S)``; or a
-            :class:`torch.nn.attention.bias.CausalBias` (``causal_upper_left(L, S)`` /
+        value: ``(..., Hkv, S, Ev)``. The dimensions before the last two broadcast
+            across query, key and value as in torch (e.g. key/value of batch 1).
+        attn_mask: ``None``; a bool mask (``True`` = attend) or a float mask (float32 or
+            query's dtype, as torch) added to the scores, broadcastable to ``(..., Hq, L, S)``;
+            or a :class:`torch.nn.attention.bias.CausalBias` (``causal_upper_left(L, S)`` /
             ``causal_lower_right(L, S)``), run as the kernels' causal mode with that
-            alignment (top-left / bottom-right), never materialised.
+            alignment (top-left / bottom-right), never materialised. Finite fills such as
+            ``finfo.min`` behave as in torch: a row whose every key has the same huge fill
+            attends uniformly (mean of V); ``-inf`` everywhere gives 0.
         dropout_p: dropout probability on the attention weights, applied whenever > 0
             (as in torch; pass 0.0 in evaluation). The kernels draw their own dropout
             masks from a seed taken from torch's generator: reproducible under
@@ -47,8 +66,11 @@ def scaled_dot_product_attention(
             ``"reference"``), or one of ``"reference"``, ``"naive"``, ``"triton"``,
             ``"cuda"``, ``"cpu"`` (raises if it cannot run these inputs).
 
+    Inside ``torch.autocast`` for query's device type, floating inputs (float64
+    excepted) are cast to the autocast dtype first, as torch does for SDPA.
+
     Returns:
-        ``(..., Hq, L, Ev)`` in query's dtype.
+        ``(..., Hq, L, Ev)`` (the broadcast leading dimensions) in query's dtype.
 
     Raises:
         :class:`~fastformer.ops.errors.AttentionInputError` (a ``ValueError`` and a
@@ -57,11 +79,12 @@ def scaled_dot_product_attention(
         :class:`~fastformer.ops.errors.AttentionDtypeError` (``TypeError`` and
         ``RuntimeError``) for dtype mixes, e.g. float32 query with float16 key.
     """
+    query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
     problem = validate_attention_inputs(
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
     )
     out = select_backend(problem, backend).run(problem)
-    return out if query.dim() == 4 else out.reshape(problem.out_shape)
+    return out if len(problem.out_shape) == 4 else out.reshape(problem.out_shape)
 
 
 def attention(
@@ -93,6 +116,7 @@ def attention(
     Returns:
         ``out`` or ``(out, lse)``.
     """
+    query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
     problem = validate_attention_inputs(
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, causal_bottom_right
     )

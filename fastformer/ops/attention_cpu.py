@@ -34,8 +34,10 @@ def _seed_offset(rng_state: Optional[Tensor]):
     return seed, offset
 
 
-def _empty(q: Tensor, k: Tensor) -> bool:
-    return q.numel() == 0 or k.shape[2] == 0
+def _empty(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Nothing to compute: no query rows, no keys or no output columns (a zero head
+    dim E is not empty: fused_attention pads it, every score is then 0)."""
+    return q.shape[0] * q.shape[1] * q.shape[2] == 0 or k.shape[2] == 0 or v.shape[3] == 0
 
 
 def cpu_forward(q, k, v, mask, rng_state, dropout_p, is_causal, causal_bottom_right, scale):
@@ -43,7 +45,7 @@ def cpu_forward(q, k, v, mask, rng_state, dropout_p, is_causal, causal_bottom_ri
     B, H, L, _ = q.shape
     out = new_output((B, H, L, v.shape[-1]), q.dtype, q.device)
     lse = new_output((B, H, L), torch.float32, q.device)
-    if _empty(q, k):  # nothing to attend: torch's zeros
+    if _empty(q, k, v):  # nothing to attend: torch's zeros
         return out.zero_(), lse.fill_(float("-inf"))
     seed, offset = _seed_offset(rng_state)
     C.attention_cpu_forward(q, k, v, mask, float(dropout_p), seed, offset, bool(is_causal),
@@ -56,6 +58,8 @@ def cpu_backward(dout, q, k, v, out, lse, mask, rng_state, dropout_p, is_causal,
     dq = new_output(q.shape, q.dtype, q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
+    if _empty(q, k, v):  # no weights or no output columns: every gradient is 0
+        return dq.zero_(), dk.zero_(), dv.zero_()
     seed, offset = _seed_offset(rng_state)
     C.attention_cpu_backward(dout, q, k, v, out, lse, mask, float(dropout_p), seed, offset, bool(is_causal),
                              bool(causal_bottom_right), float(scale), dq, dk, dv)

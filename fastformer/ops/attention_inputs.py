@@ -70,8 +70,10 @@ class AttentionProblem:
 
     @property
     def is_empty(self) -> bool:
-        """True when there is nothing to attend: zero batch, heads, queries or keys."""
-        return self.q.numel() == 0 or self.k.shape[2] == 0 or self.v.shape[3] == 0
+        """True when there is nothing to compute: zero batch, heads, queries, keys or output
+        columns (a zero head dim E is not empty: every score is 0, torch gives mean(V))."""
+        q = self.q
+        return q.shape[0] * q.shape[1] * q.shape[2] == 0 or self.k.shape[2] == 0 or self.v.shape[3] == 0
 
     @property
     def needs_grad(self) -> bool:
@@ -124,6 +126,59 @@ def _broadcastable(src: tuple, dst: tuple) -> bool:
     return True
 
 
+def _leading_dims(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool):
+    """The output's leading dimensions ``(*batch, Hq)`` and the key/value head count.
+
+    As torch (its matmuls broadcast): every dimension before ``(L, E)`` broadcasts
+    across query, key and value, e.g. key/value of batch 1 serve every query batch,
+    and key/value with one head serve every query head (run as grouped-query
+    attention, without copies). With ``enable_gqa``, ``Hq`` must be a multiple of
+    the key and value head counts instead.
+    """
+    def heads(t):
+        return t.shape[-3] if t.dim() >= 3 else 1
+
+    hq, hk, hv = heads(query), heads(key), heads(value)
+    gqa = enable_gqa and query.dim() >= 3 and (hk != hq or hv != hq)
+    if gqa:
+        if hk == 0 or hv == 0 or hq % hk != 0 or hq % hv != 0:
+            raise AttentionInputError(
+                f"enable_gqa=True requires the number of query heads ({hq}) to be a multiple of the "
+                f"number of key heads ({hk}) and value heads ({hv})"
+            )
+        shapes = (query.shape[:-3], key.shape[:-3], value.shape[:-3])
+    else:
+        shapes = (query.shape[:-2], key.shape[:-2], value.shape[:-2])
+    try:
+        batch = tuple(torch.broadcast_shapes(*shapes))
+    except RuntimeError:
+        hint = "" if gqa or hk == hq else " (different head counts need enable_gqa=True)"
+        raise AttentionInputError(
+            "query, key and value's batch and head dimensions (all but the last two) must be "
+            f"broadcastable{hint}: query.shape={tuple(query.shape)}, key.shape={tuple(key.shape)}, "
+            f"value.shape={tuple(value.shape)}"
+        ) from None
+    if gqa:
+        lead = (*batch, hq)
+        heads_kv = hk if hk == hv else hq  # different key/value head counts: both repeated to Hq
+    else:
+        lead = batch if batch else (1,)
+        # Key and value with one head serve every query head: grouped-query attention.
+        heads_kv = 1 if hk == hv == 1 else lead[-1]
+    return lead, heads_kv
+
+
+def _kv_heads(t: Tensor, batch_dims: tuple, heads_kv: int) -> Tensor:
+    """``t`` (key or value) as a ``(*batch_dims, heads_kv, S, D)`` view (GQA groups repeated
+    only when key and value have different head counts)."""
+    h = t.shape[-3] if t.dim() >= 3 else 1
+    if t.dim() < 3:
+        t = t.unsqueeze(0)
+    if h not in (1, heads_kv):  # enable_gqa with key and value heads that differ
+        t = t.repeat_interleave(heads_kv // h, dim=-3)
+    return t.expand(*batch_dims, heads_kv, *t.shape[-2:])
+
+
 def validate_attention_inputs(
     query,
     key,
@@ -166,11 +221,6 @@ def validate_attention_inputs(
             "query, key and value must be on the same device, got "
             f"query.device={query.device}, key.device={key.device}, value.device={value.device}"
         )
-    if not (query.dim() == key.dim() == value.dim()):
-        raise AttentionInputError(
-            "query, key and value must have the same number of dimensions, got "
-            f"query.shape={tuple(query.shape)}, key.shape={tuple(key.shape)}, value.shape={tuple(value.shape)}"
-        )
     if query.shape[-1] != key.shape[-1]:
         raise AttentionInputError(
             f"key's last dimension (head dim E) must equal query's: query.shape={tuple(query.shape)}, "
@@ -181,34 +231,7 @@ def validate_attention_inputs(
             f"key and value must have the same sequence length S (dim -2): key.shape={tuple(key.shape)}, "
             f"value.shape={tuple(value.shape)}"
         )
-
-    ndim = query.dim()
-    batch_dims = tuple(query.shape[:-3]) if ndim >= 3 else ()
-    for name, t in (("key", key), ("value", value)):
-        if ndim >= 4 and tuple(t.shape[:-3]) != batch_dims:
-            raise AttentionInputError(
-                f"{name}'s batch dimensions {tuple(t.shape[:-3])} must equal query's {batch_dims} "
-                f"(query.shape={tuple(query.shape)}, {name}.shape={tuple(t.shape)})"
-            )
-    if key.shape[:-2] != value.shape[:-2]:
-        raise AttentionInputError(
-            f"key and value must have the same batch and head dimensions: key.shape={tuple(key.shape)}, "
-            f"value.shape={tuple(value.shape)}"
-        )
-
-    hq = query.shape[-3] if ndim >= 3 else 1
-    hkv = key.shape[-3] if ndim >= 3 else 1
-    if hq != hkv:
-        if not enable_gqa:
-            raise AttentionInputError(
-                f"query has {hq} heads (dim -3) but key/value have {hkv}; heads must match "
-                "unless enable_gqa=True"
-            )
-        if hkv == 0 or hq % hkv != 0:
-            raise AttentionInputError(
-                f"enable_gqa=True requires the number of query heads ({hq}) to be a multiple of the "
-                f"number of key/value heads ({hkv})"
-            )
+    lead, heads_kv = _leading_dims(query, key, value, enable_gqa)
 
     if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool):
         raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
@@ -223,14 +246,19 @@ def validate_attention_inputs(
 
     L, E = query.shape[-2], query.shape[-1]
     S, Ev = key.shape[-2], value.shape[-1]
+    batch_dims, hq = lead[:-1], lead[-1]
     B = math.prod(batch_dims)
-    if ndim == 4:  # already canonical: skip three reshapes (µs each, on every call)
-        q4, k4, v4 = query, key, value
+    canonical = query.dim() == key.dim() == value.dim() == 4 and query.shape[0] == key.shape[0] == value.shape[0]
+    if canonical and key.shape[1] == value.shape[1] == heads_kv and query.shape[1] == hq:
+        q4, k4, v4 = query, key, value  # already canonical: skip the views (µs each, on every call)
     else:
-        q4 = query.reshape(B, hq, L, E)
-        k4 = key.reshape(B, hkv, S, E)
-        v4 = value.reshape(B, hkv, S, Ev)
+        # Broadcast dimensions become stride-0 views (a copy only where merging them into
+        # one batch dimension needs it); autograd sums the gradients back over them.
+        q4 = query.expand(*batch_dims, hq, L, E).reshape(B, hq, L, E)
+        k4 = _kv_heads(key, batch_dims, heads_kv).reshape(B, heads_kv, S, E)
+        v4 = _kv_heads(value, batch_dims, heads_kv).reshape(B, heads_kv, S, Ev)
 
+    out_lead = lead if max(query.dim(), key.dim(), value.dim()) > 2 else ()  # 2-D inputs give (L, Ev)
     mask4 = None
     if is_causal_bias(attn_mask):
         # A CausalBias is one of the two native causal alignments: run it as the flag.
@@ -250,22 +278,23 @@ def validate_attention_inputs(
             )
         if not isinstance(attn_mask, Tensor):
             raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
-        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+        if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
             raise AttentionDtypeError(
-                f"attn_mask must be a bool tensor or have query's dtype ({query.dtype}), got {attn_mask.dtype}"
+                "attn_mask must be a bool tensor, a float32 tensor or have query's dtype "
+                f"({query.dtype}), as in torch; got {attn_mask.dtype}"
             )
         if attn_mask.device != query.device:
             raise RuntimeError(
                 f"attn_mask must be on query's device ({query.device}), got {attn_mask.device}"
             )
-        full = (*batch_dims, hq, L, S) if ndim >= 3 else (L, S)
+        full = (*out_lead, L, S)
         if not _broadcastable(tuple(attn_mask.shape), full):
             raise AttentionInputError(
                 f"attn_mask of shape {tuple(attn_mask.shape)} is not broadcastable to the attention "
                 f"weights' shape {full} (batch..., heads, L, S)"
             )
         mask4 = attn_mask.expand(full)
-        if ndim != 4:
+        if len(full) != 4:
             mask4 = mask4.reshape(B, hq, L, S)
 
     return AttentionProblem(
@@ -277,5 +306,5 @@ def validate_attention_inputs(
         is_causal=bool(is_causal),
         causal_bottom_right=bool(causal_bottom_right),
         scale=scale,
-        out_shape=(*query.shape[:-1], Ev),
+        out_shape=(*out_lead, L, Ev),
     )

@@ -157,7 +157,7 @@ def launch_forward(q, k, v, mask, rng_state, dropout_p, is_causal, causal_bottom
     out = new_output(out_shape, q.dtype, q.device)
     lse_shape = (d.heads, q.shape[0]) if layout.varlen else (d.batch, d.heads, d.len_q)
     lse = new_output(lse_shape, torch.float32, q.device)
-    if d.len_k == 0 or d.batch * d.heads * d.len_q == 0:
+    if d.len_k == 0 or d.batch * d.heads * d.len_q == 0 or d.head_dim_v == 0:
         out.zero_()
         lse.fill_(float("-inf"))
         return out, lse
@@ -188,7 +188,7 @@ def launch_backward(dout, q, k, v, out, lse, mask, rng_state, dropout_p, is_caus
     dq = new_output(q.shape, q.dtype, q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
-    if d.len_k == 0 or d.len_q == 0 or d.batch * d.heads == 0:
+    if d.len_k == 0 or d.len_q == 0 or d.batch * d.heads == 0 or d.head_dim_v == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = new_output(lse.shape, torch.float32, q.device)
     mask_ptr, mask_strides, has_mask, mask_bool = _mask_args(mask, q)
@@ -246,8 +246,6 @@ def _unsupported(problem: AttentionProblem) -> Optional[str]:
         return "float64 inputs (the kernels compute in fp16/bf16/fp32)"
     if problem.head_dim > MAX_HEAD_DIM or problem.head_dim_v > MAX_HEAD_DIM:
         return f"head dim {max(problem.head_dim, problem.head_dim_v)} > {MAX_HEAD_DIM}"
-    if problem.head_dim == 0:
-        return "head dim 0"
     if problem.mask_needs_grad:
         return "a float attn_mask that requires grad (the kernels do not produce its gradient)"
     return None
