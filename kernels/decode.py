@@ -8,7 +8,7 @@ log-sum-exp), and a second kernel combines the partials with their lse.
 
 Shapes (any strides): ``q (B, Hq, Lq, D)``, caches ``(B, Hkv, Smax, D)`` /
 ``(B, Hkv, Smax, Dv)``, ``cache_seqlens (B,)`` int32 = the number of valid
-cache entries of each sequence (the new tokens included). With ``CAUSAL``
+cache entries of each sequence (the new tokens included), clamped to ``[0, Smax]``. With ``CAUSAL``
 the mask is aligned bottom-right: query ``i`` sees keys ``j <= seqlen - Lq + i``.
 GQA: the ``G = Hq / Hkv`` query heads of one KV head are packed, with their
 ``Lq`` tokens, into the rows of one block, so each key block is loaded once.
@@ -29,7 +29,7 @@ def _decode_split_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_os, stride_od,
     stride_lb, stride_lh, stride_lm, stride_ls,
-    HKV, LQ, G, D, DV, scale_log2,
+    HKV, LQ, G, D, DV, SMAX, scale_log2,
     NUM_SPLITS: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -37,7 +37,8 @@ def _decode_split_kernel(
     pid_s = tl.program_id(1)
     b = pid_bh // HKV
     hkv = pid_bh % HKV
-    seqlen = tl.load(SEQLENS + b).to(tl.int32)
+    # Clamped to the cache: lengths on the GPU are not checked on the host (no sync).
+    seqlen = tl.minimum(tl.maximum(tl.load(SEQLENS + b).to(tl.int32), 0), SMAX)
 
     # Row r of the block is query token r % LQ of query head hkv * G + r // LQ.
     rows = tl.arange(0, BLOCK_M)
@@ -159,7 +160,7 @@ def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale, causal, out,
     _decode_split_kernel[(B * Hkv, num_splits)](
         q, k_cache, v_cache, cache_seqlens, o_part, lse_part,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *o_part.stride(), *lse_part.stride(),
-        Hkv, Lq, G, D, Dv, scale * LOG2E,
+        Hkv, Lq, G, D, Dv, k_cache.shape[2], scale * LOG2E,
         NUM_SPLITS=num_splits, CAUSAL=causal,
         # fp32 caches get true fp32 products (tf32 would break the error rule)
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",

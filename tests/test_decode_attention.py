@@ -124,3 +124,63 @@ def test_cuda_kernel(dtype):
     ref64 = reference(q.double().cpu(), k.double().cpu(), v.double().cpu(), lens_cpu, 128 ** -0.5, True)
     same = reference(q, k, v, lens_cpu, 128 ** -0.5, True)  # PyTorch on the GPU in the same dtype
     assert_close_by_rule(out.cpu(), ref64, same.cpu())
+
+
+# ---------------------------------------------------------------- issue 16: cache_seqlens is not trusted
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("lens", [[7, 21, 1], [7, 20, 200], [-1, 5, 1]], ids=["past_end", "far_past_end", "negative"])
+def test_out_of_range_lengths_raise(backend, lens):
+    """Lengths outside [0, Smax] raise a ValueError naming cache_seqlens (no out-of-bounds read,
+    no silent zero row, no unclear size mismatch); int32 and int64 alike."""
+    q = torch.randn(3, 4, 2, 16)
+    k, v = torch.randn(3, 2, 20, 16), torch.randn(3, 2, 20, 16)
+    for dtype in (torch.int32, torch.int64):
+        with pytest.raises(ValueError, match="cache_seqlens"):
+            decode_attention(q, k, v, torch.tensor(lens, dtype=dtype), backend=backend)
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        decode_attention(q, k, v, 21, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bad_length_dtype_and_shape_raise(backend):
+    q = torch.randn(3, 4, 2, 16)
+    k, v = torch.randn(3, 2, 20, 16), torch.randn(3, 2, 20, 16)
+    for bad in (torch.tensor([7.0, 3.0, 1.0]), torch.tensor([7, 3]), torch.tensor([[7, 3, 1]])):
+        with pytest.raises(TypeError, match="cache_seqlens"):
+            decode_attention(q, k, v, bad, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_entries_past_the_length_are_never_read(backend, causal):
+    """NaN (a reused cache's garbage) past each sequence's length does not reach the output."""
+    q = torch.randn(3, 4, 2, 16)
+    k, v = torch.randn(3, 2, 20, 16), torch.randn(3, 2, 20, 16)
+    lens = torch.tensor([7, 20, 2], dtype=torch.int32)
+    k_dirty, v_dirty = k.clone(), v.clone()
+    for b, n in enumerate(lens.tolist()):
+        k_dirty[b, :, n:] = float("nan")
+        v_dirty[b, :, n:] = float("inf")
+    out = decode_attention(q, k_dirty, v_dirty, lens, causal=causal, num_splits=3, backend=backend)
+    scale = 1 / math.sqrt(16)
+    ref64 = reference(q.double(), k.double(), v.double(), lens, scale, causal)
+    assert torch.isfinite(out).all()
+    assert_close_by_rule(out, ref64, reference(q, k, v, lens, scale, causal))
+
+
+def test_kernel_clamps_lengths_it_is_not_told_are_bad():
+    """Lengths already on the GPU are not checked on the host (that would sync every step):
+    the kernel clamps them to [0, Smax], so it never reads outside the cache."""
+    from fastformer.kernels.decode import decode_attention_fwd
+
+    q = torch.randn(3, 4, 2, 16)
+    k, v = torch.randn(3, 2, 20, 16), torch.randn(3, 2, 20, 16)
+    lens = torch.tensor([7, 1000, -5], dtype=torch.int32)
+    out = torch.full((3, 4, 2, 16), float("nan"))
+    lse = torch.full((3, 4, 2), float("nan"))
+    o_part, lse_part = torch.empty(3, 4, 2, 2, 16), torch.empty(3, 4, 2, 2)
+    decode_attention_fwd(q, k, v, lens, 0.25, True, out, lse, o_part, lse_part, num_splits=2, block_n=16)
+    clamped = torch.tensor([7, 20, 0])
+    ref64 = reference(q.double(), k.double(), v.double(), clamped, 0.25, True)
+    assert_close_by_rule(out, ref64, reference(q, k, v, clamped, 0.25, True))

@@ -96,14 +96,32 @@ def _decode_attention_torch(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
                 return _masked_sdpa(q, k, v, mask.expand(B, Lq, S), scale, gqa)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     lens = cache_seqlens.to(device=q.device, dtype=torch.long)
-    S = int(lens.max()) if lens.numel() else 0
-    k, v = k_cache[:, :, :S], v_cache[:, :, :S]
+    S = _checked_max_length(lens, k_cache.shape[2])
     keys = torch.arange(S, device=q.device)
+    valid = (keys[None, :] < lens[:, None])[:, None, :, None]  # (B, 1, S, 1)
+    # Entries past a sequence's length are never read: whatever they hold (NaN in a
+    # reused cache) must not reach the output through 0 * NaN.
+    k = torch.where(valid, k_cache[:, :, :S], 0)
+    v = torch.where(valid, v_cache[:, :, :S], 0)
     if causal:
         last = lens[:, None] - Lq + torch.arange(Lq, device=q.device)[None, :]  # (B, Lq)
     else:
         last = (lens - 1)[:, None].expand(B, Lq)
     return _masked_sdpa(q, k, v, keys[None, None, :] <= last[:, :, None], scale, gqa)
+
+
+def _checked_max_length(lens: Tensor, cache_len: int) -> int:
+    """The longest sequence, after checking every length lies in [0, cache_len].
+    One host read of (min, max); the torch path needs the max anyway to slice."""
+    if lens.numel() == 0:
+        return 0
+    lo, hi = (int(x) for x in torch.stack(torch.aminmax(lens)).tolist())
+    if lo < 0 or hi > cache_len:
+        raise ValueError(
+            f"cache_seqlens must lie in [0, {cache_len}] (the cache length, dim 2 of k_cache), "
+            f"got values in [{lo}, {hi}]: {lens.tolist()}"
+        )
+    return hi
 
 
 def _masked_sdpa(q, k, v, mask, scale, gqa):
@@ -146,6 +164,14 @@ def _validate(q, k_cache, v_cache, cache_seqlens, scale, backend):
         if cache_seqlens.dtype not in (torch.int32, torch.int64) or tuple(cache_seqlens.shape) != (B,):
             raise TypeError(f"cache_seqlens must be an int32/int64 tensor of shape ({B},), got "
                             f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
+        if cache_seqlens.device != q.device and cache_seqlens.device.type != "cpu":
+            raise RuntimeError(f"cache_seqlens must be on q's device ({q.device}) or the CPU, "
+                               f"got {cache_seqlens.device}")
+        if cache_seqlens.device.type == "cpu":
+            # Host-side lengths are checked here, free of any device sync. Lengths already on
+            # the GPU are not (that would sync every decoding step): the kernels clamp them
+            # to [0, Smax] instead, so they never read outside the cache.
+            _checked_max_length(cache_seqlens, k_cache.shape[2])
     if scale is not None and not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     if backend not in DECODE_BACKENDS:
@@ -169,8 +195,12 @@ def decode_attention(
         q: ``(B, Hq, Lq, D)``, the new tokens (their K/V already written to the cache).
         k_cache: ``(B, Hkv, Smax, D)``; ``Hq`` must be a multiple of ``Hkv`` (GQA/MQA).
         v_cache: ``(B, Hkv, Smax, Dv)``.
-        cache_seqlens: valid entries per sequence, an int32/int64 tensor ``(B,)`` or
-            one int for all; entries past it are ignored (never read by the kernel).
+        cache_seqlens: valid entries per sequence, an int32/int64 tensor ``(B,)`` (on q's
+            device or the CPU) or one int for all, each in ``[0, Smax]``; entries past it
+            are never read (NaN there does not reach the output). Values outside
+            ``[0, Smax]`` raise ``ValueError`` naming ``cache_seqlens`` when they can be
+            checked without a device sync (an int, a CPU tensor, the PyTorch path); lengths
+            already on the GPU are clamped to ``[0, Smax]`` inside the kernel instead.
         scale: score scale, default ``1 / sqrt(D)``.
         causal: bottom-right causal alignment: query ``i`` sees keys
             ``j <= cache_seqlens - Lq + i`` (the new tokens are the cache's last ones).
