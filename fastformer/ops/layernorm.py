@@ -147,18 +147,20 @@ def _check(op: str, x: Tensor, shape: Tuple[int, ...], weight, bias, residual, d
 def _norm(op: str, rms: bool, x: Tensor, normalized_shape: _ShapeArg, weight: Optional[Tensor],
           bias: Optional[Tensor], eps: float, residual: Optional[Tensor], dropout_p: float,
           return_residual: bool, backend: str):
-    from fastformer.kernels.layernorm import MAX_FUSED_N
-
     shape = _normalized_shape(normalized_shape)
     _check(op, x, shape, weight, bias, residual, dropout_p)
     N = 1
     for s in shape:
         N *= s
     chosen = resolve_backend(backend, x.device, op, dtype=x.dtype)
-    if chosen == "triton" and backend == "auto" and N > MAX_FUSED_N:
-        chosen = "torch"
+    if chosen == "triton":
+        # Imported only on the Triton path: without Triton installed the torch path must run.
+        from fastformer.kernels.layernorm import MAX_FUSED_N
+
+        if N > MAX_FUSED_N:  # rows longer than the fused kernel's block: torch's own norm
+            chosen = "torch"
     mixed = any(t is not None and t.dtype != x.dtype for t in (residual,))
-    if chosen == "torch" or mixed or N > MAX_FUSED_N:
+    if chosen == "torch" or mixed:
         total = x
         if residual is not None:
             total = x + (F.dropout(residual, dropout_p, training=True) if dropout_p > 0 else residual)
