@@ -6,7 +6,7 @@ quick Python start (nothing heavy is imported: torch is looked up, not loaded).
 
 The build stamp (``<venv>/fastformer-build/stamp.json``) holds a hash of every
 input the compiled extension depends on: the C++/CUDA sources, setup.py,
-pyproject.toml, torch's version file (version, CUDA and git revision), the
+pyproject.toml's [build-system] table, torch's version file (version, CUDA and git revision), the
 Python version and the build switches (FASTFORMER_NO_CUDA, CUDA_HOME, nvcc,
 TORCH_CUDA_ARCH_LIST). If any of them changes, or the extension file that build
 produced was replaced or removed (another environment building in the same
@@ -86,15 +86,28 @@ def torch_identity() -> str:
     return path.read_text() if path and path.exists() else "<no torch>"
 
 
+def _build_system(pyproject: Path) -> str:
+    """pyproject.toml's [build-system] table (its pytest settings do not touch the build)."""
+    if not pyproject.exists():
+        return "<missing>"
+    text = pyproject.read_text()
+    try:
+        import tomllib
+    except ImportError:  # Python < 3.11: the whole file
+        return text
+    return json.dumps(tomllib.loads(text).get("build-system"), sort_keys=True)
+
+
 def build_inputs() -> Dict[str, str]:
     """Everything the compiled extension is built from, hashed (see the module docstring)."""
     h = hashlib.sha256()
     files = sorted(p for p in (REPO / "csrc").rglob("*") if p.is_file())
-    files += [REPO / "setup.py", REPO / "pyproject.toml"]
+    files += [REPO / "setup.py"]
     for path in files:
         h.update(str(path.relative_to(REPO)).encode() + b"\0")
         h.update(path.read_bytes() if path.exists() else b"<missing>")
         h.update(b"\0")
+    h.update(_build_system(REPO / "pyproject.toml").encode())
     switches = {k: os.environ.get(k, "") for k in ("FASTFORMER_NO_CUDA", "CUDA_HOME", "TORCH_CUDA_ARCH_LIST")}
     switches["nvcc"] = shutil.which("nvcc") or ""
     return {
@@ -132,7 +145,7 @@ def stamp_state(venv: Path) -> str:
     now = build_inputs()
     changed = [k for k in now if stamp.get("inputs", {}).get(k) != now[k]]
     if changed:
-        what = {"sources": "C++/CUDA sources or setup.py", "torch": "torch version", "python": "Python version",
+        what = {"sources": "C++/CUDA sources, setup.py or pyproject's [build-system]", "torch": "torch version", "python": "Python version",
                 "switches": "build switches"}
         return "stale changed since the last build: " + ", ".join(what[k] for k in changed)
     ext = _extension_file()

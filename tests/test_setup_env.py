@@ -24,7 +24,7 @@ def state(tmp_path, monkeypatch):
     (repo / "csrc" / "cpu" / "kernel.cpp").write_text("int f() { return 1; }\n")
     (repo / "csrc" / "launch.h").write_text("#pragma once\n")
     (repo / "setup.py").write_text("# setup\n")
-    (repo / "pyproject.toml").write_text("[build-system]\n")
+    (repo / "pyproject.toml").write_text('[build-system]\nrequires = ["setuptools"]\n')
     (repo / "fastformer" / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}").write_bytes(b"\x7fELF built")
     monkeypatch.setattr(mod, "REPO", repo)
     monkeypatch.setattr(mod, "torch_identity", lambda: "__version__ = '2.13.0+cpu'")
@@ -52,6 +52,15 @@ def test_stale_when_an_input_changes(state, change, reason):
     change(state)
     verdict = state.stamp_state(state.venv)
     assert verdict.startswith("stale") and reason in verdict, verdict
+
+
+def test_pyproject_build_system_counts_but_pytest_settings_do_not(state):
+    state.write_stamp(state.venv)
+    (state.REPO / "pyproject.toml").write_text('[build-system]\nrequires = ["setuptools"]\n\n'
+                                               '[tool.pytest.ini_options]\nfilterwarnings = []\n')
+    assert state.stamp_state(state.venv) == "fresh"
+    (state.REPO / "pyproject.toml").write_text('[build-system]\nrequires = ["setuptools", "ninja"]\n')
+    assert "sources" in state.stamp_state(state.venv)
 
 
 def test_build_switch_change_is_stale(state, monkeypatch):
