@@ -10,6 +10,7 @@
 """
 
 import os
+import sys
 
 import torch
 
@@ -35,6 +36,22 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _cuda_fault_stays_in_its_test(request):
+    """Under pytest-xdist (``-n N``, as bench/gpu.sh runs the GPU tests): a test that leaves a
+    sticky CUDA error (an illegal address) would fail every later test of its process, so the
+    worker exits and xdist reports this test as crashed and starts a fresh worker."""
+    yield
+    if "cuda" not in request.keywords or not os.environ.get("PYTEST_XDIST_WORKER") or not torch.cuda.is_available():
+        return
+    try:
+        torch.cuda.synchronize()
+    except Exception as exc:  # noqa: BLE001 - any CUDA error here is sticky
+        sys.stderr.write(f"CUDA fault after {request.node.nodeid}: {exc}\n")
+        sys.stderr.flush()
+        os._exit(3)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
