@@ -145,8 +145,8 @@ def stamp_state(venv: Path) -> str:
     now = build_inputs()
     changed = [k for k in now if stamp.get("inputs", {}).get(k) != now[k]]
     if changed:
-        what = {"sources": "C++/CUDA sources, setup.py or pyproject's [build-system]", "torch": "torch version", "python": "Python version",
-                "switches": "build switches"}
+        what = {"sources": "C++/CUDA sources, setup.py or pyproject's [build-system]", "torch": "torch version",
+                "python": "Python version", "switches": "build switches"}
         return "stale changed since the last build: " + ", ".join(what[k] for k in changed)
     ext = _extension_file()
     if stamp.get("extension") != _ext_identity(ext):

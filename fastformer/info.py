@@ -30,10 +30,7 @@ def describe() -> str:
     else:
         lines.append(f"extension fastformer._C: unavailable ({_ext.LOAD_ERROR})")
     lines.append("")
-    lines.append(f"{'backend':<10} {'available':<10} {'auto':<5} description / reason unavailable")
-    for name, info in backends().items():
-        text = info["description"] if info["available"] else info["reason"]
-        lines.append(f"{name:<10} {'yes' if info['available'] else 'no':<10} {'yes' if info['auto'] else 'no':<5} {text}")
+    lines.append(backends().table())
     lines.append("")
     order = "; ".join(f"{dev}: {' > '.join(names + ['reference'])}" for dev, names in AUTO_ORDER.items())
     lines.append(f'"auto" tries, per device: {order}; other devices: reference')

@@ -26,6 +26,38 @@ def test_backends_report_shape():
     assert not report["naive"]["auto"], "the naive baseline must never be picked automatically"
 
 
+def test_backends_report_prints_as_table():
+    report = fastformer.backends()
+    text = repr(report)
+    assert str(report) == text and text.splitlines()[0].split()[:3] == ["backend", "available", "auto"]
+    for name, info in report.items():
+        line = next(l for l in text.splitlines() if l.split()[0] == name)
+        assert line.split()[1] == ("yes" if info["available"] else "no")
+        assert (info["description"] if info["available"] else info["reason"]) in line
+    assert dict(report) == {k: dict(v) for k, v in report.items()}  # still a plain dict underneath
+
+
+class _NoCudaExt:
+    with_cuda = False
+
+
+@pytest.mark.parametrize("torch_cuda, gpu, expect", [
+    (None, False, "needs a CUDA GPU and a CUDA build of torch"),  # CPU torch: no rebuild can help
+    ("12.8", False, "needs a CUDA GPU (none is visible"),
+    ("12.8", True, "rebuild with"),                              # CUDA torch and GPU, extension without CUDA
+])
+def test_cuda_backend_reason_says_what_would_help(monkeypatch, torch_cuda, gpu, expect):
+    from fastformer.ops import cuda_device
+
+    monkeypatch.setattr(cuda_device, "C", _NoCudaExt())
+    monkeypatch.setattr(torch.version, "cuda", torch_cuda)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    reason = cuda_device.cuda_extension_unavailable()
+    assert expect in reason
+    if torch_cuda is None:
+        assert "rebuild" not in reason
+
+
 def test_auto_never_picks_naive_and_falls_back_to_reference(monkeypatch):
     monkeypatch.setitem(dispatch.AUTO_ORDER, "cpu", ["naive"])
     assert dispatch.select_backend(problem()).name == "reference"

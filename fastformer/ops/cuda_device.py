@@ -20,12 +20,17 @@ def cuda_extension_unavailable() -> Optional[str]:
     if C is None:
         return f"the compiled extension fastformer._C is unavailable: {LOAD_ERROR}"
     if not getattr(C, "with_cuda", False):
+        if torch.version.cuda is None:  # a rebuild cannot help here
+            return (f"needs a CUDA GPU and a CUDA build of torch (this torch, {torch.__version__}, is a CPU-only "
+                    "build, so fastformer._C was built without its CUDA kernels)")
+        if not torch.cuda.is_available():
+            return "needs a CUDA GPU (none is visible; fastformer._C was built without its CUDA kernels)"
         return (
-            "fastformer._C was built without CUDA kernels (the installed torch has no CUDA, nvcc was not "
-            "found, or FASTFORMER_NO_CUDA=1); rebuild with 'pip install --no-build-isolation -e .'"
+            "fastformer._C was built without CUDA kernels although this torch has CUDA (nvcc was not found, "
+            "or FASTFORMER_NO_CUDA=1); rebuild with 'pip install --no-build-isolation -e .'"
         )
     if not torch.cuda.is_available():
-        return "no CUDA device is available"
+        return "needs a CUDA GPU (none is visible)"
     return None
 
 

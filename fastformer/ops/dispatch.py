@@ -135,12 +135,29 @@ def load_all_backends() -> None:
         _load(name)
 
 
-def backends() -> Dict[str, Dict[str, object]]:
+class BackendReport(Dict[str, Dict[str, object]]):
+    """What :func:`backends` returns: ``{name: {"available": bool, "auto": bool, "reason": str,
+    "description": str}}``, a plain dict that prints as the table ``python -m fastformer.info`` shows."""
+
+    def table(self) -> str:
+        """One line per backend: available, picked by "auto", description or why it is unavailable."""
+        lines = [f"{'backend':<10} {'available':<10} {'auto':<5} description / reason unavailable"]
+        for name, info in self.items():
+            text = info["description"] if info["available"] else info["reason"]
+            lines.append(f"{name:<10} {'yes' if info['available'] else 'no':<10} {'yes' if info['auto'] else 'no':<5} {text}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.table()
+
+
+def backends() -> BackendReport:
     """Every attention backend with whether it is available here and, if not, why.
 
-    Returns ``{name: {"available": bool, "auto": bool, "reason": str, "description": str}}``.
+    Returns a :class:`BackendReport`: ``{name: {"available": bool, "auto": bool, "reason": str,
+    "description": str}}``, which prints as a table.
     """
-    report = {}
+    report = BackendReport()
     for name in BACKEND_NAMES[1:]:
         reason = _why_unavailable(name)
         backend = _REGISTRY.get(name)
