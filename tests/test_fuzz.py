@@ -1,5 +1,6 @@
-"""Property-based fuzzing: random valid shapes, masks, causal flags, GQA ratios,
-dtypes and backends, each checked by the error rule against the float64 reference.
+"""Property-based fuzzing: random valid shapes, masks (with -inf or large finite fills),
+causal flags, GQA ratios, dtypes (float16 with large magnitudes) and backends, each
+checked by the error rule against the float64 reference.
 
 Profiles: the default ("ci") draws a few dozen cases and runs in well under a
 minute on CPU (reference, naive, cpu and — through the interpreter — triton);
@@ -7,6 +8,7 @@ FASTFORMER_FUZZ_PROFILE=gpu draws hundreds, on CUDA tensors (bench/gpu.sh).
 Any failure hypothesis finds becomes a regular case in attention_cases.CASES.
 """
 
+import dataclasses
 import os
 
 import pytest
@@ -29,8 +31,8 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 CANDIDATES = (
     [("triton", torch.bfloat16), ("triton", torch.float16), ("cuda", torch.bfloat16), ("reference", torch.float16)]
     if ON_GPU
-    else [("reference", torch.float32), ("naive", torch.float32), ("cpu", torch.float32), ("cpu", torch.bfloat16),
-          ("triton", torch.float32), ("triton", torch.float16)]
+    else [("reference", torch.float32), ("naive", torch.float32), ("naive", torch.float16), ("cpu", torch.float32),
+          ("cpu", torch.bfloat16), ("triton", torch.float32), ("triton", torch.float16)]
 )
 AVAILABLE = [(b, d) for b, d in CANDIDATES if fastformer.backends()[b]["available"]]
 
@@ -45,6 +47,8 @@ def cases(draw):
     Ev = draw(st.sampled_from([E, 8, 20]))
     mask = draw(st.sampled_from([None, "bool", "float"]))
     causal = mask is None and draw(st.booleans())
+    # Float masks: masked keys get -inf or a large finite fill (Hugging Face's finfo.min padding).
+    fill = draw(st.sampled_from([None, torch.finfo(torch.float32).min, -1e30, -3e38])) if mask == "float" else None
     return Case(
         id="fuzz",
         batch=draw(st.sampled_from([(1,), (2,), ()])),
@@ -55,11 +59,15 @@ def cases(draw):
         bottom_right=causal and draw(st.booleans()),
         scale=draw(st.sampled_from([None, 0.05, 1.0])),
         dead_rows=mask is not None and L > 1 and draw(st.booleans()),
+        fill=fill,
     )
 
 
 @pytest.mark.skipif(not AVAILABLE, reason="no backend to fuzz")
-@given(case=cases(), pick=st.integers(0, 10**6))
-def test_fuzz_attention(case, pick):
+@given(case=cases(), pick=st.integers(0, 10**6), magnitude=st.sampled_from([1.0, 1.0, 8.0, 40.0]))
+def test_fuzz_attention(case, pick, magnitude):
     backend, dtype = AVAILABLE[pick % len(AVAILABLE)]
+    if dtype == torch.float16:
+        # float16 inputs of large magnitude: q·kᵀ passes 65504 (torch's scores stay finite).
+        case = dataclasses.replace(case, magnitude=magnitude)
     check_case(case, backend, dtype, DEVICE)
