@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch_lock import AUTOTUNE_LOCK
+
 ACTIVATIONS = {"identity": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
 
 _SQRT1_2 = 0.7071067811865476
@@ -277,7 +279,8 @@ def matmul_act(a, b, c, *, bias=None, pre=None, aux=None, rowsum=None, act: int 
                  DO_ROWSUM=rowsum is not None, DOT_PRECISION=_precision(a.dtype))
     if a.device.type == "cuda":
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-        _matmul_act_tuned[grid](*args, **flags)
+        with AUTOTUNE_LOCK:
+            _matmul_act_tuned[grid](*args, **flags)
     else:
         grid = (triton.cdiv(M, _INTERP_META["BLOCK_M"]) * triton.cdiv(N, _INTERP_META["BLOCK_N"]),)
         _matmul_act[grid](*args, **flags, **_INTERP_META)
@@ -296,7 +299,8 @@ def gated_fwd(x, w, out, *, bias=None, pre=None, act: int = 4) -> None:
     flags = dict(ACT=act, HAS_BIAS=bias is not None, STORE_PRE=pre is not None, DOT_PRECISION=_precision(x.dtype))
     if x.device.type == "cuda":
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(H, meta["BLOCK_N"]),)  # noqa: E731
-        _gated_fwd_tuned[grid](*args, **flags)
+        with AUTOTUNE_LOCK:
+            _gated_fwd_tuned[grid](*args, **flags)
     else:
         grid = (triton.cdiv(M, _INTERP_META["BLOCK_M"]) * triton.cdiv(H, _INTERP_META["BLOCK_N"]),)
         _gated_fwd[grid](*args, **flags, **_INTERP_META)

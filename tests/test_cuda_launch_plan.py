@@ -123,3 +123,19 @@ def test_softmax_plan_caches_rows_that_fit_and_goes_online_beyond():
 
 def test_softmax_unsupported():
     assert "rows" in C.cuda_softmax_plan("float16", 2**31, 8, 8, True, False, H100_SMEM)["reason"]
+
+
+def test_the_backend_check_traces_under_compile_fullgraph():
+    # The cuda backend asks the planner while torch.compile traces (fullgraph=True): a bare pybind
+    # call there stops Dynamo ("Attempted to call function marked as skipped", seen on an H200).
+    import torch
+
+    from fastformer.ops.attention_cuda import _launch_plan_refusal
+
+    def f(x):
+        refused = _launch_plan_refusal("bfloat16", 64, 2, 4, 4, 256, 256, H100_SMEM)
+        return x + (1.0 if refused == "" else 2.0)
+
+    assert _launch_plan_refusal("bfloat16", 64, 2, 4, 4, 256, 256, H100_SMEM) == ""
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(torch.zeros(3)), torch.ones(3))

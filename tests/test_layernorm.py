@@ -190,4 +190,7 @@ def test_dropout_on_residual_gpu():
     keep = (total.float() - x.float()).abs() > 0
     assert 0.88 < keep.float().mean().item() < 0.92
     total.float().sum().backward()
-    torch.testing.assert_close(r.grad.float(), keep.float() / 0.9, rtol=1e-2, atol=0)
+    # Where |r| / 0.9 is below half an ulp of x, bf16's x + r/0.9 rounds back to x and `keep` misreads a
+    # kept element as dropped (0.15% of elements on an H200): judge only elements where r shows.
+    visible = r.detach().abs() > x.detach().abs() * 2**-6
+    torch.testing.assert_close(r.grad.float()[visible], keep.float()[visible] / 0.9, rtol=1e-2, atol=0)

@@ -140,11 +140,19 @@ def _unsupported(problem: AttentionProblem) -> Optional[str]:
     if d is None:
         return f"head dims above 128 are not supported (E={problem.head_dim}, Ev={problem.head_dim_v})"
     _, _, smem = launch_context(problem.q.device)
-    plan = C.cuda_launch_plan(
-        "forward", _DTYPE_NAMES[problem.q.dtype], d, problem.batch, problem.heads_q, problem.heads_kv,
+    return _launch_plan_refusal(
+        _DTYPE_NAMES[problem.q.dtype], d, problem.batch, problem.heads_q, problem.heads_kv,
         problem.len_q, problem.len_k, smem,
-    )
-    return plan["reason"] or None
+    ) or None
+
+
+@torch.compiler.assume_constant_result
+def _launch_plan_refusal(dtype: str, d: int, batch: int, heads_q: int, heads_kv: int, len_q: int, len_k: int,
+                         smem: int) -> str:
+    """Why the launch planner refuses this forward ("" when it accepts). A pure function of
+    ints, so torch.compile(fullgraph=True) runs it once while tracing instead of failing on
+    the pybind call (seen on an H200: tests/test_attention_cuda.py)."""
+    return C.cuda_launch_plan("forward", dtype, d, batch, heads_q, heads_kv, len_q, len_k, smem)["reason"]
 
 
 def _run(problem: AttentionProblem):

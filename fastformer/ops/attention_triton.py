@@ -65,6 +65,27 @@ def device_unsupported(device: torch.device) -> Optional[str]:
     return f"Triton kernels need CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got {device.type}"
 
 
+def _block(d: int) -> int:
+    return max(16, 1 << (int(d) - 1).bit_length())  # kernels.attention_common.head_block, without importing triton
+
+
+def padded_tiles_unsupported(head_dim: int, head_dim_v: int, device: torch.device) -> Optional[str]:
+    """Why Triton cannot take these head dims on this device, or None.
+
+    On sm_90 with triton 3.6, ``_attn_fwd`` faults ("Invalid __shared__ read of size 512
+    bytes", compute-sanitizer) when both head dims need padding to *different* tile widths,
+    e.g. E=24 (tile 32) with Ev=8 (tile 16). Seen on an H200 (bench/NOTES.md, GPU run 2);
+    E=24/Ev=16, E=32/Ev=8, E=5/Ev=7, E=40/Ev=40 and E=80/Ev=80 ran correctly there. The
+    interpreter is unaffected. Other backends take these shapes."""
+    if device.type != "cuda":
+        return None
+    be, bv = _block(head_dim), _block(head_dim_v)
+    if be != head_dim and bv != head_dim_v and be != bv:
+        return (f"head dims E={head_dim} and Ev={head_dim_v} pad to different tiles ({be}, {bv}), which "
+                "faults in triton 3.6's sm_90 code (an invalid shared-memory read)")
+    return None
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 follows torch.backends.cuda.matmul.allow_tf32 (default off: full precision)."""
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
@@ -138,6 +159,14 @@ def _common_meta(q, d: Dims, is_causal, dropout_p, layout, has_mask, mask_bool):
     ), seq_bucket(d.len_q), seq_bucket(d.len_k)
 
 
+def _refuse_faulting_tiles(d: "Dims", device: torch.device) -> None:
+    # Every path into the kernels (dense, varlen, forced backends) passes here: never launch a shape
+    # known to fault; backend selection already routes such problems elsewhere.
+    reason = padded_tiles_unsupported(d.head_dim, d.head_dim_v, device)
+    if reason is not None:
+        raise ValueError(f"q/k/v head dims: {reason}; use another attention backend")
+
+
 def _contiguous_last(t: Tensor) -> Tensor:
     # Any strides are correct; a unit stride on the head dim makes the loads vectorise.
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -150,9 +179,11 @@ def launch_forward(q, k, v, mask, rng_state, dropout_p, is_causal, causal_bottom
     import triton
 
     from fastformer.kernels.attention_fwd import _attn_fwd
+    from fastformer.kernels.launch_lock import AUTOTUNE_LOCK
 
     q, k, v = (_contiguous_last(t) for t in (q, k, v))
     d = _dims(q, k, v, layout, cu_q, max_q, max_k)
+    _refuse_faulting_tiles(d, q.device)
     out_shape = (*q.shape[:-1], d.head_dim_v)
     out = new_output(out_shape, q.dtype, q.device)
     lse_shape = (d.heads, q.shape[0]) if layout.varlen else (d.batch, d.heads, d.len_q)
@@ -164,15 +195,16 @@ def launch_forward(q, k, v, mask, rng_state, dropout_p, is_causal, causal_bottom
     mask_ptr, mask_strides, has_mask, mask_bool = _mask_args(mask, q)
     meta, tune_lq, tune_lk = _common_meta(q, d, is_causal, dropout_p, layout, has_mask, mask_bool)
     grid = lambda META: (triton.cdiv(d.len_q, META["BLOCK_M"]) * d.batch * d.heads,)  # noqa: E731
-    _attn_fwd[grid](
-        q, k, v, mask_ptr, out, lse,
-        rng_state if rng_state is not None else q, cu_q if cu_q is not None else q, cu_k if cu_k is not None else q,
-        *layout.qkv(q), *layout.qkv(k), *layout.qkv(v), *mask_strides, *layout.qkv(out), *layout.rows(lse),
-        d.heads, d.heads // d.heads_kv, d.len_q, d.len_k, d.len_q,
-        scale * 1.4426950408889634, float(dropout_p), _dropout_scale(dropout_p), int(causal_bottom_right),
-        tune_lq, tune_lk,
-        **meta,
-    )
+    with AUTOTUNE_LOCK:  # triton's Autotuner is not thread-safe (kernels/launch_lock.py)
+        _attn_fwd[grid](
+            q, k, v, mask_ptr, out, lse,
+            rng_state if rng_state is not None else q, cu_q if cu_q is not None else q, cu_k if cu_k is not None else q,
+            *layout.qkv(q), *layout.qkv(k), *layout.qkv(v), *mask_strides, *layout.qkv(out), *layout.rows(lse),
+            d.heads, d.heads // d.heads_kv, d.len_q, d.len_k, d.len_q,
+            scale * 1.4426950408889634, float(dropout_p), _dropout_scale(dropout_p), int(causal_bottom_right),
+            tune_lq, tune_lk,
+            **meta,
+        )
     return out, lse
 
 
@@ -182,9 +214,11 @@ def launch_backward(dout, q, k, v, out, lse, mask, rng_state, dropout_p, is_caus
     import triton
 
     from fastformer.kernels.attention_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
+    from fastformer.kernels.launch_lock import AUTOTUNE_LOCK
 
     q, k, v, out, dout = (_contiguous_last(t) for t in (q, k, v, out, dout))
     d = _dims(q, k, v, layout, cu_q, max_q, max_k)
+    _refuse_faulting_tiles(d, q.device)
     dq = new_output(q.shape, q.dtype, q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
@@ -197,33 +231,34 @@ def launch_backward(dout, q, k, v, out, lse, mask, rng_state, dropout_p, is_caus
     cq = cu_q if cu_q is not None else q
     ck = cu_k if cu_k is not None else q
     pre_block = 64
-    _attn_bwd_preprocess[(triton.cdiv(d.len_q, pre_block) * d.batch * d.heads,)](
-        out, dout, delta, cq,
-        *layout.qkv(out), *layout.qkv(dout), *layout.rows(delta),
-        d.heads, d.len_q, d.len_q,
-        HEAD_DIM_V=d.head_dim_v, VARLEN=layout.varlen, BLOCK_M=pre_block, BLOCK_DV=meta["BLOCK_DV"],
-    )
-    common = (d.len_q, d.len_k)
-    scalars = (scale, scale * 1.4426950408889634, float(dropout_p), _dropout_scale(dropout_p),
-               int(causal_bottom_right), tune_lq, tune_lk)
-    grid_kv = lambda META: (triton.cdiv(d.len_k, META["BLOCK_N"]) * d.batch * d.heads_kv,)  # noqa: E731
-    _attn_bwd_dkdv[grid_kv](
-        q, k, v, mask_ptr, dout, lse, delta, dk, dv, rng, cq, ck,
-        *layout.qkv(q), *layout.qkv(k), *layout.qkv(v), *mask_strides, *layout.qkv(dout), *layout.rows(lse),
-        *layout.qkv(dk), *layout.qkv(dv),
-        d.heads_kv, d.heads // d.heads_kv, *common, d.len_k,
-        *scalars,
-        **meta,
-    )
-    grid_q = lambda META: (triton.cdiv(d.len_q, META["BLOCK_M"]) * d.batch * d.heads,)  # noqa: E731
-    _attn_bwd_dq[grid_q](
-        q, k, v, mask_ptr, dout, lse, delta, dq, rng, cq, ck,
-        *layout.qkv(q), *layout.qkv(k), *layout.qkv(v), *mask_strides, *layout.qkv(dout), *layout.rows(lse),
-        *layout.qkv(dq),
-        d.heads, d.heads // d.heads_kv, *common, d.len_q,
-        *scalars,
-        **meta,
-    )
+    with AUTOTUNE_LOCK:  # triton's Autotuner is not thread-safe (kernels/launch_lock.py)
+        _attn_bwd_preprocess[(triton.cdiv(d.len_q, pre_block) * d.batch * d.heads,)](
+            out, dout, delta, cq,
+            *layout.qkv(out), *layout.qkv(dout), *layout.rows(delta),
+            d.heads, d.len_q, d.len_q,
+            HEAD_DIM_V=d.head_dim_v, VARLEN=layout.varlen, BLOCK_M=pre_block, BLOCK_DV=meta["BLOCK_DV"],
+        )
+        common = (d.len_q, d.len_k)
+        scalars = (scale, scale * 1.4426950408889634, float(dropout_p), _dropout_scale(dropout_p),
+                   int(causal_bottom_right), tune_lq, tune_lk)
+        grid_kv = lambda META: (triton.cdiv(d.len_k, META["BLOCK_N"]) * d.batch * d.heads_kv,)  # noqa: E731
+        _attn_bwd_dkdv[grid_kv](
+            q, k, v, mask_ptr, dout, lse, delta, dk, dv, rng, cq, ck,
+            *layout.qkv(q), *layout.qkv(k), *layout.qkv(v), *mask_strides, *layout.qkv(dout), *layout.rows(lse),
+            *layout.qkv(dk), *layout.qkv(dv),
+            d.heads_kv, d.heads // d.heads_kv, *common, d.len_k,
+            *scalars,
+            **meta,
+        )
+        grid_q = lambda META: (triton.cdiv(d.len_q, META["BLOCK_M"]) * d.batch * d.heads,)  # noqa: E731
+        _attn_bwd_dq[grid_q](
+            q, k, v, mask_ptr, dout, lse, delta, dq, rng, cq, ck,
+            *layout.qkv(q), *layout.qkv(k), *layout.qkv(v), *mask_strides, *layout.qkv(dout), *layout.rows(lse),
+            *layout.qkv(dq),
+            d.heads, d.heads // d.heads_kv, *common, d.len_q,
+            *scalars,
+            **meta,
+        )
     return dq, dk, dv
 
 
@@ -246,6 +281,9 @@ def _unsupported(problem: AttentionProblem) -> Optional[str]:
         return "float64 inputs (the kernels compute in fp16/bf16/fp32)"
     if problem.head_dim > MAX_HEAD_DIM or problem.head_dim_v > MAX_HEAD_DIM:
         return f"head dim {max(problem.head_dim, problem.head_dim_v)} > {MAX_HEAD_DIM}"
+    reason = padded_tiles_unsupported(problem.head_dim, problem.head_dim_v, problem.q.device)
+    if reason is not None:
+        return reason
     if problem.mask_needs_grad:
         return "a float attn_mask that requires grad (the kernels do not produce its gradient)"
     return None

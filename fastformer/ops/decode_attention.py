@@ -218,6 +218,10 @@ def decode_attention(
     if backend == "auto" and _DEFAULT_STACK:
         backend = _DEFAULT_STACK[-1]
     why_not = _triton_usable(q.device)
+    if why_not is None:
+        from .attention_triton import padded_tiles_unsupported
+
+        why_not = padded_tiles_unsupported(q.shape[-1], v_cache.shape[-1], q.device)
     if backend == "triton" and why_not is not None:
         raise RuntimeError(f"decode_attention backend 'triton' cannot run here: {why_not}")
     if backend == "torch" or (backend == "auto" and why_not is not None):
