@@ -117,7 +117,12 @@ def test_info_prints_backend_table():
 
 
 @pytest.mark.cuda
-def test_auto_uses_triton_for_cuda_tensors():
+def test_auto_uses_torch_for_cuda_tensors():
+    # Measured slower than torch's SDPA on an H200 (bench/results/nvidia-h200): auto stays on torch.
     q, k, v = (torch.randn(1, 2, 64, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     chosen = dispatch.select_backend(validate_attention_inputs(q, k, v))
-    assert chosen.name in ("triton", "cuda"), chosen.name
+    assert chosen.name == "reference", chosen.name
+
+
+def test_auto_never_picks_a_fused_backend_for_cuda_tensors():
+    assert dispatch.AUTO_ORDER["cuda"] == []
