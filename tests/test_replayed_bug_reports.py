@@ -372,3 +372,21 @@ def test_hf_hook_finfo_min_padding(dtype):
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
     ref64 = _math(q.double(), k.double(), v.double(), attn_mask=mask.double()).transpose(1, 2)
     assert_close_by_rule(got, ref64, want)
+
+
+def test_cuda_backend_saturates_bfloat16_masks_in_place_of_broadcast():
+    """The cuda backend's kernels (not runnable here) scale bfloat16 masks by log2(e): its
+    Python side clamps finite fills beyond MASK_LIMIT first, keeping -inf/NaN and the
+    mask's broadcast (stride-0) layout, so no (B, H, L, S) copy is made."""
+    from fastformer.ops.attention_cuda import MASK_LIMIT, saturated_mask
+
+    row = torch.tensor([0.0, torch.finfo(torch.bfloat16).min, float("-inf"), 3.0, float("nan"),
+                        torch.finfo(torch.bfloat16).max]).bfloat16()
+    mask = row.view(1, 1, 1, 6).expand(2, 3, 4, 6)
+    out = saturated_mask(mask)
+    assert out.shape == mask.shape and out.stride() == (0, 0, 0, 1)
+    want = torch.tensor([0.0, -MASK_LIMIT, float("-inf"), 3.0, float("nan"), MASK_LIMIT]).bfloat16()
+    torch.testing.assert_close(out[1, 2, 3], want, equal_nan=True)
+    assert (out[1, 2, 3, :2].float() * 1.4426950408889634).isfinite().all()
+    half = mask.half()  # float16 cannot hold a fill that overflows once scaled: left as it is
+    assert saturated_mask(half) is half and saturated_mask(None) is None
