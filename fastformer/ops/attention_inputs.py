@@ -139,6 +139,9 @@ def _leading_dims(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool):
         return t.shape[-3] if t.dim() >= 3 else 1
 
     hq, hk, hv = heads(query), heads(key), heads(value)
+    if (query.dim() == key.dim() == value.dim() == 4 and query.shape[0] == key.shape[0] == value.shape[0]
+            and hk == hv and (hk == hq or (enable_gqa and hk > 0 and hq % hk == 0))):
+        return (query.shape[0], hq), hk  # the common case, without the general broadcast (µs per call)
     gqa = enable_gqa and query.dim() >= 3 and (hk != hq or hv != hq)
     if gqa:
         if hk == 0 or hv == 0 or hq % hk != 0 or hq % hv != 0:
@@ -149,9 +152,8 @@ def _leading_dims(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool):
         shapes = (query.shape[:-3], key.shape[:-3], value.shape[:-3])
     else:
         shapes = (query.shape[:-2], key.shape[:-2], value.shape[:-2])
-    try:
-        batch = tuple(torch.broadcast_shapes(*shapes))
-    except RuntimeError:
+    batch = _broadcast(*shapes)
+    if batch is None:
         hint = "" if gqa or hk == hq else " (different head counts need enable_gqa=True)"
         raise AttentionInputError(
             "query, key and value's batch and head dimensions (all but the last two) must be "
@@ -166,6 +168,17 @@ def _leading_dims(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool):
         # Key and value with one head serve every query head: grouped-query attention.
         heads_kv = 1 if hk == hv == 1 else lead[-1]
     return lead, heads_kv
+
+
+def _broadcast(*shapes):
+    """numpy/torch broadcasting of shapes (tuples), or None when they do not broadcast."""
+    out = []
+    for dims in zip(*(((1,) * (max(map(len, shapes)) - len(sh)) + tuple(sh)) for sh in shapes)):
+        sizes = {d for d in dims if d != 1}
+        if len(sizes) > 1:
+            return None
+        out.append(sizes.pop() if sizes else 1)
+    return tuple(out)
 
 
 def _kv_heads(t: Tensor, batch_dims: tuple, heads_kv: int) -> Tensor:
