@@ -23,6 +23,22 @@ import pytest  # noqa: E402
 from advertised import SKIP_PREFIX  # noqa: E402
 
 
+def pytest_sessionstart(session):
+    """Under tests/run.sh (FASTFORMER_INFO_HEADER=1) the log opens with ``python -m fastformer.info``'s
+    report, printed from here rather than by a separate Python start (one torch import less)."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if os.environ.get("FASTFORMER_INFO_HEADER") != "1" or reporter is None or hasattr(session.config, "workerinput"):
+        return
+    try:
+        from fastformer.info import describe
+
+        text = describe()
+    except Exception as exc:  # the tests will say more; the header must not hide them
+        text = f"fastformer.info failed: {type(exc).__name__}: {exc}"
+    for line in text.splitlines() + [""]:
+        reporter.write_line(line)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -81,3 +81,16 @@ def test_check_command_output_format():
                          capture_output=True, text=True, timeout=60, check=True).stdout.splitlines()
     assert out and out[-1].startswith(("build fresh", "build stale "))
     assert all(line.startswith("need ") for line in out[:-1])
+
+
+def test_suite_log_opens_with_info_report():
+    """tests/run.sh's log starts with fastformer.info's report (printed by conftest, FASTFORMER_INFO_HEADER=1)."""
+    import os
+
+    env = dict(os.environ, FASTFORMER_INFO_HEADER="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "tests/test_setup_env.py::test_fresh_after_stamp", "-q",
+                           "-p", "no:cacheprovider"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    head = proc.stdout.split("1 passed")[0]
+    assert head.startswith("fastformer ") and "backend    available  auto" in head
+    assert "FASTFORMER_INFO_HEADER" in (REPO / "tests" / "run.sh").read_text()
