@@ -169,6 +169,7 @@ def _models():
     from fastformer.models.bert import BERT, BERTConfig
     from fastformer.models.gpt import GPT, GPTConfig
     from fastformer.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
+    from fastformer.models.timeseries import TimeSeriesTransformer
     from fastformer.models.vit import ViT
 
     ids = torch.randint(3, 50, (2, 8))
@@ -193,10 +194,14 @@ def _models():
                                              max_len=16)),
             (ids, ids[:, :6]),
         ),
+        "TimeSeriesTransformer": (
+            TimeSeriesTransformer(n_features=3, window=8, d_model=16, num_heads=2, num_layers=1),
+            (torch.randn(2, 8, 3),),
+        ),
     }
 
 
-@pytest.mark.parametrize("name", ["GPT", "GPT(rotary, gqa)", "BERT", "ViT", "Seq2SeqTransformer"])
+@pytest.mark.parametrize("name", ["GPT", "GPT(rotary, gqa)", "BERT", "ViT", "Seq2SeqTransformer", "TimeSeriesTransformer"])
 def test_export_model_save_load(name):
     torch.manual_seed(0)
     _export_roundtrip(*_models()[name])
