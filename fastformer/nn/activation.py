@@ -216,9 +216,9 @@ class MultiheadAttention(nn.Module):
         if not torch.jit.is_scripting():
             if is_causal_bias(attn_mask):
                 # CausalBias: (L, S) in the caller's layout, before bias_k / the zero key.
-                len_q = query.shape[-2] if query.dim() == 2 else query.shape[1 if self.batch_first and query.dim() == 3 else 0]
-                len_k = key.shape[-2] if key.dim() == 2 else key.shape[1 if self.batch_first and key.dim() == 3 else 0]
-                bottom_right = causal_bias_alignment(attn_mask, len_q, len_k)
+                bottom_right = causal_bias_alignment(
+                    attn_mask, _seq_len(query, self.batch_first), _seq_len(key, self.batch_first)
+                )
                 if key_padding_mask is None and not need_weights and self.bias_k is None and not self.add_zero_attn:
                     attn_mask = None  # the kernel's causal mode, nothing materialised
                 else:
@@ -441,6 +441,11 @@ def _check_shapes(
                     f"but got {attn_mask.shape}"
                 )
     return batched
+
+
+def _seq_len(x: Tensor, batch_first: bool) -> int:
+    """The sequence length of ``(L, E)``, ``(L, B, E)`` or (batch_first) ``(B, L, E)``."""
+    return x.shape[1] if x.dim() == 3 and batch_first else x.shape[0]
 
 
 def _heads(x: Tensor, num_heads: int, batch_first: bool) -> Tensor:
