@@ -75,20 +75,14 @@ else
   _ff_say "building fastformer: ${_ff_build#stale } (extension fastformer._C, ${MAX_JOBS:-$(nproc)} jobs, log in $_ff_build_dir/build.log)"
   mkdir -p "$_ff_build_dir"
   # pip -v streams the build's output; show ninja's [n/m] lines (one per compiled file),
-  # the link and any compiler error, and keep everything in the log.
+  # the link, any compiler error and a heartbeat, and keep everything in the log.
+  # shellcheck disable=SC1091
+  . "$FASTFORMER_REPO/bench/build_progress.sh"
   set +e
   FASTFORMER_BUILD_DIR="$_ff_build_dir" FASTFORMER_REQUIRE_EXT=${FASTFORMER_REQUIRE_EXT:-1} \
     MAX_JOBS=${MAX_JOBS:-$(nproc)} PYTHONUNBUFFERED=1 \
     python -m pip install -v --no-build-isolation --no-deps -e "$FASTFORMER_REPO" 2>&1 \
-    | tee "$_ff_build_dir/build.log" | while IFS= read -r _ff_line; do
-        if [[ $_ff_line =~ ^[[:space:]]*\[([0-9]+/[0-9]+)\].*[[:space:]]-c[[:space:]]+([^[:space:]]+) ]]; then
-          _ff_say "  [${BASH_REMATCH[1]}] compiled ${BASH_REMATCH[2]#"$FASTFORMER_REPO"/}"
-        elif [[ $_ff_line =~ [[:space:]]-shared[[:space:]] ]]; then
-          _ff_say "  linking fastformer._C"
-        elif [[ $_ff_line =~ (error:|Error|WARNING: building) ]]; then
-          printf '    %s\n' "$_ff_line"
-        fi
-      done
+    | tee "$_ff_build_dir/build.log" | ff_build_progress
   _ff_status=${PIPESTATUS[0]}
   set -e
   if [ "$_ff_status" != 0 ]; then

@@ -94,3 +94,25 @@ def test_suite_log_opens_with_info_report():
     head = proc.stdout.split("1 passed")[0]
     assert head.startswith("fastformer ") and "backend    available  auto" in head
     assert "FASTFORMER_INFO_HEADER" in (REPO / "tests" / "run.sh").read_text()
+
+
+def test_build_progress_shows_files_link_errors_and_heartbeat():
+    """What a user sees while the extension compiles (bench/build_progress.sh on a scripted pip -v stream)."""
+    script = r'''
+FASTFORMER_REPO=/repo
+_ff_say() { printf '[setup] %s\n' "$*"; }
+. bench/build_progress.sh
+FASTFORMER_HEARTBEAT_S=1 ff_build_progress < <(
+  echo "  running build_ext"; sleep 1.5
+  printf '  [1/2] c++ -MMD -c /repo/csrc/cpu/a.cpp -o a.o'; sleep 1.2; echo " -O3"
+  echo "  /repo/csrc/b.cpp:3:1: error: expected ';'"
+  echo "  [2/2] c++ -c /repo/csrc/b.cpp -o b.o"
+  echo "  g++ -pthread -shared a.o b.o -o _C.so")
+'''
+    out = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60).stdout
+    lines = out.splitlines()
+    assert any("still building (no file compiled yet" in l for l in lines), out
+    assert "[setup]   [1/2] compiled csrc/cpu/a.cpp" in lines  # a line split by a heartbeat still parses
+    assert "[setup]   [2/2] compiled csrc/b.cpp" in lines
+    assert any("error: expected ';'" in l for l in lines)
+    assert lines[-1] == "[setup]   linking fastformer._C"
