@@ -1,11 +1,13 @@
 """The "cpu" attention backend against torch's CPU SDPA and naive attention.
 
 For each configuration (dtype, head dim, sequence length, causal or not,
-forward or forward+backward; B·H = 8) it times ours and torch's SDPA in
-paired, interleaved runs (ours, torch, ours, torch, …) and reports the median
-per-round ratio, times naive attention, and gives GFLOP/s, the fraction of the
-matmul ceiling of the dtype measured in the same run, and peak memory. The
-JSON records the CPU flags and which kernel variant ran (``isa``).
+forward or forward+backward; B·H = 8, 4 at L = 4096) it times ours, torch's
+SDPA and ``auto`` in interleaved runs (ours, torch, auto, ours, …) and reports
+the median per-round ratios to torch (``speedup_vs_torch``,
+``auto_speedup_vs_torch``) and ``auto``'s choice, times naive attention, and
+gives GFLOP/s, the fraction of the matmul ceiling of the dtype measured in the
+same run, and peak memory. The JSON records the CPU flags and which kernel
+variant ran (``isa``); ``bench/cpu_policy.py`` derives ``auto``'s table from it.
 
     python bench/bench_cpu_attention.py                  # the full set (long on 2 cores)
     python bench/bench_cpu_attention.py --quick          # CI smoke: seconds
@@ -77,28 +79,58 @@ def torch_sdpa(q, k, v, causal):
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
+def auto(q, k, v, causal):
+    return fastformer.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def auto_choice(q, k, v, causal: bool, mode: str) -> str:
+    """The backend ``auto`` runs for this configuration (fwd: under no_grad, as timed)."""
+    from fastformer.ops.attention_inputs import validate_attention_inputs
+    from fastformer.ops.dispatch import select_backend
+
+    with torch.set_grad_enabled(mode != "fwd"):
+        return select_backend(validate_attention_inputs(q, k, v, is_causal=causal)).name
+
+
+def interleaved(fns, rounds: int, quick: bool):
+    """Time ``fns`` interleaved (f0, f1, f2, f0, f1, f2, ...): median time of each and
+    the median per-round ratio of each to ``fns[1]`` (torch) — robust on a loaded machine."""
+    times = [[] for _ in fns]
+    ratios = [[] for _ in fns]
+    for _ in range(max(1, 2 if quick else rounds)):
+        t = [common.time_fn(f, "cpu", quick=True) for f in fns]
+        for i, x in enumerate(t):
+            times[i].append(x)
+            ratios[i].append(t[1] / x)
+    med = __import__("statistics").median
+    return [med(x) for x in times], [med(r) for r in ratios]
+
+
 def naive(q, k, v, causal):
     return fastformer.scaled_dot_product_attention(q, k, v, is_causal=causal, backend="naive")
 
 
 def measure(cfg: Config, ceiling_flops: float, fp32_ceiling_flops: float, args) -> dict:
     dtype = getattr(torch, cfg.dtype)
-    shape = (1, HEADS, cfg.seqlen, cfg.head_dim)
+    shape = (1, HEADS if cfg.seqlen < 4096 else HEADS // 2, cfg.seqlen, cfg.head_dim)
     grad = cfg.mode != "fwd"
     q, k, v = (torch.randn(shape, dtype=dtype, requires_grad=grad) for _ in range(3))
     dout = torch.randn(shape, dtype=dtype)
-    flops = common.attention_flops(1, HEADS, cfg.seqlen, cfg.seqlen, cfg.head_dim, causal=cfg.causal, mode=cfg.mode)
+    flops = common.attention_flops(1, shape[1], cfg.seqlen, cfg.seqlen, cfg.head_dim, causal=cfg.causal, mode=cfg.mode)
     a = _step(ours, q, k, v, cfg.causal, cfg.mode, dout)
     b = _step(torch_sdpa, q, k, v, cfg.causal, cfg.mode, dout)
     rounds = args.rounds if cfg.seqlen < 4096 else max(3, args.rounds // 2)
-    pair = common.paired_ratio(a, b, "cpu", rounds=rounds, quick=args.quick)
-    row = {**asdict(cfg), "batch": 1, "heads": HEADS, "flops": flops}
-    row["ours_ms"], row["torch_ms"] = pair["a_s"] * 1e3, pair["b_s"] * 1e3
-    row["speedup_vs_torch"] = 1.0 / pair["ratio_a_over_b"]  # median of per-round torch/ours
-    row["ours_gflops"], row["torch_gflops"] = flops / pair["a_s"] / 1e9, flops / pair["b_s"] / 1e9
-    row["ours_frac_ceiling"] = flops / pair["a_s"] / ceiling_flops
-    row["torch_frac_ceiling"] = flops / pair["b_s"] / ceiling_flops
-    row["ours_frac_fp32_ceiling"] = flops / pair["a_s"] / fp32_ceiling_flops
+    c = _step(auto, q, k, v, cfg.causal, cfg.mode, dout)
+    (t_ours, t_torch, t_auto), (speedup, _, auto_speed) = interleaved((a, b, c), rounds, args.quick)
+    row = {**asdict(cfg), "batch": 1, "heads": shape[1], "flops": flops}
+    row["ours_ms"], row["torch_ms"], row["auto_ms"] = t_ours * 1e3, t_torch * 1e3, t_auto * 1e3
+    row["speedup_vs_torch"] = speedup  # median of per-round torch/ours
+    row["auto_choice"] = auto_choice(q, k, v, cfg.causal, cfg.mode)
+    row["auto_speedup_vs_torch"] = auto_speed  # median of per-round torch/auto (target >= 0.98)
+    row["ours_gflops"], row["torch_gflops"] = flops / t_ours / 1e9, flops / t_torch / 1e9
+    row["ours_frac_ceiling"] = flops / t_ours / ceiling_flops
+    row["torch_frac_ceiling"] = flops / t_torch / ceiling_flops
+    row["ours_frac_fp32_ceiling"] = flops / t_ours / fp32_ceiling_flops
     row["ours_peak_bytes"] = common.peak_memory(a, "cpu")
     row["torch_peak_bytes"] = common.peak_memory(b, "cpu")
     if cfg.seqlen <= args.naive_max_len:
@@ -134,10 +166,10 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--head-dims", nargs="+", type=int, default=[64, 128])
-    p.add_argument("--seqlens", nargs="+", type=int, default=[512, 1024, 2048, 4096])
+    p.add_argument("--seqlens", nargs="+", type=int, default=[256, 512, 1024, 2048, 4096])
     p.add_argument("--modes", nargs="+", default=["fwd", "fwd_bwd"], choices=["fwd", "fwd_bwd"])
-    p.add_argument("--rounds", type=int, default=7, help="paired rounds per configuration")
-    p.add_argument("--naive-max-len", type=int, default=2048, help="skip naive above this length (L² memory)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds per configuration")
+    p.add_argument("--naive-max-len", type=int, default=1024, help="skip naive above this length (L² memory)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--tag", default="", help="suffix of the results file name")
     args = p.parse_args(argv)
@@ -170,7 +202,8 @@ def main(argv=None) -> int:
         rows.append(row)
         naive_s = f" naive {row['naive_gflops']:6.1f} (x{row['speedup_vs_naive']:.2f})" if "naive_ms" in row else ""
         print(f"{cfg.label()}: ours {row['ours_gflops']:6.1f} GFLOP/s ({row['ours_frac_ceiling']:.0%} of ceiling) "
-              f"torch {row['torch_gflops']:6.1f} -> x{row['speedup_vs_torch']:.2f}{naive_s} "
+              f"torch {row['torch_gflops']:6.1f} -> x{row['speedup_vs_torch']:.2f} "
+              f"auto={row['auto_choice']} x{row['auto_speedup_vs_torch']:.2f}{naive_s} "
               f"peak {row['ours_peak_bytes'] or 0:.2e}/{row['torch_peak_bytes'] or 0:.2e} B", flush=True)
     topic = "cpu_attention" + ("-quick" if args.quick else "") + (f"-{args.tag}" if args.tag else "")
     path = common.write_results(topic, {"args": vars(args), "ceilings": ceilings, "results": [

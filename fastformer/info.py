@@ -34,6 +34,12 @@ def describe() -> str:
     lines.append("")
     order = "; ".join(f"{dev}: {' > '.join(names + ['reference'])}" for dev, names in AUTO_ORDER.items())
     lines.append(f'"auto" tries, per device: {order}; other devices: reference')
+    try:
+        from .ops.attention_cpu import policy_summary
+
+        lines += policy_summary()
+    except ImportError as exc:  # the cpu backend module itself failed to import
+        lines.append(f"cpu auto policy: unavailable ({exc})")
     return "\n".join(lines)
 
 

@@ -172,10 +172,12 @@ def test_lse_is_natural_log_sum_exp():
     assert torch.isneginf(lse[..., 3]).all() and torch.equal(out[..., 3, :], torch.zeros(1, 2, 16))
 
 
-def test_auto_picks_cpu_and_falls_back():
+def test_auto_picks_cpu_and_falls_back(monkeypatch):
+    from fastformer.ops import attention_cpu
     from fastformer.ops.attention_inputs import validate_attention_inputs
     from fastformer.ops.dispatch import select_backend
 
+    monkeypatch.setattr(attention_cpu, "_AUTO_OVERRIDE", True)  # the policy table is tested below
     q = torch.randn(1, 2, 8, 16)
     assert select_backend(validate_attention_inputs(q, q, q)).name == "cpu"
     assert select_backend(validate_attention_inputs(q.bfloat16(), q.bfloat16(), q.bfloat16())).name == "cpu"
@@ -189,6 +191,46 @@ def test_auto_picks_cpu_and_falls_back():
             select_backend(problem, "cpu")
     mask = torch.zeros(8, 8, requires_grad=True)
     assert select_backend(validate_attention_inputs(q, q, q, attn_mask=mask)).name == "reference"
+
+
+def test_auto_policy_follows_the_table(monkeypatch):
+    """auto runs the cpu kernels exactly on the classes the committed table marks "cpu" for
+    this variant (nearest measured head dim and length), torch's SDPA elsewhere."""
+    from fastformer.ops import attention_cpu
+    from fastformer.ops.attention_inputs import validate_attention_inputs
+    from fastformer.ops.dispatch import select_backend
+
+    variant = attention_cpu.isa()
+    table = {variant: [("float32", "fwd", False, 64, 256, 0.9, "torch"), ("float32", "fwd", False, 64, 1024, 1.3, "cpu"),
+                       ("bfloat16", "fwd_bwd", True, 128, 512, 2.0, "cpu")]}
+    monkeypatch.setattr(attention_cpu, "_AUTO_OVERRIDE", None)
+    monkeypatch.setattr("fastformer.ops.attention_cpu_policy.POLICY", table)
+    attention_cpu._policy_classes.cache_clear()
+    try:
+        def pick(L, E=64, dtype=torch.float32, causal=False, grad=False):
+            q = torch.randn(1, 2, L, E, dtype=dtype, requires_grad=grad)
+            return select_backend(validate_attention_inputs(q, q, q, is_causal=causal)).name
+
+        assert pick(200) == "reference" and pick(400) == "reference"  # nearest measured: 256
+        assert pick(600) == "cpu" and pick(3000) == "cpu" and pick(900, E=100) == "cpu"  # nearest: 1024
+        assert pick(600, causal=True) == "reference"  # class never measured
+        assert pick(512, E=128, dtype=torch.bfloat16, causal=True, grad=True) == "cpu"
+        assert pick(512, E=128, dtype=torch.bfloat16, causal=True) == "reference"  # fwd only: not measured
+        with torch.no_grad():  # no_grad makes it a forward-only problem
+            assert pick(512, E=128, dtype=torch.bfloat16, causal=True, grad=True) == "reference"
+        monkeypatch.setattr("fastformer.ops.attention_cpu_policy.POLICY", {})
+        attention_cpu._policy_classes.cache_clear()
+        assert pick(1024) == "reference"  # a variant never measured: torch everywhere
+    finally:
+        attention_cpu._policy_classes.cache_clear()
+
+
+def test_auto_policy_table_matches_committed_results():
+    """fastformer/ops/attention_cpu_policy.py is what bench/cpu_policy.py derives from bench/results."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "bench/cpu_policy.py", "--check"], cwd=root, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
 
 
 def test_boundary_checks_name_the_argument():
@@ -218,18 +260,22 @@ from fastformer.ops.attention_cpu import isa
 assert isa() == sys.argv[1], (isa(), sys.argv[1])
 torch.manual_seed(0)
 for case in [c for c in CASES if c.id in ("basic", "causal_long", "gqa_mask", "dead_rows_float", "Ev!=E")] + [
-        Case("E130", batch=(1,), hq=2, L=45, S=70, E=130)]:
+        Case("E130", batch=(1,), hq=2, L=45, S=70, E=130),
+        Case("odd_pairs", batch=(2,), hq=2, hkv=1, L=37, S=171, E=33, Ev=17, is_causal=True, bottom_right=True),
+        Case("L200_mask", batch=(1,), hq=2, L=200, S=131, E=64, mask="float", mask_shape="B11S")]:
     for dtype in (torch.float32, torch.bfloat16):
         check_case(case, "cpu", dtype, "cpu")
 print("ok")
 """
 
 
-@pytest.mark.parametrize("variant", ["generic", "avx2", "avx512"])
+@pytest.mark.parametrize("variant", ["generic", "avx2", "avx512", "avx512_bf16"])
 def test_isa_variants(variant):
-    """Each kernel variant this processor can run (FASTFORMER_CPU_ISA forces one), in a fresh process."""
+    """Each kernel variant this processor can run (FASTFORMER_CPU_ISA forces one), in a fresh process.
+    avx512_bf16 runs bf16 inputs on the bf16 dot-product kernels (vdpbf16ps)."""
     flags = set(fastformer._ext.C.cpu_features())
-    needs = {"generic": set(), "avx2": {"avx2", "fma"}, "avx512": {"avx512f", "avx2", "fma"}}[variant]
+    needs = {"generic": set(), "avx2": {"avx2", "fma"}, "avx512": {"avx512f", "avx2", "fma"},
+             "avx512_bf16": {"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx2", "fma"}}[variant]
     if not needs <= flags:
         pytest.skip(f"this processor lacks {sorted(needs - flags)}")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

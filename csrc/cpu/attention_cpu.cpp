@@ -19,7 +19,7 @@ namespace fastformer {
 namespace cpu_attn {
 namespace {
 
-// FASTFORMER_CPU_ISA=generic|avx2|avx512 forces a variant (tests, benchmarks);
+// FASTFORMER_CPU_ISA=generic|avx2|avx512|avx512_bf16 forces a variant (tests, benchmarks);
 // otherwise the widest one this processor runs.
 const Kernels& kernels() {
   static const Kernels* chosen = [] {
@@ -28,9 +28,12 @@ const Kernels& kernels() {
     const std::string want = env ? env : "";
 #if defined(__x86_64__)
     const bool has512 = f.avx512f && f.avx2 && f.fma, has2 = f.avx2 && f.fma;
+    const bool hasbf16 = has512 && f.avx512bw && f.avx512vl && f.avx512_bf16;
     if (want == "generic") return &kernels_generic;
     if (want == "avx2" && has2) return &kernels_avx2;
-    if ((want.empty() || want == "avx512") && has512) return &kernels_avx512;
+    if (want == "avx512" && has512) return &kernels_avx512;
+    if ((want.empty() || want == "avx512_bf16") && hasbf16) return &kernels_avx512bf16;
+    if (has512) return &kernels_avx512;
     if (has2) return &kernels_avx2;
 #endif
     (void)f;
@@ -47,7 +50,8 @@ int64_t env_int(const char* name, int64_t fallback) {
 // Block sizes (bench/NOTES.md has the sweep; FASTFORMER_CPU_ATTN_BQ/BK override).
 // BQ = 96 is a multiple of both micro-kernel heights (6 for AVX2, 12 for
 // AVX-512), so no row remainder; BK is rounded to the panel width.
-int64_t block_q() { return env_int("FASTFORMER_CPU_ATTN_BQ", 96); }
+// BQ is kept even: the bf16 kernels pair query rows.
+int64_t block_q() { return (env_int("FASTFORMER_CPU_ATTN_BQ", 96) + 1) / 2 * 2; }
 int64_t block_k(int nr) {
   const int64_t bk = env_int("FASTFORMER_CPU_ATTN_BK", 128);
   return (bk + nr - 1) / nr * nr;
@@ -103,6 +107,52 @@ at::Tensor pack_panels(const at::Tensor& x, bool transpose, int nr) {
     pack(x.data_ptr<at::BFloat16>());
   return out;
 }
+
+// Pair panels (attention_cpu.h) of the per-head bf16 matrix X (R x C), X = x[b, h]
+// or its transpose, reduced over R, for every (b, h). Returns (B*H, head_stride) int16.
+at::Tensor pack_pair_panels(const at::Tensor& x, bool transpose, int nr) {
+  TORCH_INTERNAL_ASSERT(x.scalar_type() == at::kBFloat16);
+  const int64_t B = x.size(0), H = x.size(1);
+  const int64_t R = transpose ? x.size(3) : x.size(2), C = transpose ? x.size(2) : x.size(3);
+  const int64_t rs = transpose ? x.stride(3) : x.stride(2), cs = transpose ? x.stride(2) : x.stride(3);
+  const int64_t panels = (C + nr - 1) / nr, rp = (R + 1) / 2, head = panels * rp * nr * 2;
+  at::Tensor out = at::empty({B * H, head}, x.options().dtype(at::kShort));
+  uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr<int16_t>());
+  const uint16_t* base = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, R * C));
+  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const uint16_t* src = base + (bh / H) * x.stride(0) + (bh % H) * x.stride(1);
+      uint16_t* d = dst + bh * head;
+      for (int64_t p = 0; p < panels; ++p)
+        for (int64_t r2 = 0; r2 < rp; ++r2, d += 2 * nr)
+          for (int64_t t = 0; t < nr; ++t) {
+            const int64_t col = p * nr + t, r = 2 * r2;
+            const bool in = col < C;
+            d[2 * t] = in ? src[r * rs + col * cs] : 0;
+            d[2 * t + 1] = in && r + 1 < R ? src[(r + 1) * rs + col * cs] : 0;
+          }
+    }
+  });
+  return out;
+}
+
+// x (B, H, L, E) bf16 where the bf16 kernels can read it in place as pairs along E
+// (unit stride, E even, 4-byte aligned rows), else a zero-padded contiguous copy.
+at::Tensor pairs_operand(const at::Tensor& x) {
+  bool ok = x.stride(3) == 1 && x.size(3) % 2 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 4 == 0;
+  for (int d = 0; d < 3; ++d) ok = ok && (x.size(d) == 1 || x.stride(d) % 2 == 0);
+  if (ok) return x;
+  at::Tensor y = at::zeros({x.size(0), x.size(1), x.size(2), (x.size(3) + 1) / 2 * 2}, x.options());
+  y.narrow(3, 0, x.size(3)).copy_(x);
+  return y;
+}
+
+PairsView pairs_view(const at::Tensor& x) {  // of a pairs_operand (size-1 dims never indexed past 0)
+  return {reinterpret_cast<const uint32_t*>(x.data_ptr()), x.stride(0) / 2, x.stride(1) / 2, x.stride(2) / 2};
+}
+
+const uint16_t* bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); }
 
 Strided4 strided(const at::Tensor& t) {
   TORCH_INTERNAL_ASSERT(t.scalar_type() == at::kFloat);
@@ -200,6 +250,21 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
   check_output("out", out, {p.B, p.Hq, p.L, p.Ev}, q.scalar_type());
   check_output("lse", lse, {p.B, p.Hq, p.L}, at::kFloat);
   if (p.B * p.Hq * p.L == 0) return;
+  if (q.scalar_type() == at::kBFloat16 && K.bf16_forward_item != nullptr) {
+    at::Tensor qb = pairs_operand(q);
+    at::Tensor kt = pack_pair_panels(k, /*transpose=*/true, K.nr), vp = pack_pair_panels(v, false, K.nr);
+    Bf16ForwardArgs a;
+    a.p = p;
+    a.q = pairs_view(qb);
+    a.kt_panels = bits(kt);
+    a.kt_head_stride = kt.size(1);
+    a.v_panels = bits(vp);
+    a.v_head_stride = vp.size(1);
+    a.out = reinterpret_cast<uint16_t*>(out.data_ptr());
+    a.lse = lse.data_ptr<float>();
+    run_items(forward_items(p), K.bf16_forward_scratch(p), [&](int64_t i, float* s) { K.bf16_forward_item(a, i, s); });
+    return;
+  }
   at::Tensor qf = as_float(q);
   at::Tensor kt = pack_panels(k, /*transpose=*/true, K.nr);
   at::Tensor vp = pack_panels(v, /*transpose=*/false, K.nr);
@@ -215,6 +280,69 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
   a.lse = lse.data_ptr<float>();
   run_items(forward_items(p), K.forward_scratch(p), [&](int64_t i, float* s) { K.forward_item(a, i, s); });
   if (!out_f.is_same(out)) out.copy_(out_f);
+}
+
+// The backward's split of key tiles into chunks: enough independent items to keep
+// every thread busy, each chunk with its own dQ partial sum (reduced after).
+int64_t backward_chunks(const Problem& p) {
+  const int64_t threads = at::get_num_threads(), ntiles = (p.S + p.BK - 1) / p.BK, heads = p.B * p.Hkv;
+  return heads >= 2 * threads ? 1 : std::min(ntiles, (2 * threads + heads - 1) / heads);
+}
+
+void finish_backward(const Problem& p, int64_t chunks, const at::Tensor& dq_part, at::Tensor& dq,
+                     const at::Tensor& dk_f, at::Tensor& dk, const at::Tensor& dv_f, at::Tensor& dv) {
+  at::Tensor dq_sum = chunks == 1 ? dq_part[0] : dq_part.sum(0);
+  dq.copy_(dq_sum.narrow(-1, 0, p.E));
+  if (!dk_f.is_same(dk)) dk.copy_(dk_f);
+  if (!dv_f.is_same(dv)) dv.copy_(dv_f);
+}
+
+// bf16 inputs on a processor with bf16 dot products (kernels_avx512bf16).
+void backward_bf16(const Kernels& K, const Problem& p, const at::Tensor& dout, const at::Tensor& q,
+                   const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                   at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  at::Tensor qb = pairs_operand(q), dob = pairs_operand(dout), ob = pairs_operand(out);
+  const PairsView qv = pairs_view(qb), dov = pairs_view(dob), ov = pairs_view(ob);
+  // Delta = rowsum(dO * O) by the micro-kernel's own dot product (see bf16_row_dots).
+  at::Tensor delta = at::empty({p.B, p.Hq, p.L}, q.options().dtype(at::kFloat));
+  float* dl = delta.data_ptr<float>();
+  const int64_t EvP = (p.Ev + 1) / 2;
+  at::parallel_for(0, p.B * p.Hq, std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, p.L * p.Ev)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / p.Hq, h = bh % p.Hq;
+      K.bf16_row_dots(p.L, EvP, dov.row(b, h, 0), dov.sl, ov.row(b, h, 0), ov.sl, dl + bh * p.L);
+    }
+  });
+  at::Tensor kt = pack_pair_panels(k, true, K.nr), vt = pack_pair_panels(v, true, K.nr);
+  at::Tensor kp = pack_pair_panels(k, false, K.nr), qp = pack_pair_panels(q, false, K.nr);
+  at::Tensor dop = pack_pair_panels(dout, false, K.nr);
+  const int64_t chunks = backward_chunks(p);
+  at::Tensor dq_part = at::zeros({chunks, p.B, p.Hq, p.L, p.Epad}, q.options().dtype(at::kFloat));
+  at::Tensor dk_f = float_target(dk), dv_f = float_target(dv);
+  Bf16BackwardArgs a;
+  a.p = p;
+  a.q = qv;
+  a.dout = dov;
+  a.kt_panels = bits(kt);
+  a.vt_panels = bits(vt);
+  a.k_panels = bits(kp);
+  a.kt_head_stride = kt.size(1);
+  a.vt_head_stride = vt.size(1);
+  a.k_head_stride = kp.size(1);
+  a.q_panels = bits(qp);
+  a.do_panels = bits(dop);
+  a.q_head_stride = qp.size(1);
+  a.do_head_stride = dop.size(1);
+  a.lse = lse.data_ptr<float>();
+  a.delta = dl;
+  a.dq_partial = dq_part.data_ptr<float>();
+  a.dk = dk_f.data_ptr<float>();
+  a.dv = dv_f.data_ptr<float>();
+  a.chunks = chunks;
+  run_items(backward_items(p, chunks), K.bf16_backward_scratch(p),
+            [&](int64_t i, float* s) { K.bf16_backward_item(a, i, s); });
+  finish_backward(p, chunks, dq_part, dq, dk_f, dk, dv_f, dv);
 }
 
 void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -239,6 +367,10 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
     dv.zero_();
     return;
   }
+  if (q.scalar_type() == at::kBFloat16 && K.bf16_backward_item != nullptr) {
+    backward_bf16(K, p, dout, q, k, v, out, lse, dq, dk, dv);
+    return;
+  }
   at::Tensor qf = as_float(q), dof = as_float(dout);
   // Delta = rowsum(dO * O), (B, Hq, L), by the kernels' own dot product (see row_dots).
   at::Tensor dof_c = dof.contiguous(), out_c = as_float(out).contiguous();
@@ -251,10 +383,7 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
   });
   at::Tensor kt = pack_panels(k, true, K.nr), vt = pack_panels(v, true, K.nr), kp = pack_panels(k, false, K.nr);
   at::Tensor qp = pack_panels(q, false, K.nr), dop = pack_panels(dout, false, K.nr);
-  // Enough independent items to keep every thread busy: split a kv head's key
-  // tiles into chunks, each with its own dQ partial sum (reduced below).
-  const int64_t threads = at::get_num_threads(), ntiles = (p.S + p.BK - 1) / p.BK, heads = p.B * p.Hkv;
-  const int64_t chunks = heads >= 2 * threads ? 1 : std::min(ntiles, (2 * threads + heads - 1) / heads);
+  const int64_t chunks = backward_chunks(p);
   at::Tensor dq_part = at::zeros({chunks, p.B, p.Hq, p.L, p.Epad}, q.options().dtype(at::kFloat));
   at::Tensor dk_f = float_target(dk), dv_f = float_target(dv);
   BackwardArgs a;
@@ -278,10 +407,7 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
   a.dv = dv_f.data_ptr<float>();
   a.chunks = chunks;
   run_items(backward_items(p, chunks), K.backward_scratch(p), [&](int64_t i, float* s) { K.backward_item(a, i, s); });
-  at::Tensor dq_sum = chunks == 1 ? dq_part[0] : dq_part.sum(0);
-  dq.copy_(dq_sum.narrow(-1, 0, p.E));
-  if (!dk_f.is_same(dk)) dk.copy_(dk_f);
-  if (!dv_f.is_same(dv)) dv.copy_(dv_f);
+  finish_backward(p, chunks, dq_part, dq, dk_f, dk, dv_f, dv);
 }
 
 // The keep-mask (True = kept) the kernels apply for (seed, offset): a debug helper

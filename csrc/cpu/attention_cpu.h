@@ -96,6 +96,51 @@ struct BackwardArgs {
   int64_t chunks = 1;            // key tiles of one kv head are split round-robin over chunks
 };
 
+// ---- bfloat16 operands of the bf16 dot-product kernels (AVX512_BF16 vdpbf16ps)
+//
+// vdpbf16ps multiplies adjacent pairs of bf16 values and adds both products to
+// one fp32 lane, so every operand is stored with the reduction index in pairs.
+// "Pair panels" of X (R x C), reduced over R: ceil(C/NR) panels, panel p holding
+// ceil(R/2) row pairs, each NR columns x 2 bf16 (X[2r', c], X[2r'+1, c]) adjacent,
+// zero-padded past R and C. The "A" operands hold their reduction index
+// contiguously: A(r, kp) is the 32-bit word (two bf16) at a + r * rs + kp * cs.
+
+// A (B, H, L, E) bf16 tensor with E even and unit stride, viewed in 32-bit words.
+struct PairsView {
+  const uint32_t* data = nullptr;
+  int64_t sb = 0, sh = 0, sl = 0;  // strides in words (pairs)
+  const uint32_t* row(int64_t b, int64_t h, int64_t i) const { return data + b * sb + h * sh + i * sl; }
+};
+
+struct Bf16ForwardArgs {
+  Problem p;
+  PairsView q;                          // (B, Hq, L, E) bf16
+  const uint16_t* kt_panels = nullptr;  // per kv head: K^T (E x S), pair panels over keys
+  int64_t kt_head_stride = 0;           // in bf16 elements
+  const uint16_t* v_panels = nullptr;   // per kv head: V (S x Ev), pair panels over Ev
+  int64_t v_head_stride = 0;
+  uint16_t* out = nullptr;  // (B, Hq, L, Ev) contiguous bf16 (bits)
+  float* lse = nullptr;     // (B, Hq, L) contiguous
+};
+
+struct Bf16BackwardArgs {
+  Problem p;
+  PairsView q, dout;                    // (B, Hq, L, E), (B, Hq, L, Ev) bf16
+  const uint16_t* kt_panels = nullptr;  // per kv head: K^T (E x S), pair panels over keys
+  const uint16_t* vt_panels = nullptr;  // per kv head: V^T (Ev x S), pair panels over keys
+  const uint16_t* k_panels = nullptr;   // per kv head: K (S x E), pair panels over E
+  int64_t kt_head_stride = 0, vt_head_stride = 0, k_head_stride = 0;
+  const uint16_t* q_panels = nullptr;   // per q head: Q (L x E), pair panels over E
+  const uint16_t* do_panels = nullptr;  // per q head: dO (L x Ev), pair panels over Ev
+  int64_t q_head_stride = 0, do_head_stride = 0;
+  const float* lse = nullptr;    // (B, Hq, L)
+  const float* delta = nullptr;  // (B, Hq, L): rowsum(dO * O)
+  float* dq_partial = nullptr;   // (chunks, B, Hq, L, Epad), zeroed
+  float* dk = nullptr;           // (B, Hkv, S, E) contiguous fp32
+  float* dv = nullptr;           // (B, Hkv, S, Ev) contiguous fp32
+  int64_t chunks = 1;
+};
+
 // One instruction-set variant. A work item is independent of every other one.
 struct Kernels {
   const char* name;
@@ -106,12 +151,22 @@ struct Kernels {
   void (*row_dots)(int64_t rows, int64_t n, const float* a, int64_t a_rs, const float* b, int64_t b_rs, float* out);
   int64_t (*backward_scratch)(const Problem&);
   void (*backward_item)(const BackwardArgs&, int64_t item, float* scratch);
+  // bf16 dot-product kernels: null where the variant has none (bf16 inputs are then widened to fp32).
+  int64_t (*bf16_forward_scratch)(const Problem&) = nullptr;
+  void (*bf16_forward_item)(const Bf16ForwardArgs&, int64_t item, float* scratch) = nullptr;
+  // out[r] = dot(a row r, b row r) over n pairs, in the same order and with the same
+  // instruction as the bf16 micro-kernel (so dP - Delta is exact, as in row_dots).
+  void (*bf16_row_dots)(int64_t rows, int64_t npairs, const uint32_t* a, int64_t a_rs, const uint32_t* b,
+                        int64_t b_rs, float* out) = nullptr;
+  int64_t (*bf16_backward_scratch)(const Problem&) = nullptr;
+  void (*bf16_backward_item)(const Bf16BackwardArgs&, int64_t item, float* scratch) = nullptr;
 };
 
 extern const Kernels kernels_generic;
 #if defined(__x86_64__)
 extern const Kernels kernels_avx2;
 extern const Kernels kernels_avx512;
+extern const Kernels kernels_avx512bf16;  // AVX-512 + AVX512_BF16: the avx512 fp32 kernels and bf16 ones
 #endif
 
 // Forward items: B * Hq * ceil(L / BQ), numbered heaviest (last query block) first.

@@ -206,6 +206,77 @@ static inline void scale_vec(float* x, int64_t npad, float a) {
   for (int64_t j = 0; j < npad; j += W) vstore(x + j, vload(x + j) * a);
 }
 
+// ---------------------------------------------------------------- tile rows (shared by every kernel)
+
+// The online-softmax step of a forward tile: rows 0..mq-1 of St (row stride BK)
+// hold the raw scores of queries i0.. against keys j0..j0+n-1 and become the
+// (dropped) weights 2^(s - m), zero in columns n..npad-1 (npad = n rounded up to
+// W); the running max m and sum l advance and the O rows are rescaled.
+static inline void forward_tile_rows(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t mq, int64_t j0,
+                                     int64_t n, float* St, int64_t BK, float* m, float* l, float* O, int64_t Evpad) {
+  const int64_t npad = round_up(n, W), bh = b * p.Hq + h;
+  const float c = p.scale * kLog2e;
+  for (int64_t r = 0; r < mq; ++r) {
+    float* s = St + r * BK;
+    const int64_t i = i0 + r;
+    scale_row(s, n, npad, c);
+    mask_row(p, b, h, i, j0, n, s);
+    const float m_new = std::max(m[r], row_max(s, npad));
+    if (m_new == kNegInf) {  // nothing visible yet in this row
+      std::fill(s, s + npad, 0.f);
+      continue;
+    }
+    const float alpha = std::exp2(m[r] - m_new);
+    const float rs = exp2_row(s, npad, m_new);
+    l[r] = l[r] * alpha + rs;
+    if (alpha != 1.f) scale_vec(O + r * Evpad, Evpad, alpha);
+    m[r] = m_new;
+    if (p.dropout.on) {  // the normaliser l uses the undropped weights, as torch
+      const DropoutSpec& d = p.dropout;
+      for (int64_t j = 0; j < n; ++j)
+        s[j] *= dropout_hash(d, bh, i, j0 + j, p.L, p.S) >= d.threshold ? d.keep_scale : 0.f;
+    }
+  }
+}
+
+// The elementwise part of a backward tile: rows 0..mq-1 of SP hold the raw
+// scores and of DP the products dO V^T; SP becomes the (dropped) weights P and DP
+// becomes dS = P * (dP - Delta) * scale, both zero in columns n..npad-1.
+// lse and delta are the (B, Hq, L) arrays.
+static inline void backward_tile_rows(const Problem& p, const float* lse_all, const float* delta_all, int64_t b,
+                                      int64_t h, int64_t i0, int64_t mq, int64_t j0, int64_t n, float* SP, float* DP,
+                                      int64_t BK) {
+  const int64_t npad = round_up(n, W), bh = b * p.Hq + h;
+  const float c = p.scale * kLog2e;
+  for (int64_t r = 0; r < mq; ++r) {
+    const int64_t i = i0 + r;
+    float* s = SP + r * BK;
+    float* d = DP + r * BK;
+    const float lse = lse_all[bh * p.L + i];
+    if (lse == kNegInf) {  // dead row: no weights, no gradient
+      std::fill(s, s + npad, 0.f);
+      std::fill(d, d + npad, 0.f);
+      continue;
+    }
+    scale_row(s, n, npad, c);
+    mask_row(p, b, h, i, j0, n, s);
+    exp2_row(s, npad, lse * kLog2e);  // P = exp(scores - lse)
+    const float delta = delta_all[bh * p.L + i];
+    if (p.dropout.on) {
+      const DropoutSpec& dr = p.dropout;
+      for (int64_t j = 0; j < n; ++j) {
+        const float z = dropout_hash(dr, bh, i, j0 + j, p.L, p.S) >= dr.threshold ? dr.keep_scale : 0.f;
+        d[j] = s[j] * (d[j] * z - delta) * p.scale;
+        s[j] *= z;
+      }
+      for (int64_t j = n; j < npad; ++j) d[j] = 0.f;
+    } else {
+      const vf dl = vsplat(delta);
+      for (int64_t j = 0; j < npad; j += W) vstore(d + j, vload(s + j) * (vload(d + j) - dl) * p.scale);
+    }
+  }
+}
+
 // ---------------------------------------------------------------- forward
 
 static int64_t forward_scratch(const Problem& p) { return p.BQ * p.BK + p.BQ * p.Evpad + 2 * p.BQ; }
@@ -233,32 +304,11 @@ static void forward_item(const ForwardArgs& a, int64_t item, float* scratch) {
   const float* A = a.q.row(b, h, i0);
   const float* kt = a.kt_panels + (b * p.Hkv + hk) * a.kt_head_stride;
   const float* vp = a.v_panels + (b * p.Hkv + hk) * a.v_head_stride;
-  const float c = p.scale * kLog2e;
 
   for (int64_t j0 = 0; j0 < j_end; j0 += BK) {
-    const int64_t n = std::min(BK, j_end - j0), npad = round_up(n, W);
+    const int64_t n = std::min(BK, j_end - j0);
     gemm(mq, n, p.E, A, a.q.sl, a.q.se, kt + (j0 / NR) * p.E * NR, p.E * NR, St, BK, false);
-    for (int64_t r = 0; r < mq; ++r) {
-      float* s = St + r * BK;
-      const int64_t i = i0 + r;
-      scale_row(s, n, npad, c);
-      mask_row(p, b, h, i, j0, n, s);
-      const float m_new = std::max(m[r], row_max(s, npad));
-      if (m_new == kNegInf) {  // nothing visible yet in this row
-        std::fill(s, s + n, 0.f);
-        continue;
-      }
-      const float alpha = std::exp2(m[r] - m_new);
-      const float rs = exp2_row(s, npad, m_new);
-      l[r] = l[r] * alpha + rs;
-      if (alpha != 1.f) scale_vec(O + r * Evpad, Evpad, alpha);
-      m[r] = m_new;
-      if (p.dropout.on) {  // the normaliser l uses the undropped weights, as torch
-        const DropoutSpec& d = p.dropout;
-        for (int64_t j = 0; j < n; ++j)
-          s[j] *= dropout_hash(d, bh, i, j0 + j, p.L, p.S) >= d.threshold ? d.keep_scale : 0.f;
-      }
-    }
+    forward_tile_rows(p, b, h, i0, mq, j0, n, St, BK, m, l, O, Evpad);
     gemm(mq, p.Ev, n, St, BK, 1, vp + j0 * NR, p.S * NR, O, Evpad, true);
   }
 
@@ -314,10 +364,9 @@ static void backward_item(const BackwardArgs& a, int64_t item, float* scratch) {
   const float* kt = a.kt_panels + bhk * a.kt_head_stride;
   const float* vt = a.vt_panels + bhk * a.vt_head_stride;
   const float* kp = a.k_panels + bhk * a.k_head_stride;
-  const float c = p.scale * kLog2e;
 
   for (int64_t t = chunk; t < ntiles; t += chunks) {  // round-robin: balances causal work
-    const int64_t j0 = t * BK, n = std::min(BK, p.S - j0), npad = round_up(n, W);
+    const int64_t j0 = t * BK, n = std::min(BK, p.S - j0);
     std::fill(dKa, dKa + n * Epad, 0.f);
     std::fill(dVa, dVa + n * Evpad, 0.f);
     // Causal: query rows before the first one that sees key j0 are skipped.
@@ -333,33 +382,7 @@ static void backward_item(const BackwardArgs& a, int64_t item, float* scratch) {
         gemm(mq, n, p.E, a.q.row(b, h, i0), a.q.sl, a.q.se, kt + (j0 / NR) * p.E * NR, p.E * NR, SP, BK, false);
         gemm(mq, n, p.Ev, a.dout.row(b, h, i0), a.dout.sl, a.dout.se, vt + (j0 / NR) * p.Ev * NR, p.Ev * NR, DP,
              BK, false);
-        for (int64_t r = 0; r < mq; ++r) {
-          const int64_t i = i0 + r;
-          float* s = SP + r * BK;
-          float* d = DP + r * BK;
-          const float lse = a.lse[bh * p.L + i];
-          if (lse == kNegInf) {  // dead row: no weights, no gradient
-            std::fill(s, s + npad, 0.f);
-            std::fill(d, d + npad, 0.f);
-            continue;
-          }
-          scale_row(s, n, npad, c);
-          mask_row(p, b, h, i, j0, n, s);
-          exp2_row(s, npad, lse * kLog2e);  // P = exp(scores - lse)
-          const float delta = a.delta[bh * p.L + i];
-          if (p.dropout.on) {
-            const DropoutSpec& dr = p.dropout;
-            for (int64_t j = 0; j < n; ++j) {
-              const float z = dropout_hash(dr, bh, i, j0 + j, p.L, p.S) >= dr.threshold ? dr.keep_scale : 0.f;
-              d[j] = s[j] * (d[j] * z - delta) * p.scale;
-              s[j] *= z;
-            }
-            for (int64_t j = n; j < npad; ++j) d[j] = 0.f;
-          } else {
-            const vf dl = vsplat(delta);
-            for (int64_t j = 0; j < npad; j += W) vstore(d + j, vload(s + j) * (vload(d + j) - dl) * p.scale);
-          }
-        }
+        backward_tile_rows(p, a.lse, a.delta, b, h, i0, mq, j0, n, SP, DP, BK);
         // dV += P^T dO, dK += dS^T Q: A read transposed (a_rs = 1, a_cs = BK).
         gemm(n, p.Ev, mq, SP, 1, BK, dop + i0 * NR, p.L * NR, dVa, Evpad, true);
         gemm(n, p.E, mq, DP, 1, BK, qp + i0 * NR, p.L * NR, dKa, Epad, true);
@@ -380,11 +403,15 @@ static void backward_item(const BackwardArgs& a, int64_t item, float* scratch) {
 
 }  // namespace FF_ISA
 
+// A .cpp that adds kernels of its own (attention_cpu_avx512bf16.cpp) leaves
+// FF_KERNELS undefined and defines the table itself.
+#ifdef FF_KERNELS
 extern const Kernels FF_KERNELS;
 const Kernels FF_KERNELS = {
     FF_ISA_NAME,  FF_ISA::NR,           FF_ISA::forward_scratch, FF_ISA::forward_item,
     FF_ISA::row_dots, FF_ISA::backward_scratch, FF_ISA::backward_item,
 };
+#endif
 
 }  // namespace cpu_attn
 }  // namespace fastformer

@@ -13,10 +13,14 @@ shared K/V heads in place; dropout is a counter-based hash of
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+import functools
+import math
+import os
 
 from .._ext import C, LOAD_ERROR
 from .buffers import new_output
@@ -77,8 +81,71 @@ def dropout_keep_mask(rng_state: Tensor, shape, p: float, device=None) -> Tensor
 
 
 def isa() -> str:
-    """The instruction-set variant the kernels run with on this machine (avx512 / avx2 / generic)."""
+    """The instruction-set variant the kernels run with on this machine (avx512_bf16 / avx512 / avx2 / generic)."""
     return C.attention_cpu_isa()
+
+
+# ----------------------------------------------------------------------------- auto policy
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
+
+
+@functools.lru_cache(maxsize=None)
+def _policy_classes(variant: str) -> Dict[Tuple[str, str, bool], Dict[int, List[Tuple[int, float, str]]]]:
+    """The committed policy rows of ``variant`` as {(dtype, mode, causal): {head_dim: [(seqlen, speedup, choice)]}}."""
+    from .attention_cpu_policy import POLICY
+
+    classes: Dict = {}
+    for dtype, mode, causal, head_dim, seqlen, speedup, choice in POLICY.get(variant, []):
+        classes.setdefault((dtype, mode, causal), {}).setdefault(head_dim, []).append((seqlen, speedup, choice))
+    return classes
+
+
+def _nearest(options, x: float):
+    return min(options, key=lambda o: abs(math.log(o / x)))
+
+
+def auto_prefers_cpu(problem) -> bool:
+    """Whether ``auto`` runs this CPU problem on the ``cpu`` kernels rather than torch's SDPA.
+
+    Looks the problem's shape class up in the table derived from committed
+    benchmarks (``attention_cpu_policy.py``, written by ``bench/cpu_policy.py``) for
+    the kernel variant of this processor: dtype, forward or forward+backward
+    (``needs_grad``), causal or not, nearest measured head dim (max of E, Ev) and
+    nearest measured length (geometric mean of L and S). A class or variant never
+    measured goes to torch. ``FASTFORMER_CPU_AUTO=always`` (or ``never``) overrides.
+    """
+    if _AUTO_OVERRIDE is not None:
+        return _AUTO_OVERRIDE
+    dtype = _DTYPE_NAMES.get(problem.q.dtype)
+    by_dim = _policy_classes(isa()).get((dtype, "fwd_bwd" if problem.needs_grad else "fwd", bool(problem.is_causal)))
+    if not by_dim:
+        return False
+    rows = by_dim[_nearest(by_dim, max(problem.head_dim, problem.head_dim_v, 1))]
+    length = math.sqrt(max(problem.len_q, 1) * max(problem.len_k, 1))
+    seqlen = _nearest([r[0] for r in rows], length)
+    return next(r[2] for r in rows if r[0] == seqlen) == "cpu"
+
+
+def policy_summary() -> List[str]:
+    """The ``auto`` policy of this processor's kernel variant, one line per class (``python -m fastformer.info``)."""
+    if _available() is not None:
+        return []
+    variant = isa()
+    if _AUTO_OVERRIDE is not None:
+        return [f"cpu auto policy: FASTFORMER_CPU_AUTO={os.environ.get('FASTFORMER_CPU_AUTO')} (table ignored)"]
+    classes = _policy_classes(variant)
+    if not classes:
+        return [f"cpu auto policy ({variant}): never measured on this variant -> torch's SDPA everywhere"]
+    lines = [f"cpu auto policy ({variant}; class -> choice at each measured length, torch/ours in brackets):"]
+    for (dtype, mode, causal), by_dim in sorted(classes.items()):
+        for head_dim, rows in sorted(by_dim.items()):
+            cells = " ".join(f"L{s}:{c}({x:.2f})" for s, x, c in sorted(rows))
+            lines.append(f"  {dtype:8s} {mode:7s} {'causal' if causal else 'full  '} d{head_dim:<3d} {cells}")
+    return lines
+
+
+_AUTO_OVERRIDE = {"always": True, "never": False}.get(os.environ.get("FASTFORMER_CPU_AUTO", "").lower())
 
 
 def _available() -> Optional[str]:
@@ -111,5 +178,6 @@ register_backend(
         availability=_available,
         unsupported=_unsupported,
         run=lambda problem: fused_attention(problem, "cpu"),
+        auto_policy=auto_prefers_cpu,
     )
 )

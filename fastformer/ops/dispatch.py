@@ -9,7 +9,8 @@ GPU never breaks ``import fastformer``.
 
 They are all imported once when fastformer is imported (``load_all_backends``).
 ``"auto"`` tries :data:`AUTO_ORDER` for the device type and falls back to
-``"reference"``, which handles every valid input. A backend asked for by name
+``"reference"``, which handles every valid input. A backend that is not the
+fastest everywhere narrows where ``auto`` picks it with ``auto_policy``. A backend asked for by name
 raises a clear error instead of falling back.
 """
 
@@ -52,6 +53,10 @@ class AttentionBackend:
     unsupported: Callable[[AttentionProblem], Optional[str]]  # None when it supports the problem, else why not
     run: Callable[[AttentionProblem], object]  # -> out (B, Hq, L, Ev), differentiable
     auto: bool = True  # may "auto" pick it (a kernel never validated on hardware must not)
+    # Where "auto" may pick it, when it is not everywhere the fastest choice: None means
+    # everywhere it supports; else True for the problems where it measured faster than
+    # the fallback (the cpu backend's table from committed benchmarks, attention_cpu.py).
+    auto_policy: Optional[Callable[[AttentionProblem], bool]] = None
 
 
 _REGISTRY: Dict[str, AttentionBackend] = {}
@@ -123,7 +128,9 @@ def select_backend(problem: AttentionProblem, backend: str = "auto") -> Attentio
     for name in AUTO_ORDER.get(problem.q.device.type, []):
         if _why_unavailable(name) is None:
             candidate = _REGISTRY[name]
-            if candidate.auto and candidate.unsupported(problem) is None:
+            if candidate.auto and candidate.unsupported(problem) is None and (
+                candidate.auto_policy is None or candidate.auto_policy(problem)
+            ):
                 return candidate
     return _load("reference")
 

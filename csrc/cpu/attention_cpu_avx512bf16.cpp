@@ -1,0 +1,295 @@
+// CPU attention kernels for AVX-512 with AVX512_BF16 (e.g. AMD Zen 4, Intel
+// Cooper Lake / Sapphire Rapids): the avx512 fp32 kernels (the shared body of
+// attention_cpu_impl.h, compiled for this target) plus bf16 kernels in which both
+// products of a tile, Q K^T and P V (and the backward's five), are bf16 dot
+// products with fp32 accumulation (vdpbf16ps): twice the multiply-adds per
+// instruction of fp32 FMAs, and half the operand bytes. P and dS are rounded to
+// bf16 before their products, as in the GPU flash kernels; softmax, the running
+// max/sum and every accumulator stay fp32. Operand layouts: attention_cpu.h.
+//
+// Compiled with `#pragma GCC target` (this file alone), chosen at run time by
+// attention_cpu.cpp when cpu_features() reports avx512_bf16.
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+#define FF_ISA avx512bf16
+#define FF_ISA_NAME "avx512_bf16"
+#define FF_W 16
+#define FF_MR 12
+#define FF_TARGET "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma"
+#include "attention_cpu_impl.h"  // FF_KERNELS undefined: the table is defined below
+
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace fastformer {
+namespace cpu_attn {
+namespace avx512bf16 {
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")
+
+typedef uint32_t word_t __attribute__((may_alias, aligned(4)));  // a bf16 pair read from any buffer
+
+// ---------------------------------------------------------------- bf16 GEMM
+
+// C[0:R, 0:NR] (+)= sum_kp A(r, kp) . B[kp, 0:NR], A(r, kp) the bf16 pair at
+// A + r * a_rs + kp * a_cs (words), B one pair panel (kp-th row at B + kp * 2 * NR).
+template <int R>
+static inline void micro_bf16(int64_t KP, const uint32_t* A, int64_t a_rs, int64_t a_cs, const uint16_t* B,
+                              float* C, int64_t ldc, bool acc) {
+  static_assert(NR == 32, "two zmm of fp32 accumulators per row = 32 bf16 pairs");
+  __m512 c0[R], c1[R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    c0[r] = acc ? _mm512_loadu_ps(C + r * ldc) : _mm512_setzero_ps();
+    c1[r] = acc ? _mm512_loadu_ps(C + r * ldc + 16) : _mm512_setzero_ps();
+  }
+  for (int64_t kp = 0; kp < KP; ++kp) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(B + kp * 2 * NR);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(B + kp * 2 * NR + 32);
+    const word_t* a = reinterpret_cast<const word_t*>(A + kp * a_cs);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __m512bh x = (__m512bh)_mm512_set1_epi32((int)a[r * a_rs]);
+      c0[r] = _mm512_dpbf16_ps(c0[r], x, b0);
+      c1[r] = _mm512_dpbf16_ps(c1[r], x, b1);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    _mm512_storeu_ps(C + r * ldc, c0[r]);
+    _mm512_storeu_ps(C + r * ldc + 16, c1[r]);
+  }
+}
+
+template <int R>
+static inline void micro_bf16_tail(int64_t rows, int64_t KP, const uint32_t* A, int64_t a_rs, int64_t a_cs,
+                                   const uint16_t* B, float* C, int64_t ldc, bool acc) {
+  if constexpr (R > 0) {
+    if (rows == R)
+      micro_bf16<R>(KP, A, a_rs, a_cs, B, C, ldc, acc);
+    else
+      micro_bf16_tail<R - 1>(rows, KP, A, a_rs, a_cs, B, C, ldc, acc);
+  }
+}
+
+// C (M x ceil(N/NR)*NR, row stride ldc) (+)= A (M x KP pairs) * B, B's panel p at
+// B + p * b_panel_stride (bf16 elements). Columns past N come from zero padding.
+static void gemm_bf16(int64_t M, int64_t N, int64_t KP, const uint32_t* A, int64_t a_rs, int64_t a_cs,
+                      const uint16_t* B, int64_t b_panel_stride, float* C, int64_t ldc, bool acc) {
+  for (int64_t p = 0; p * NR < N; ++p) {
+    const uint16_t* Bp = B + p * b_panel_stride;
+    float* Cp = C + p * NR;
+    int64_t r = 0;
+    for (; r + MR <= M; r += MR) micro_bf16<MR>(KP, A + r * a_rs, a_rs, a_cs, Bp, Cp + r * ldc, ldc, acc);
+    if (r < M) micro_bf16_tail<MR - 1>(M - r, KP, A + r * a_rs, a_rs, a_cs, Bp, Cp + r * ldc, ldc, acc);
+  }
+}
+
+// ---------------------------------------------------------------- conversions
+
+// Rows 0..rows-1 of X (fp32, row stride ldx, npad columns, npad a multiple of 16)
+// as bf16 rows (round to nearest even), row stride ldy bf16 elements.
+static inline void rows_to_bf16(int64_t rows, int64_t npad, const float* X, int64_t ldx, uint16_t* Y, int64_t ldy) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < npad; j += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(Y + r * ldy + j),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(X + r * ldx + j)));
+}
+
+// X^T in pairs: word (r', j) at Y + r' * ldy + j holds (X[2r', j], X[2r'+1, j]) in
+// bf16, a missing row 2r'+1 = rows read as zero. The transposed A operand of
+// dV += P^T dO and dK += dS^T Q (a_rs = 1, a_cs = ldy).
+static inline void rows_to_bf16_pairs_t(int64_t rows, int64_t npad, const float* X, int64_t ldx, uint32_t* Y,
+                                        int64_t ldy) {
+  for (int64_t r = 0; r < rows; r += 2) {
+    const float* x0 = X + r * ldx;
+    const float* x1 = X + (r + 1) * ldx;
+    const bool second = r + 1 < rows;
+    for (int64_t j = 0; j < npad; j += 16) {
+      const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x0 + j)));
+      __m512i w = lo;
+      if (second) {
+        const __m512i hi = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x1 + j)));
+        w = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+      }
+      _mm512_storeu_si512(Y + (r / 2) * ldy + j, w);
+    }
+  }
+}
+
+// fp32 -> bf16 bits, round to nearest even, NaN kept (as c10::BFloat16).
+static inline uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+  return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// ---------------------------------------------------------------- forward
+
+static inline int64_t pairs(int64_t n) { return (n + 1) / 2; }
+
+static int64_t bf16_forward_scratch(const Problem& p) {
+  return p.BQ * p.BK /*St*/ + p.BQ * p.BK / 2 /*P in bf16*/ + p.BQ * p.Evpad + 2 * p.BQ;
+}
+
+// One (batch, head, query block), as forward_item with bf16 products.
+static void bf16_forward_item(const Bf16ForwardArgs& a, int64_t item, float* scratch) {
+  const Problem& p = a.p;
+  const int64_t BH = p.B * p.Hq, nqb = (p.L + p.BQ - 1) / p.BQ;
+  const int64_t qb = nqb - 1 - item / BH, bh = item % BH;  // last (causal: heaviest) blocks first
+  const int64_t b = bh / p.Hq, h = bh % p.Hq, hk = h / (p.Hq / p.Hkv);
+  const int64_t i0 = qb * p.BQ, mq = std::min(p.BQ, p.L - i0);
+  const int64_t BK = p.BK, Evpad = p.Evpad, EP = pairs(p.E);
+  float* St = scratch;
+  uint16_t* Pb = reinterpret_cast<uint16_t*>(St + p.BQ * BK);  // (BQ, BK) bf16
+  float* O = St + p.BQ * BK + p.BQ * BK / 2;
+  float* m = O + p.BQ * Evpad;
+  float* l = m + p.BQ;
+  std::fill(O, O + mq * Evpad, 0.f);
+  std::fill(m, m + mq, kNegInf);
+  std::fill(l, l + mq, 0.f);
+
+  int64_t j_end = p.S;
+  if (p.causal) j_end = std::clamp<int64_t>(i0 + mq + p.causal_offset, 0, p.S);
+  const uint32_t* A = a.q.row(b, h, i0);
+  const uint16_t* kt = a.kt_panels + (b * p.Hkv + hk) * a.kt_head_stride;
+  const uint16_t* vp = a.v_panels + (b * p.Hkv + hk) * a.v_head_stride;
+  const int64_t kt_panel = EP * 2 * NR, v_panel = pairs(p.S) * 2 * NR;
+
+  for (int64_t j0 = 0; j0 < j_end; j0 += BK) {
+    const int64_t n = std::min(BK, j_end - j0), npad = round_up(n, W);
+    gemm_bf16(mq, n, EP, A, a.q.sl, 1, kt + (j0 / NR) * kt_panel, kt_panel, St, BK, false);
+    forward_tile_rows(p, b, h, i0, mq, j0, n, St, BK, m, l, O, Evpad);
+    rows_to_bf16(mq, npad, St, BK, Pb, BK);
+    // j0 is a multiple of BK (even), so key pairs of the tile are pairs of V's panel rows.
+    gemm_bf16(mq, p.Ev, pairs(n), reinterpret_cast<const uint32_t*>(Pb), BK / 2, 1, vp + (j0 / 2) * 2 * NR,
+              v_panel, O, Evpad, true);
+  }
+
+  for (int64_t r = 0; r < mq; ++r) {
+    const int64_t i = i0 + r;
+    uint16_t* out = a.out + (bh * p.L + i) * p.Ev;
+    if (m[r] == kNegInf || l[r] == 0.f) {  // every key masked: torch gives 0
+      std::fill(out, out + p.Ev, (uint16_t)0);
+      a.lse[bh * p.L + i] = kNegInf;
+      continue;
+    }
+    const float inv = 1.f / l[r];
+    const float* o = O + r * Evpad;
+    for (int64_t e = 0; e < p.Ev; ++e) out[e] = to_bf16(o[e] * inv);
+    a.lse[bh * p.L + i] = (m[r] + std::log2(l[r])) * kLn2;
+  }
+}
+
+// ---------------------------------------------------------------- backward
+
+// Sixteen rows at a time, one per lane, each lane running the micro-kernel's
+// sequence of vdpbf16ps over the pairs, so Delta_i equals dP_ij bit for bit when
+// O_i = V_j (one visible key) and dS is exactly 0 there, as torch's.
+static void bf16_row_dots(int64_t rows, int64_t npairs, const uint32_t* a, int64_t a_rs, const uint32_t* b,
+                          int64_t b_rs, float* out) {
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+    const int64_t nr = std::min<int64_t>(16, rows - r0);
+    const __mmask16 lanes = (__mmask16)((1u << nr) - 1u);
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i ia = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)a_rs));
+    const __m512i ib = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)b_rs));
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t kp = 0; kp < npairs; ++kp) {
+      const __m512i x = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), lanes, ia, a + r0 * a_rs + kp, 4);
+      const __m512i y = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), lanes, ib, b + r0 * b_rs + kp, 4);
+      acc = _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)y);
+    }
+    _mm512_mask_storeu_ps(out + r0, lanes, acc);
+  }
+}
+
+static int64_t bf16_backward_scratch(const Problem& p) {
+  // SP, DP (fp32); P^T and dS^T in pairs, dS in bf16 (BQ * BK / 2 words each); dK, dV accumulators.
+  return 2 * p.BQ * p.BK + 3 * (p.BQ * p.BK / 2) + p.BK * p.Epad + p.BK * p.Evpad;
+}
+
+// One (batch, kv head, chunk of key tiles), as backward_item with bf16 products.
+static void bf16_backward_item(const Bf16BackwardArgs& a, int64_t item, float* scratch) {
+  const Problem& p = a.p;
+  const int64_t chunks = a.chunks;
+  const int64_t bhk = item / chunks, chunk = item % chunks;
+  const int64_t b = bhk / p.Hkv, hk = bhk % p.Hkv, G = p.Hq / p.Hkv;
+  const int64_t BQ = p.BQ, BK = p.BK, Epad = p.Epad, Evpad = p.Evpad;
+  const int64_t EP = pairs(p.E), EvP = pairs(p.Ev);
+  const int64_t ntiles = (p.S + BK - 1) / BK;
+  float* SP = scratch;
+  float* DP = SP + BQ * BK;
+  uint32_t* Pt = reinterpret_cast<uint32_t*>(DP + BQ * BK);  // (BQ/2, BK) words: P^T in pairs over queries
+  uint32_t* dSt = Pt + BQ * BK / 2;                             // dS^T likewise
+  uint16_t* dSb = reinterpret_cast<uint16_t*>(dSt + BQ * BK / 2);  // (BQ, BK) bf16: dS
+  float* dKa = reinterpret_cast<float*>(dSb + BQ * BK);
+  float* dVa = dKa + BK * Epad;
+  const uint16_t* kt = a.kt_panels + bhk * a.kt_head_stride;
+  const uint16_t* vt = a.vt_panels + bhk * a.vt_head_stride;
+  const uint16_t* kp = a.k_panels + bhk * a.k_head_stride;
+  const int64_t kt_panel = EP * 2 * NR, vt_panel = EvP * 2 * NR;
+  const int64_t k_panel = pairs(p.S) * 2 * NR, l_panel = pairs(p.L) * 2 * NR;
+
+  for (int64_t t = chunk; t < ntiles; t += chunks) {
+    const int64_t j0 = t * BK, n = std::min(BK, p.S - j0), npad = round_up(n, W);
+    std::fill(dKa, dKa + n * Epad, 0.f);
+    std::fill(dVa, dVa + n * Evpad, 0.f);
+    int64_t q_start = 0;
+    if (p.causal) q_start = std::max<int64_t>(0, j0 - p.causal_offset) / BQ * BQ;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t h = hk * G + g, bh = b * p.Hq + h;
+      const uint16_t* qp = a.q_panels + bh * a.q_head_stride;
+      const uint16_t* dop = a.do_panels + bh * a.do_head_stride;
+      float* dq = a.dq_partial + ((chunk * p.B * p.Hq + bh) * p.L) * Epad;
+      for (int64_t i0 = q_start; i0 < p.L; i0 += BQ) {
+        const int64_t mq = std::min(BQ, p.L - i0);
+        gemm_bf16(mq, n, EP, a.q.row(b, h, i0), a.q.sl, 1, kt + (j0 / NR) * kt_panel, kt_panel, SP, BK, false);
+        gemm_bf16(mq, n, EvP, a.dout.row(b, h, i0), a.dout.sl, 1, vt + (j0 / NR) * vt_panel, vt_panel, DP, BK,
+                  false);
+        backward_tile_rows(p, a.lse, a.delta, b, h, i0, mq, j0, n, SP, DP, BK);
+        rows_to_bf16_pairs_t(mq, npad, SP, BK, Pt, BK);
+        rows_to_bf16_pairs_t(mq, npad, DP, BK, dSt, BK);
+        rows_to_bf16(mq, npad, DP, BK, dSb, BK);
+        // i0 is a multiple of BQ (even): query pairs of the block are pairs of the panels' rows.
+        gemm_bf16(n, p.Ev, pairs(mq), Pt, 1, BK, dop + (i0 / 2) * 2 * NR, l_panel, dVa, Evpad, true);
+        gemm_bf16(n, p.E, pairs(mq), dSt, 1, BK, qp + (i0 / 2) * 2 * NR, l_panel, dKa, Epad, true);
+        gemm_bf16(mq, p.E, pairs(n), reinterpret_cast<const uint32_t*>(dSb), BK / 2, 1, kp + (j0 / 2) * 2 * NR,
+                  k_panel, dq + i0 * Epad, Epad, true);
+      }
+    }
+    for (int64_t r = 0; r < n; ++r) {
+      std::memcpy(a.dk + (bhk * p.S + j0 + r) * p.E, dKa + r * Epad, p.E * sizeof(float));
+      std::memcpy(a.dv + (bhk * p.S + j0 + r) * p.Ev, dVa + r * Evpad, p.Ev * sizeof(float));
+    }
+  }
+}
+
+#pragma GCC pop_options
+
+}  // namespace avx512bf16
+
+extern const Kernels kernels_avx512bf16;
+const Kernels kernels_avx512bf16 = {
+    FF_ISA_NAME,
+    avx512bf16::NR,
+    avx512bf16::forward_scratch,
+    avx512bf16::forward_item,
+    avx512bf16::row_dots,
+    avx512bf16::backward_scratch,
+    avx512bf16::backward_item,
+    avx512bf16::bf16_forward_scratch,
+    avx512bf16::bf16_forward_item,
+    avx512bf16::bf16_row_dots,
+    avx512bf16::bf16_backward_scratch,
+    avx512bf16::bf16_backward_item,
+};
+
+}  // namespace cpu_attn
+}  // namespace fastformer
+
+#pragma GCC diagnostic pop
+#endif
