@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.dtype, args.head_dims, args.seqlens, args.modes, args.rounds = ["float32", "bfloat16"], [64], [256], \
             ["fwd", "fwd_bwd"], 2
-    from fastformer.ops.attention_cpu import isa
+    from fastformer.ops.attention.cpu import isa
 
     env = common.environment("cpu")
     env["isa"] = isa()

@@ -31,8 +31,8 @@ import common  # noqa: E402
 
 import fastformer  # noqa: E402
 import fastformer.nn as ffnn  # noqa: E402
-from fastformer.ops.attention_inputs import validate_attention_inputs  # noqa: E402
-from fastformer.ops.dispatch import select_backend  # noqa: E402
+from fastformer.ops.attention.problem import validate_attention_inputs  # noqa: E402
+from fastformer.ops.attention.registry import select_backend  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,25 @@
-"""fastformer: fused Triton and C++/CUDA kernels for transformers, as drop-in PyTorch ops and modules."""
+"""fastformer: fused Triton and C++/CUDA kernels for transformers, as drop-in PyTorch ops and modules.
+
+Importing ``fastformer`` (or ``fastformer.ops``, ``fastformer.kernels``) loads the ops only;
+``fastformer.nn`` and ``fastformer.models`` load when first used, and ``fastformer.convert``
+(which swaps torch.nn modules for ``fastformer.nn``'s) with them.
+"""
 
 from .ops import attention, backends, scaled_dot_product_attention, use_backend
 from .ops import decode_attention
 from .ops import softmax  # issue 7: fused scaled/masked/causal softmax
-from .ops.varlen import varlen_attention
-from .convert import convert  # issue 8: swap torch.nn transformer modules for fastformer.nn
+from .ops import varlen_attention
 
 __version__ = "0.1.0"
 
 __all__ = ["attention", "backends", "scaled_dot_product_attention", "use_backend", "decode_attention", "varlen_attention", "convert", "softmax", "__version__"]
+
+
+def __getattr__(name):
+    # Lazy, so that importing the ops never imports nn/ (PEP 562).
+    if name == "convert":
+        from .nn.convert import convert
+
+        globals()["convert"] = convert
+        return convert
+    raise AttributeError(f"module 'fastformer' has no attribute {name!r}")

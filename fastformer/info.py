@@ -7,7 +7,7 @@ import platform
 import torch
 
 from . import __version__, _ext
-from .ops.dispatch import AUTO_ORDER, backends
+from .ops.attention.registry import AUTO_ORDER, backends
 
 
 def describe() -> str:
@@ -35,7 +35,7 @@ def describe() -> str:
     order = "; ".join(f"{dev}: {' > '.join(names + ['reference'])}" for dev, names in AUTO_ORDER.items())
     lines.append(f'"auto" tries, per device: {order}; other devices: reference')
     try:
-        from .ops.attention_cpu import policy_summary
+        from .ops.attention.cpu import policy_summary
 
         lines += policy_summary()
     except ImportError as exc:  # the cpu backend module itself failed to import

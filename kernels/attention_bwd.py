@@ -26,7 +26,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .attention_common import _dropout_keep, _load_mask_tile, choose_configs, interpreting, registers_fit, shared_memory_limit
+from .attention_common import (
+    DENSE, LOG2E, Layout, _dropout_keep, _load_mask_tile, choose_configs, dims, dropout_scale, interpreting,
+    launch_meta, mask_args, registers_fit, shared_memory_limit,
+)
+from .launch_lock import AUTOTUNE_LOCK
 
 
 def bwd_configs(block_m_small: bool, interpret=None):
@@ -428,3 +432,48 @@ def _attn_bwd_dq(
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + rows * stride_dqm
              + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+PREPROCESS_BLOCK_M = 64
+
+
+def attention_bwd(dout, q, k, v, out, lse, mask, rng_state, dq, dk, dv, delta, *, scale: float, dropout_p: float,
+                  is_causal: bool, causal_bottom_right: bool, layout: Layout = DENSE, cu_q=None, cu_k=None,
+                  max_q: int = 0, max_k: int = 0) -> None:
+    """Launch the three backward kernels, writing ``dq``, ``dk``, ``dv`` (shaped like q, k, v)
+    and the float32 scratch ``delta`` (shaped like ``lse``); every buffer is the caller's.
+    Layouts and arguments as :func:`fastformer.kernels.attention_fwd.attention_fwd`."""
+    d = dims(q, k, v, layout, cu_q, max_q, max_k)
+    mask_ptr, mask_strides, has_mask, mask_bool = mask_args(mask, q)
+    meta, tune_lq, tune_lk = launch_meta(q, d, is_causal, dropout_p, layout, has_mask, mask_bool)
+    rng = rng_state if rng_state is not None else q
+    cq = cu_q if cu_q is not None else q
+    ck = cu_k if cu_k is not None else q
+    with AUTOTUNE_LOCK:  # triton's Autotuner is not thread-safe (launch_lock.py)
+        _attn_bwd_preprocess[(triton.cdiv(d.len_q, PREPROCESS_BLOCK_M) * d.batch * d.heads,)](
+            out, dout, delta, cq,
+            *layout.qkv(out), *layout.qkv(dout), *layout.rows(delta),
+            d.heads, d.len_q, d.len_q,
+            HEAD_DIM_V=d.head_dim_v, VARLEN=layout.varlen, BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_DV=meta["BLOCK_DV"],
+        )
+        common = (d.len_q, d.len_k)
+        scalars = (scale, scale * LOG2E, float(dropout_p), dropout_scale(dropout_p),
+                   int(causal_bottom_right), tune_lq, tune_lk)
+        grid_kv = lambda META: (triton.cdiv(d.len_k, META["BLOCK_N"]) * d.batch * d.heads_kv,)  # noqa: E731
+        _attn_bwd_dkdv[grid_kv](
+            q, k, v, mask_ptr, dout, lse, delta, dk, dv, rng, cq, ck,
+            *layout.qkv(q), *layout.qkv(k), *layout.qkv(v), *mask_strides, *layout.qkv(dout), *layout.rows(lse),
+            *layout.qkv(dk), *layout.qkv(dv),
+            d.heads_kv, d.heads // d.heads_kv, *common, d.len_k,
+            *scalars,
+            **meta,
+        )
+        grid_q = lambda META: (triton.cdiv(d.len_q, META["BLOCK_M"]) * d.batch * d.heads,)  # noqa: E731
+        _attn_bwd_dq[grid_q](
+            q, k, v, mask_ptr, dout, lse, delta, dq, rng, cq, ck,
+            *layout.qkv(q), *layout.qkv(k), *layout.qkv(v), *mask_strides, *layout.qkv(dout), *layout.rows(lse),
+            *layout.qkv(dq),
+            d.heads, d.heads // d.heads_kv, *common, d.len_q,
+            *scalars,
+            **meta,
+        )

@@ -9,12 +9,16 @@
 * :func:`_load_mask_tile` — one tile of a bool/float ``attn_mask`` read through
   its (possibly stride-0) strides, turned into an additive log2-domain bias.
 * Autotune plumbing: :func:`interpreting`, :func:`seq_bucket`, :func:`choose_configs`.
+* Launch plumbing shared by ``attention_fwd.attention_fwd`` and
+  ``attention_bwd.attention_bwd``: :class:`Layout` (dense or packed strides),
+  :class:`Dims`, :func:`launch_meta`.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -160,3 +164,80 @@ def dropout_keep_mask(rng_state: torch.Tensor, shape, p: float, device=None) -> 
         rng_state.to(device), keep, *keep.stride(), H, L, S, float(p), BLOCK_M=32, BLOCK_N=32,
     )
     return keep.bool()
+
+
+class Layout(NamedTuple):
+    """How the kernels index a tensor: (batch, head, row, dim) strides; batch stride 0
+    and ``cu_seqlens`` row offsets for the packed varlen layout."""
+
+    varlen: bool
+
+    def qkv(self, t: torch.Tensor):  # dense (B, H, N, D) or packed (total, H, D)
+        if self.varlen:
+            return 0, t.stride(1), t.stride(0), t.stride(2)
+        return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+    def rows(self, t: torch.Tensor):  # lse/delta: dense (B, H, N) or packed (H, total)
+        if self.varlen:
+            return 0, t.stride(0), t.stride(1)
+        return t.stride(0), t.stride(1), t.stride(2)
+
+
+DENSE = Layout(False)
+PACKED = Layout(True)
+
+
+class Dims(NamedTuple):
+    batch: int
+    heads: int
+    heads_kv: int
+    len_q: int  # dense length, or the longest sequence (varlen)
+    len_k: int
+    head_dim: int
+    head_dim_v: int
+
+
+def dims(q, k, v, layout: Layout, cu_q=None, max_q: int = 0, max_k: int = 0) -> Dims:
+    """The problem sizes the grids and compile-time constants are made of."""
+    if layout.varlen:
+        return Dims(cu_q.numel() - 1, q.shape[1], k.shape[1], max_q, max_k, q.shape[2], v.shape[2])
+    return Dims(q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3])
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 follows torch.backends.cuda.matmul.allow_tf32 (default off: full precision)."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"  # ignored by tl.dot for fp16/bf16 inputs
+
+
+def dropout_scale(p: float) -> float:
+    return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
+
+
+def mask_args(mask: Optional[torch.Tensor], dummy: torch.Tensor):
+    """Kernel pointer + strides + flags for an attn_mask view (read in place, never expanded)."""
+    if mask is None:
+        return dummy, (0, 0, 0, 0), False, True
+    if mask.dtype == torch.bool:
+        return mask.view(torch.uint8), mask.stride(), True, True
+    return mask, mask.stride(), True, False
+
+
+def launch_meta(q, d: Dims, is_causal: bool, dropout_p: float, layout: Layout, has_mask: bool, mask_bool: bool):
+    """Compile-time constants shared by the forward and backward kernels, and the autotune keys."""
+    return dict(
+        CAUSAL=bool(is_causal),
+        HAS_MASK=has_mask,
+        MASK_BOOL=mask_bool,
+        DROPOUT=dropout_p > 0.0,
+        VARLEN=layout.varlen,
+        DOT_PRECISION=dot_precision(q.dtype),
+        # Head dims are compile-time constants: the padding masks then fold away when
+        # E is a power of two, so loads vectorise and the K/V loads software-pipeline
+        # (with a run-time head dim, sm_90 code had no cp.async pipelining at all).
+        HEAD_DIM=d.head_dim,
+        HEAD_DIM_V=d.head_dim_v,
+        BLOCK_D=head_block(d.head_dim),
+        BLOCK_DV=head_block(d.head_dim_v),
+    ), seq_bucket(d.len_q), seq_bucket(d.len_k)

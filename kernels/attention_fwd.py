@@ -29,7 +29,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .attention_common import _dropout_keep, _load_mask_tile, choose_configs, interpreting, registers_fit, shared_memory_limit
+from .attention_common import (
+    DENSE, LOG2E, Layout, _dropout_keep, _load_mask_tile, choose_configs, dims, dropout_scale, interpreting,
+    launch_meta, mask_args, registers_fit, shared_memory_limit,
+)
+from .launch_lock import AUTOTUNE_LOCK
 
 
 def fwd_configs(interpret=None):
@@ -220,3 +224,30 @@ def _attn_fwd(
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
     l_base = LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start * stride_lm
     tl.store(l_base + offs_m.to(tl.int64) * stride_lm, lse, mask=row_ok)
+
+
+def attention_fwd(q, k, v, mask, out, lse, rng_state, *, scale: float, dropout_p: float, is_causal: bool,
+                  causal_bottom_right: bool, layout: Layout = DENSE, cu_q=None, cu_k=None, max_q: int = 0,
+                  max_k: int = 0) -> None:
+    """Launch ``_attn_fwd``, writing ``out`` and ``lse`` (allocated by the caller).
+
+    Dense: ``q (B, Hq, L, E)``, ``k (B, Hkv, S, E)``, ``v (B, Hkv, S, Ev)``, ``mask`` None or
+    a bool/float view broadcast to ``(B, Hq, L, S)``, ``out (B, Hq, L, Ev)`` in q's dtype,
+    ``lse (B, Hq, L)`` float32. Packed (``layout=PACKED``): ``q (Tq, Hq, E)`` ..., ``out (Tq, Hq, Ev)``,
+    ``lse (Hq, Tq)``, int32 ``cu_q``/``cu_k`` boundaries and the longest lengths. ``rng_state``:
+    None, or int64 ``[seed, offset]`` when ``dropout_p > 0``. The caller handles empty problems.
+    """
+    d = dims(q, k, v, layout, cu_q, max_q, max_k)
+    mask_ptr, mask_strides, has_mask, mask_bool = mask_args(mask, q)
+    meta, tune_lq, tune_lk = launch_meta(q, d, is_causal, dropout_p, layout, has_mask, mask_bool)
+    grid = lambda META: (triton.cdiv(d.len_q, META["BLOCK_M"]) * d.batch * d.heads,)  # noqa: E731
+    with AUTOTUNE_LOCK:  # triton's Autotuner is not thread-safe (launch_lock.py)
+        _attn_fwd[grid](
+            q, k, v, mask_ptr, out, lse,
+            rng_state if rng_state is not None else q, cu_q if cu_q is not None else q, cu_k if cu_k is not None else q,
+            *layout.qkv(q), *layout.qkv(k), *layout.qkv(v), *mask_strides, *layout.qkv(out), *layout.rows(lse),
+            d.heads, d.heads // d.heads_kv, d.len_q, d.len_k, d.len_q,
+            scale * LOG2E, float(dropout_p), dropout_scale(dropout_p), int(causal_bottom_right),
+            tune_lq, tune_lk,
+            **meta,
+        )

@@ -13,7 +13,7 @@ import torch
 
 import fastformer
 from error_rule import assert_close_by_rule
-from fastformer.ops.fused_attention import draw_rng_state
+from fastformer.ops.attention.fused import draw_rng_state
 
 
 def dropout_statistics(backend: str, device, dtype=torch.float32, p: float = 0.3):

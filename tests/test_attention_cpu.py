@@ -124,7 +124,7 @@ def test_mask_strides(dtype):
 # ----------------------------------------------------------------------------- dropout
 
 def _keep_mask(rng_state, shape, p, device):
-    from fastformer.ops.attention_cpu import dropout_keep_mask
+    from fastformer.ops.attention.cpu import dropout_keep_mask
 
     return dropout_keep_mask(rng_state, shape, p, device)
 
@@ -160,22 +160,23 @@ def test_dropout_keep_mask_is_a_function_of_rng_state():
 # ----------------------------------------------------------------------------- lse, dispatch, boundary
 
 def test_lse_is_natural_log_sum_exp():
-    from fastformer.ops.attention_cpu import cpu_forward
+    from fastformer.ops.attention import AttentionOptions
+    from fastformer.ops.attention.cpu import cpu_forward
 
     q, k, v = (torch.randn(1, 2, n, 16) for n in (40, 50, 50))
     mask = torch.rand(40, 50) > 0.4
     mask[3] = False  # a dead row: lse -inf, output 0
     full = mask.expand(1, 2, 40, 50)
-    out, lse = cpu_forward(q, k, v, full, None, 0.0, False, False, 0.25)
+    out, lse = cpu_forward(q, k, v, full, None, AttentionOptions(0.0, False, False, 0.25))
     s = (q @ k.transpose(-1, -2) * 0.25).masked_fill(~full, float("-inf"))
     torch.testing.assert_close(lse, torch.logsumexp(s, -1), rtol=1e-5, atol=1e-5)
     assert torch.isneginf(lse[..., 3]).all() and torch.equal(out[..., 3, :], torch.zeros(1, 2, 16))
 
 
 def test_auto_picks_cpu_and_falls_back(monkeypatch):
-    from fastformer.ops import attention_cpu
-    from fastformer.ops.attention_inputs import validate_attention_inputs
-    from fastformer.ops.dispatch import select_backend
+    from fastformer.ops.attention import cpu as attention_cpu
+    from fastformer.ops.attention.problem import validate_attention_inputs
+    from fastformer.ops.attention.registry import select_backend
 
     monkeypatch.setattr(attention_cpu, "_AUTO_OVERRIDE", True)  # the policy table is tested below
     q = torch.randn(1, 2, 8, 16)
@@ -196,9 +197,9 @@ def test_auto_picks_cpu_and_falls_back(monkeypatch):
 def test_auto_policy_follows_the_table(monkeypatch):
     """auto runs the cpu kernels exactly on the classes the committed table marks "cpu" for
     this variant (nearest measured head dim and length), torch's SDPA elsewhere."""
-    from fastformer.ops import attention_cpu
-    from fastformer.ops.attention_inputs import validate_attention_inputs
-    from fastformer.ops.dispatch import select_backend
+    from fastformer.ops.attention import cpu as attention_cpu
+    from fastformer.ops.attention.problem import validate_attention_inputs
+    from fastformer.ops.attention.registry import select_backend
 
     variant = attention_cpu.isa()
     table = {variant: [("float32", "fwd", False, 64, 256, 0.9, "torch"), ("float32", "fwd", False, 64, 1024, 1.3, "cpu"),
@@ -256,7 +257,7 @@ _ISA_SCRIPT = r"""
 import sys, torch
 sys.path.insert(0, "tests")
 from attention_cases import CASES, Case, check_case
-from fastformer.ops.attention_cpu import isa
+from fastformer.ops.attention.cpu import isa
 assert isa() == sys.argv[1], (isa(), sys.argv[1])
 torch.manual_seed(0)
 for case in [c for c in CASES if c.id in ("basic", "causal_long", "gqa_mask", "dead_rows_float", "Ev!=E")] + [

@@ -163,7 +163,7 @@ def test_runs_on_a_side_stream_and_under_compile():
 
 def test_opcheck_of_the_fused_ops_with_cuda_kernels():
     require_backend("cuda")
-    from fastformer.ops import fused_attention  # noqa: F401  (registers the ops)
+    from fastformer.ops.attention import fused  # noqa: F401  (registers the ops)
 
     q, k, v = (torch.randn(1, 2, 70, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     args = (q, k, v, None, None, 0.0, True, False, 0.125, "cuda")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dropout_checks import dropout_all, dropout_matches_explicit_mask, dropout_reproducible, dropout_statistics
-from fastformer.ops.attention_naive import dropout_keep_mask
+from fastformer.ops.attention.naive import dropout_keep_mask
 
 
 @pytest.mark.parametrize("backend", ["reference", "naive"])

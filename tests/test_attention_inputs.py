@@ -141,7 +141,7 @@ def test_unknown_backend():
 
 
 def test_forced_unavailable_backend_says_why(monkeypatch):
-    from fastformer.ops import dispatch
+    from fastformer.ops.attention import registry as dispatch
 
     q, k, v = qkv()
     monkeypatch.setitem(dispatch._IMPORT_ERRORS, "cuda", "ImportError: built without CUDA")

@@ -119,7 +119,7 @@ def test_gqa_dropout_matches_kernel_keep_mask():
     torch.manual_seed(5)
     out = fastformer.scaled_dot_product_attention(q, k, v, dropout_p=p, enable_gqa=True, backend="triton")
     torch.manual_seed(5)
-    from fastformer.ops.fused_attention import draw_rng_state
+    from fastformer.ops.attention.fused import draw_rng_state
 
     keep = _keep_mask(draw_rng_state(p, q.device), (B, Hq, L, S), p, DEVICE)
 
@@ -167,8 +167,8 @@ def test_non_contiguous_inputs():
 
 
 def test_unsupported_inputs_fall_back_or_raise():
-    from fastformer.ops.attention_inputs import validate_attention_inputs
-    from fastformer.ops.attention_triton import _unsupported, dot_precision
+    from fastformer.ops.attention.problem import validate_attention_inputs
+    from fastformer.ops.attention.triton import _unsupported, dot_precision
 
     q = torch.randn(1, 2, 8, 16, dtype=torch.float64)
     with pytest.raises(ValueError, match="float64"):
@@ -180,7 +180,7 @@ def test_unsupported_inputs_fall_back_or_raise():
     with pytest.raises(ValueError, match="requires grad"):
         fastformer.scaled_dot_product_attention(qf, qf, qf, attn_mask=mask, backend="triton")
     # auto never picks triton on CPU tensors (the interpreter is for testing)
-    from fastformer.ops.dispatch import select_backend
+    from fastformer.ops.attention.registry import select_backend
 
     assert select_backend(validate_attention_inputs(qf, qf, qf)).name != "triton"
     # fp32 precision follows torch's TF32 switch
@@ -291,11 +291,11 @@ def test_varlen_fallback_matches_padded_sdpa():
 
 
 def test_varlen_op_fake_and_schema():
-    from fastformer.ops.varlen import varlen_attention_fwd
+    from fastformer.ops.attention.fused import varlen_attention_fwd
 
     q = torch.randn(12, 2, 16)
     cu = _cu([5, 7], "cpu")
-    torch.library.opcheck(varlen_attention_fwd, (q, q, q, cu, cu, None, 7, 7, 0.0, True, 0.25),
+    torch.library.opcheck(varlen_attention_fwd, (q, q, q, cu, cu, None, 7, 7, 0.0, True, True, 0.25, "triton"),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -435,14 +435,14 @@ def test_other_tilings(tiles, monkeypatch):
 
 def test_varlen_op_compiles_fullgraph_on_packed_qkv_views():
     """q, k, v as non-contiguous views of one packed qkv tensor, through torch.compile."""
-    from fastformer.ops.varlen import varlen_attention_fwd
+    from fastformer.ops.attention.fused import varlen_attention_fwd
 
     cu = _cu([5, 9], DEVICE)
     qkv = torch.randn(14, 3, 2, 16, device=DEVICE, requires_grad=True)
     q, k, v = qkv.unbind(1)
 
     def f(q, k, v):
-        return varlen_attention_fwd(q, k, v, cu, cu, None, 9, 9, 0.0, True, 0.25)[0]
+        return varlen_attention_fwd(q, k, v, cu, cu, None, 9, 9, 0.0, True, True, 0.25, "triton")[0]
 
     out = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v)
     out.sum().backward()

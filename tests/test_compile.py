@@ -6,7 +6,7 @@ import torch
 
 import fastformer
 from attention_cases import require_backend
-from fastformer.ops.fused_attention import attention_bwd, attention_fwd
+from fastformer.ops.attention.fused import attention_bwd, attention_fwd
 
 
 def _args(mask=None, dropout_p=0.0, causal=False, backend="naive"):

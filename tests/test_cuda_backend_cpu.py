@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import fastformer
-from fastformer.ops import attention_cuda, softmax_cuda
+from fastformer.ops import softmax_cuda
+from fastformer.ops.attention import cuda as attention_cuda
 
 
 def test_registered_but_not_auto_until_validated_on_gpu():

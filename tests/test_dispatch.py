@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import fastformer
-from fastformer.ops import dispatch
-from fastformer.ops.attention_inputs import validate_attention_inputs
+from fastformer.ops.attention import registry as dispatch
+from fastformer.ops.attention.problem import validate_attention_inputs
 
 
 def problem(**kw):

@@ -15,3 +15,6 @@ from .transformer import (
 from .layernorm import LayerNorm, RMSNorm
 from .feedforward import FeedForward
 from .positional import RotaryEmbedding, SinusoidalPositionalEncoding
+
+# Issue 17: one family of blocks.
+from .attention import Attention

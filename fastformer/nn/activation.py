@@ -24,7 +24,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from torch.nn.parameter import Parameter
 
 from ..ops import attention, scaled_dot_product_attention
-from ..ops.attention_inputs import causal_bias_alignment, is_causal_bias
+from ..ops.attention.problem import causal_bias_alignment, is_causal_bias
 from ..ops.errors import AttentionInputError, MultiheadAttentionDtypeError, MultiheadAttentionShapeError
 
 __all__ = ["MultiheadAttention", "multi_head_attention"]

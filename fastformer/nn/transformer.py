@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.attention_inputs import is_causal_bias
+from ..ops.attention.problem import is_causal_bias
 from ._fused import activation_name, add_layer_norm, linear_act, make_layer_norm
 from .activation import MultiheadAttention, _check_mask_dtype
 

@@ -1,4 +1,4 @@
-"""Public attention entry points: validate, pick a backend, run."""
+"""Dense attention entry points: validate once, pick a backend, run."""
 
 from __future__ import annotations
 
@@ -7,9 +7,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .attention_inputs import is_causal_bias, validate_attention_inputs
-from .dispatch import select_backend
-from .fused_attention import FUSED_KERNELS, fused_attention
+from .fused import run_problem
+from .problem import is_causal_bias, validate_attention_inputs
+from .registry import get_backend, select_backend
+
+
+def _run(problem, backend: str):
+    chosen = select_backend(problem, backend)
+    if problem.is_empty:
+        chosen = get_backend("reference")  # nothing to compute: torch's shapes and zeros, no kernel launch
+    return run_problem(problem, chosen)
 
 
 def _autocast(query, key, value, attn_mask):
@@ -83,7 +90,7 @@ def scaled_dot_product_attention(
     problem = validate_attention_inputs(
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
     )
-    out = select_backend(problem, backend).run(problem)
+    out = _run(problem, backend)
     return out if len(problem.out_shape) == 4 else out.reshape(problem.out_shape)
 
 
@@ -120,15 +127,14 @@ def attention(
     problem = validate_attention_inputs(
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, causal_bottom_right
     )
-    chosen = select_backend(problem, backend)
     if not return_lse:
-        return chosen.run(problem).reshape(problem.out_shape)
-    name = chosen.name if chosen.name in FUSED_KERNELS else None
-    if name is None:
+        return _run(problem, backend).reshape(problem.out_shape)
+    chosen = select_backend(problem, backend)
+    if chosen.forward is None:
         if backend != "auto":
             raise ValueError(f"return_lse=True needs a fused backend; {backend!r} does not produce the log-sum-exp")
-        name = "naive"
-    out, lse = fused_attention(problem, name, return_lse=True)
+        chosen = get_backend("naive")
+    out, lse = run_problem(problem, chosen, return_lse=True)
     return out.reshape(problem.out_shape), lse.reshape(problem.out_shape[:-1])
 
 

@@ -17,12 +17,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .._ext import C
-from .attention_inputs import AttentionProblem
-from .buffers import new_output
-from .cuda_device import cuda_extension_unavailable, launch_context, rows_aligned
-from .dispatch import AttentionBackend, register_backend
-from .fused_attention import fused_attention, register_fused_kernels
+from ..._ext import C
+from ..buffers import new_output
+from ..cuda_device import cuda_extension_unavailable, launch_context, rows_aligned
+from .problem import AttentionProblem
+from .registry import AttentionBackend, register_backend
 
 # "auto" may pick this backend only once its kernels have passed the shared GPU tests
 # (tests/test_attention_backends.py, tests/test_attention_cuda.py) on real hardware.
@@ -73,9 +72,10 @@ def saturated_mask(mask):
     return fixed.expand(mask.shape)
 
 
-def cuda_forward(q, k, v, mask, rng_state, dropout_p, is_causal, causal_bottom_right, scale):
-    """Fused-kernel contract (fused_attention.py): out (B, Hq, L, Ev), lse (B, Hq, L) float32."""
-    if dropout_p > 0.0:
+def cuda_forward(q, k, v, mask, rng_state, opts):
+    """Fused-kernel contract (fused.py): out (B, Hq, L, Ev), lse (B, Hq, L) float32."""
+    is_causal, causal_bottom_right, scale = opts.is_causal, opts.causal_bottom_right, opts.scale
+    if opts.dropout_p > 0.0:
         raise ValueError("the cuda attention kernels do not implement dropout")
     E, Ev = q.shape[-1], v.shape[-1]
     d = kernel_head_dim(E, Ev)
@@ -93,9 +93,10 @@ def cuda_forward(q, k, v, mask, rng_state, dropout_p, is_causal, causal_bottom_r
     return (out if Ev == d else out[..., :Ev].contiguous()), lse
 
 
-def cuda_backward(dout, q, k, v, out, lse, mask, rng_state, dropout_p, is_causal, causal_bottom_right, scale):
+def cuda_backward(dout, q, k, v, out, lse, mask, rng_state, opts):
     """Fused-kernel contract: dq, dk, dv shaped like q, k, v (deterministic kernels)."""
-    if dropout_p > 0.0:
+    is_causal, causal_bottom_right, scale = opts.is_causal, opts.causal_bottom_right, opts.scale
+    if opts.dropout_p > 0.0:
         raise ValueError("the cuda attention kernels do not implement dropout")
     E, Ev = q.shape[-1], v.shape[-1]
     d = kernel_head_dim(E, Ev)
@@ -119,9 +120,6 @@ def cuda_backward(dout, q, k, v, out, lse, mask, rng_state, dropout_p, is_causal
     return dq, dk, dv
 
 
-register_fused_kernels("cuda", cuda_forward, cuda_backward)
-
-
 def _unsupported(problem: AttentionProblem) -> Optional[str]:
     if problem.q.device.type != "cuda":
         return f"tensors are on {problem.q.device}, the kernels need a CUDA device"
@@ -135,7 +133,7 @@ def _unsupported(problem: AttentionProblem) -> Optional[str]:
     if mask is not None and mask.dtype not in (torch.bool, problem.q.dtype):
         return f"a {mask.dtype} attn_mask with {problem.q.dtype} inputs (the kernels read masks in q's dtype)"
     if problem.is_empty:
-        return None  # run() hands empty problems to the reference path
+        return None  # the public entry points hand empty problems to the reference path
     d = kernel_head_dim(problem.head_dim, problem.head_dim_v)
     if d is None:
         return f"head dims above 128 are not supported (E={problem.head_dim}, Ev={problem.head_dim_v})"
@@ -155,21 +153,14 @@ def _launch_plan_refusal(dtype: str, d: int, batch: int, heads_q: int, heads_kv:
     return C.cuda_launch_plan("forward", dtype, d, batch, heads_q, heads_kv, len_q, len_k, smem)["reason"]
 
 
-def _run(problem: AttentionProblem):
-    if problem.is_empty:
-        from .attention_reference import reference_attention
-
-        return reference_attention(problem)
-    return fused_attention(problem, "cuda")
-
-
 register_backend(
     AttentionBackend(
         name="cuda",
         description="hand-written CUDA flash attention (mma.sync/ldmatrix/cp.async; head dims <= 128, fp16/bf16)",
         availability=cuda_extension_unavailable,
         unsupported=_unsupported,
-        run=_run,
         auto=CUDA_VALIDATED_ON_GPU,
+        forward=cuda_forward,
+        backward=cuda_backward,
     )
 )

@@ -13,19 +13,17 @@ shared K/V heads in place; dropout is a counter-based hash of
 
 from __future__ import annotations
 
+import functools
+import math
+import os
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-import functools
-import math
-import os
-
-from .._ext import C, LOAD_ERROR
-from .buffers import new_output
-from .dispatch import AttentionBackend, register_backend
-from .fused_attention import fused_attention, register_fused_kernels
+from ..._ext import C, LOAD_ERROR
+from ..buffers import new_output
+from .registry import AttentionBackend, register_backend
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 MAX_HEAD_DIM = 256
@@ -44,29 +42,29 @@ def _empty(q: Tensor, k: Tensor, v: Tensor) -> bool:
     return q.shape[0] * q.shape[1] * q.shape[2] == 0 or k.shape[2] == 0 or v.shape[3] == 0
 
 
-def cpu_forward(q, k, v, mask, rng_state, dropout_p, is_causal, causal_bottom_right, scale):
-    """Kernel contract of fused_attention.py: ``out (B, Hq, L, Ev)`` in q's dtype, ``lse (B, Hq, L)`` float32."""
+def cpu_forward(q, k, v, mask, rng_state, opts):
+    """Kernel contract of fused.py: ``out (B, Hq, L, Ev)`` in q's dtype, ``lse (B, Hq, L)`` float32."""
     B, H, L, _ = q.shape
     out = new_output((B, H, L, v.shape[-1]), q.dtype, q.device)
     lse = new_output((B, H, L), torch.float32, q.device)
     if _empty(q, k, v):  # nothing to attend: torch's zeros
         return out.zero_(), lse.fill_(float("-inf"))
     seed, offset = _seed_offset(rng_state)
-    C.attention_cpu_forward(q, k, v, mask, float(dropout_p), seed, offset, bool(is_causal),
-                            bool(causal_bottom_right), float(scale), out, lse)
+    C.attention_cpu_forward(q, k, v, mask, float(opts.dropout_p), seed, offset, bool(opts.is_causal),
+                            bool(opts.causal_bottom_right), float(opts.scale), out, lse)
     return out, lse
 
 
-def cpu_backward(dout, q, k, v, out, lse, mask, rng_state, dropout_p, is_causal, causal_bottom_right, scale):
-    """Kernel contract of fused_attention.py: ``dq, dk, dv`` shaped like q, k, v."""
+def cpu_backward(dout, q, k, v, out, lse, mask, rng_state, opts):
+    """Kernel contract of fused.py: ``dq, dk, dv`` shaped like q, k, v."""
     dq = new_output(q.shape, q.dtype, q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
     if _empty(q, k, v):  # no weights or no output columns: every gradient is 0
         return dq.zero_(), dk.zero_(), dv.zero_()
     seed, offset = _seed_offset(rng_state)
-    C.attention_cpu_backward(dout, q, k, v, out, lse, mask, float(dropout_p), seed, offset, bool(is_causal),
-                             bool(causal_bottom_right), float(scale), dq, dk, dv)
+    C.attention_cpu_backward(dout, q, k, v, out, lse, mask, float(opts.dropout_p), seed, offset,
+                             bool(opts.is_causal), bool(opts.causal_bottom_right), float(opts.scale), dq, dk, dv)
     return dq, dk, dv
 
 
@@ -93,7 +91,7 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 @functools.lru_cache(maxsize=None)
 def _policy_classes(variant: str) -> Dict[Tuple[str, str, bool], Dict[int, List[Tuple[int, float, str]]]]:
     """The committed policy rows of ``variant`` as {(dtype, mode, causal): {head_dim: [(seqlen, speedup, choice)]}}."""
-    from .attention_cpu_policy import POLICY
+    from ..attention_cpu_policy import POLICY
 
     classes: Dict = {}
     for dtype, mode, causal, head_dim, seqlen, speedup, choice in POLICY.get(variant, []):
@@ -109,7 +107,7 @@ def auto_prefers_cpu(problem) -> bool:
     """Whether ``auto`` runs this CPU problem on the ``cpu`` kernels rather than torch's SDPA.
 
     Looks the problem's shape class up in the table derived from committed
-    benchmarks (``attention_cpu_policy.py``, written by ``bench/cpu_policy.py``) for
+    benchmarks (``ops/attention_cpu_policy.py``, written by ``bench/cpu_policy.py``) for
     the kernel variant of this processor: dtype, forward or forward+backward
     (``needs_grad``), causal or not, nearest measured head dim (max of E, Ev) and
     nearest measured length (geometric mean of L and S). A class or variant never
@@ -169,15 +167,14 @@ def _unsupported(problem) -> Optional[str]:
     return None
 
 
-register_fused_kernels("cpu", cpu_forward, cpu_backward)
-
 register_backend(
     AttentionBackend(
         name="cpu",
         description="C++ flash-style attention for CPU tensors (float32/bfloat16, AVX-512/AVX2 at run time)",
         availability=_available,
         unsupported=_unsupported,
-        run=lambda problem: fused_attention(problem, "cpu"),
+        forward=cpu_forward,
+        backward=cpu_backward,
         auto_policy=auto_prefers_cpu,
     )
 )

@@ -14,17 +14,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .dispatch import AttentionBackend, register_backend
-from .fused_attention import fused_attention, register_fused_kernels
-
-
-def causal_mask(L: int, S: int, bottom_right: bool, device) -> Tensor:
-    """Bool (L, S) mask, True = attend. Top-left: key j visible to query i when j <= i;
-    bottom-right: when j <= i + (S - L), the alignment used when decoding with a cache."""
-    offset = S - L if bottom_right else 0
-    i = torch.arange(L, device=device)[:, None]
-    j = torch.arange(S, device=device)[None, :]
-    return j <= i + offset
+from .problem import causal_mask
+from .registry import AttentionBackend, register_backend
 
 
 def _expand_kv(t: Tensor, heads_q: int) -> Tensor:
@@ -46,14 +37,14 @@ def dropout_keep_mask(rng_state: Tensor, shape, p: float, device) -> Tensor:
     return torch.rand(shape, generator=gen, device=device) >= p
 
 
-def _scores(q, k, mask, is_causal, causal_bottom_right, scale) -> Tensor:
+def _scores(q, k, mask, opts) -> Tensor:
     """Scaled, masked scores in float32, (B, Hq, L, S)."""
     if q.dtype == torch.float16:
         # q·kᵀ can pass float16's 65504 where torch's (float32) scores are finite.
         q, k = q.float(), k.float()
-    s = torch.matmul(q, _expand_kv(k, q.shape[1]).transpose(-2, -1)).float() * scale
-    if is_causal:
-        s = s.masked_fill(~causal_mask(q.shape[2], k.shape[2], causal_bottom_right, q.device), float("-inf"))
+    s = torch.matmul(q, _expand_kv(k, q.shape[1]).transpose(-2, -1)).float() * opts.scale
+    if opts.is_causal:
+        s = s.masked_fill(~causal_mask(q.shape[2], k.shape[2], opts.causal_bottom_right, q.device), float("-inf"))
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.float()
     return s
@@ -81,18 +72,22 @@ def _keep_scale(p: float) -> float:
     return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
 
 
-def naive_forward(q, k, v, mask, rng_state, dropout_p, is_causal, causal_bottom_right, scale):
-    p, lse = _softmax(_scores(q, k, mask, is_causal, causal_bottom_right, scale))
+def naive_forward(q, k, v, mask, rng_state, opts):
+    """Kernel contract of fused.py."""
+    dropout_p = opts.dropout_p
+    p, lse = _softmax(_scores(q, k, mask, opts))
     if dropout_p > 0.0:
         p = p * dropout_keep_mask(rng_state, p.shape, dropout_p, q.device) * _keep_scale(dropout_p)
     out = torch.matmul(p.to(v.dtype), _expand_kv(v, q.shape[1]))
     return out, lse
 
 
-def naive_backward(dout, q, k, v, out, lse, mask, rng_state, dropout_p, is_causal, causal_bottom_right, scale):
+def naive_backward(dout, q, k, v, out, lse, mask, rng_state, opts):
+    """Kernel contract of fused.py."""
+    dropout_p, scale = opts.dropout_p, opts.scale
     Hkv = k.shape[1]
     k_full, v_full = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
-    p, _ = _softmax(_scores(q, k, mask, is_causal, causal_bottom_right, scale))
+    p, _ = _softmax(_scores(q, k, mask, opts))
     dp = torch.matmul(dout.float(), v_full.float().transpose(-2, -1))
     p_used = p
     if dropout_p > 0.0:
@@ -107,9 +102,6 @@ def naive_backward(dout, q, k, v, out, lse, mask, rng_state, dropout_p, is_causa
     dq = torch.matmul(ds, k_full.float())
     dk = torch.matmul(ds.transpose(-2, -1), q.float())
     return dq.to(q.dtype), _reduce_kv(dk, Hkv).to(k.dtype), _reduce_kv(dv, Hkv).to(v.dtype)
-
-
-register_fused_kernels("naive", naive_forward, naive_backward)
 
 
 def _always_available() -> Optional[str]:
@@ -128,7 +120,8 @@ register_backend(
         description="textbook baseline: materialises Q·Kᵀ (memory grows as L·S)",
         availability=_always_available,
         unsupported=_naive_unsupported,
-        run=lambda problem: fused_attention(problem, "naive"),
         auto=False,
+        forward=naive_forward,
+        backward=naive_backward,
     )
 )

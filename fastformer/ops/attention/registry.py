@@ -1,17 +1,27 @@
-"""Attention backends: what exists, what is available here, and which one runs.
+"""The one attention backend registry: what exists, what is available here, which one runs.
 
-A backend is an :class:`AttentionBackend`: a name, a check of whether it can
-run on this machine at all (``availability``), a check of whether it supports
-a given problem (``unsupported``), and ``run``. Backends register themselves
-with :func:`register_backend` when their module is imported; the modules named
-in ``_BACKEND_MODULES`` are imported lazily, so a missing Triton, extension or
-GPU never breaks ``import fastformer``.
+Dense, packed variable-length and decode attention all choose their backend
+here. A backend is an :class:`AttentionBackend`: a name, a check of whether it
+can run on this machine at all (``availability``), a check of whether it
+supports a given problem (``unsupported``), and what it implements:
 
-They are all imported once when fastformer is imported (``load_all_backends``).
-``"auto"`` tries :data:`AUTO_ORDER` for the device type and falls back to
-``"reference"``, which handles every valid input. A backend that is not the
-fastest everywhere narrows where ``auto`` picks it with ``auto_policy``. A backend asked for by name
-raises a clear error instead of falling back.
+* fused kernels, plain functions the custom ops of ``fused.py`` call:
+  ``forward``/``backward`` (dense), ``varlen_forward``/``varlen_backward``
+  (packed), ``decode_forward`` (KV cache); their contracts are in ``fused.py``;
+* or ``run(problem) -> out``, a differentiable implementation of its own (the
+  torch ``"reference"`` backend) for the kinds listed in ``run_kinds``.
+
+Backends register themselves with :func:`register_backend` when their module is
+imported; the modules in ``_BACKEND_MODULES`` are imported lazily and all at
+once when fastformer is imported (:func:`load_all_backends`), so a missing
+Triton, extension or GPU never breaks ``import fastformer``.
+
+``"auto"`` tries :data:`AUTO_ORDER` (dense), :data:`VARLEN_AUTO_ORDER` or
+:data:`DECODE_AUTO_ORDER` for the device type and falls back to ``"reference"``,
+which handles every valid input. A backend that is not the fastest everywhere
+narrows where ``auto`` picks it with ``auto_policy``. A backend asked for by name raises a clear
+error instead of falling back: ``RuntimeError`` when it cannot run here at all,
+``ValueError`` when it does not support the inputs.
 """
 
 from __future__ import annotations
@@ -19,11 +29,10 @@ from __future__ import annotations
 import contextlib
 import importlib
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional
-
-from .attention_inputs import AttentionProblem
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 BACKEND_NAMES = ("auto", "reference", "naive", "triton", "cuda", "cpu")
+KINDS = ("dense", "varlen", "decode")
 
 # Fastest first. "naive" is a baseline and never picked automatically.
 AUTO_ORDER: Dict[str, List[str]] = {
@@ -33,15 +42,24 @@ AUTO_ORDER: Dict[str, List[str]] = {
     "cuda": [],
     "cpu": ["cpu"],
 }
+VARLEN_AUTO_ORDER: Dict[str, List[str]] = {
+    "cuda": ["triton"],
+}
+# Decoding takes the Triton kernels on CPU tensors too when TRITON_INTERPRET=1 (how tests run them).
+DECODE_AUTO_ORDER: Dict[str, List[str]] = {
+    "cuda": ["triton"],
+    "cpu": ["triton"],
+}
+_AUTO_ORDERS = {"dense": AUTO_ORDER, "varlen": VARLEN_AUTO_ORDER, "decode": DECODE_AUTO_ORDER}
 
 # Importing these modules registers the backend. A module that fails to import
 # makes its backend unavailable, with the import error as the reason.
 _BACKEND_MODULES: Dict[str, str] = {
-    "reference": "fastformer.ops.attention_reference",
-    "naive": "fastformer.ops.attention_naive",
-    "triton": "fastformer.ops.attention_triton",
-    "cuda": "fastformer.ops.attention_cuda",
-    "cpu": "fastformer.ops.attention_cpu",
+    "reference": "fastformer.ops.attention.reference",
+    "naive": "fastformer.ops.attention.naive",
+    "triton": "fastformer.ops.attention.triton",
+    "cuda": "fastformer.ops.attention.cuda",
+    "cpu": "fastformer.ops.attention.cpu",
 }
 
 
@@ -50,18 +68,32 @@ class AttentionBackend:
     name: str
     description: str
     availability: Callable[[], Optional[str]]  # None when usable on this machine, else why not
-    unsupported: Callable[[AttentionProblem], Optional[str]]  # None when it supports the problem, else why not
-    run: Callable[[AttentionProblem], object]  # -> out (B, Hq, L, Ev), differentiable
+    unsupported: Callable[[object], Optional[str]]  # None when it supports the problem, else why not
+    run: Optional[Callable[[object], object]] = None  # differentiable run(problem) -> out, for run_kinds
     auto: bool = True  # may "auto" pick it (a kernel never validated on hardware must not)
+    forward: Optional[Callable] = None  # fused dense kernels (contract: fused.py)
+    backward: Optional[Callable] = None
+    varlen_forward: Optional[Callable] = None  # fused packed kernels
+    varlen_backward: Optional[Callable] = None
+    decode_forward: Optional[Callable] = None  # KV-cache kernel (inference only)
+    run_kinds: Tuple[str, ...] = ("dense",)
     # Where "auto" may pick it, when it is not everywhere the fastest choice: None means
     # everywhere it supports; else True for the problems where it measured faster than
-    # the fallback (the cpu backend's table from committed benchmarks, attention_cpu.py).
-    auto_policy: Optional[Callable[[AttentionProblem], bool]] = None
+    # the fallback (the cpu backend's table from committed benchmarks, cpu.py).
+    auto_policy: Optional[Callable[[object], bool]] = None
+
+    def handles(self, kind: str) -> bool:
+        """Whether this backend implements problems of ``kind`` at all."""
+        if self.run is not None and kind in self.run_kinds:
+            return True
+        fused = {"dense": self.forward, "varlen": self.varlen_forward, "decode": self.decode_forward}
+        return fused.get(kind) is not None
 
 
 _REGISTRY: Dict[str, AttentionBackend] = {}
 _IMPORT_ERRORS: Dict[str, str] = {}
-_DEFAULT_STACK: List[str] = []
+_DEFAULT_STACK: List[str] = []  # use_backend (dense attention)
+_DECODE_DEFAULT_STACK: List[str] = []  # use_decode_backend
 
 
 def register_backend(backend: AttentionBackend) -> None:
@@ -81,6 +113,14 @@ def _load(name: str) -> Optional[AttentionBackend]:
     return _REGISTRY.get(name)
 
 
+def get_backend(name: str) -> AttentionBackend:
+    """The registered backend ``name`` (imported on first use); RuntimeError when it failed to load."""
+    backend = _load(name)
+    if backend is None:
+        raise RuntimeError(f"attention backend {name!r} is not available: {_IMPORT_ERRORS.get(name, 'unknown name')}")
+    return backend
+
+
 def _why_unavailable(name: str) -> Optional[str]:
     backend = _load(name)
     if backend is None:
@@ -94,27 +134,43 @@ def _check_name(backend: str) -> None:
 
 
 @contextlib.contextmanager
-def use_backend(backend: str) -> Iterator[None]:
-    """Make ``backend`` the default attention backend inside a ``with`` block.
+def _pushed(stack: List[str], backend: str) -> Iterator[None]:
+    _check_name(backend)
+    stack.append(backend)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def use_backend(backend: str):
+    """Make ``backend`` the default dense attention backend inside a ``with`` block.
 
     Calls that pass ``backend="auto"`` (the default) use it instead; an explicit
     ``backend=`` argument still wins. Blocks nest. The setting is process-wide
     (not per thread), which keeps it visible to ``torch.compile``.
     """
-    _check_name(backend)
-    _DEFAULT_STACK.append(backend)
-    try:
-        yield
-    finally:
-        _DEFAULT_STACK.pop()
+    return _pushed(_DEFAULT_STACK, backend)
 
 
-def select_backend(problem: AttentionProblem, backend: str = "auto") -> AttentionBackend:
-    """The backend that will run ``problem``; see the module docstring for the rules."""
+def use_decode_backend(backend: str):
+    """Make ``backend`` what ``decode_attention(backend="auto")`` uses inside a ``with`` block
+    (e.g. ``"reference"`` to decode with PyTorch under the interpreter). ``"torch"`` is
+    accepted as another name for ``"reference"``."""
+    return _pushed(_DECODE_DEFAULT_STACK, "reference" if backend == "torch" else backend)
+
+
+def select_backend(problem, backend: str = "auto") -> AttentionBackend:
+    """The backend that will run ``problem`` (any kind); see the module docstring for the rules."""
     _check_name(backend)
-    if backend == "auto" and _DEFAULT_STACK:
-        backend = _DEFAULT_STACK[-1]
+    kind = problem.kind
+    stack = _DECODE_DEFAULT_STACK if kind == "decode" else _DEFAULT_STACK if kind == "dense" else ()
+    if backend == "auto" and stack:
+        backend = stack[-1]
     if backend != "auto":
+        chosen = _load(backend)
+        if chosen is not None and not chosen.handles(kind):
+            raise ValueError(f"attention backend {backend!r} does not support these inputs: no {kind} attention")
         reason = _why_unavailable(backend)
         if reason is not None:
             raise RuntimeError(f"attention backend {backend!r} is not available: {reason}")
@@ -123,12 +179,12 @@ def select_backend(problem: AttentionProblem, backend: str = "auto") -> Attentio
         if reason is not None:
             raise ValueError(f"attention backend {backend!r} does not support these inputs: {reason}")
         return chosen
-    if problem.is_empty:
+    if kind == "dense" and problem.is_empty:
         return _load("reference")  # nothing to compute: torch's shapes and zeros, no kernel launch
-    for name in AUTO_ORDER.get(problem.q.device.type, []):
+    for name in _AUTO_ORDERS[kind].get(problem.q.device.type, []):
         if _why_unavailable(name) is None:
             candidate = _REGISTRY[name]
-            if candidate.auto and candidate.unsupported(problem) is None and (
+            if candidate.auto and candidate.handles(kind) and candidate.unsupported(problem) is None and (
                 candidate.auto_policy is None or candidate.auto_policy(problem)
             ):
                 return candidate

@@ -1,0 +1,279 @@
+"""The custom ops every fused attention backend plugs into, and the one runner.
+
+Four ops, registered with ``torch.library`` (schema, fake implementation,
+autograd where differentiable), so ``torch.compile(fullgraph=True)`` traces
+through any fused backend without graph breaks:
+
+* ``fastformer::attention_fwd`` / ``attention_bwd``: dense attention;
+* ``fastformer::varlen_attention_fwd`` / ``varlen_attention_bwd``: packed sequences;
+* ``fastformer::decode_attention``: new tokens over a KV cache (inference only).
+
+Their ``backend`` string argument picks the kernels a backend registered
+(``registry.AttentionBackend``); the :class:`~.problem.AttentionOptions` travel
+as scalar arguments in field order (``options.op_args()``) and are rebuilt with
+``AttentionOptions(*args)`` before the kernels see them.
+
+Kernel contracts (plain functions; they allocate their outputs with
+``ops.buffers.new_output`` and launch):
+
+``forward(q, k, v, mask, rng_state, options)``
+    canonical 4-D tensors of ``problem.py`` → ``out (B, Hq, L, Ev)`` in q's dtype and
+    ``lse (B, Hq, L)`` float32, the natural-log log-sum-exp of each row of scaled,
+    masked scores (``-inf`` for rows where every key is masked; those rows output 0).
+``backward(dout, q, k, v, out, lse, mask, rng_state, options)`` → ``dq, dk, dv``.
+``varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, rng_state, options)`` → packed
+    ``out (Tq, Hq, Ev)``, ``lse (Hq, Tq)``; ``varlen_backward(dout, q, k, v, out, lse,
+    cu_q, cu_k, max_q, max_k, rng_state, options)`` → ``dq, dk, dv``.
+``decode_forward(q, k_cache, v_cache, cache_seqlens, options, num_splits)`` →
+    ``out (B, Hq, Lq, Dv)``, ``lse (B, Hq, Lq)``; ``cache_seqlens`` int32 ``(B,)``,
+    ``num_splits`` 0 for the kernel's own choice.
+
+``rng_state`` is ``None`` without dropout, else an int64 tensor ``[seed, offset]``
+on q's device, drawn from torch's generator so results are reproducible under
+``torch.manual_seed``; the backward must regenerate the same dropout mask from it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .problem import AttentionOptions
+from .registry import get_backend
+
+
+def _kernels(backend: str, what: str):
+    fn = getattr(get_backend(backend), what)
+    if fn is None:
+        raise RuntimeError(f"attention backend {backend!r} registered no {what} kernel")
+    return fn
+
+
+# ----------------------------------------------------------------------------------------- dense
+
+
+@torch.library.custom_op("fastformer::attention_fwd", mutates_args=())
+def attention_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Optional[Tensor],
+    rng_state: Optional[Tensor],
+    dropout_p: float,
+    is_causal: bool,
+    causal_bottom_right: bool,
+    scale: float,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    options = AttentionOptions(dropout_p, is_causal, causal_bottom_right, scale)
+    out, lse = _kernels(backend, "forward")(q, k, v, mask, rng_state, options)
+    # Outputs are contiguous whatever the kernel did: the fake implementation promises it to compile.
+    return out.contiguous(), lse.contiguous()
+
+
+@attention_fwd.register_fake
+def _attention_fwd_fake(q, k, v, mask, rng_state, *options_and_backend):
+    B, H, L, _ = q.shape
+    return q.new_empty((B, H, L, v.shape[-1])), q.new_empty((B, H, L), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastformer::attention_bwd", mutates_args=())
+def attention_bwd(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    mask: Optional[Tensor],
+    rng_state: Optional[Tensor],
+    dropout_p: float,
+    is_causal: bool,
+    causal_bottom_right: bool,
+    scale: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    options = AttentionOptions(dropout_p, is_causal, causal_bottom_right, scale)
+    dq, dk, dv = _kernels(backend, "backward")(dout, q, k, v, out, lse, mask, rng_state, options)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@attention_bwd.register_fake
+def _attention_bwd_fake(dout, q, k, v, *rest):
+    # Contiguous, like the real op's outputs (empty_like would copy q's strides).
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, rng_state, *options, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, mask, rng_state)
+    ctx.options = (*options, backend)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, mask, rng_state = ctx.saved_tensors
+    # Only the output is differentiable: the public API hands the log-sum-exp out
+    # detached, so dlse carries nothing and is ignored.
+    dq, dk, dv = attention_bwd(dout.contiguous(), q, k, v, out, lse, mask, rng_state, *ctx.options)
+    return (dq, dk, dv) + (None,) * (2 + len(ctx.options))
+
+
+torch.library.register_autograd("fastformer::attention_fwd", _backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------- varlen
+
+
+@torch.library.custom_op("fastformer::varlen_attention_fwd", mutates_args=())
+def varlen_attention_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    rng_state: Optional[Tensor],
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float,
+    is_causal: bool,
+    causal_bottom_right: bool,
+    scale: float,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    options = AttentionOptions(dropout_p, is_causal, causal_bottom_right, scale)
+    out, lse = _kernels(backend, "varlen_forward")(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, rng_state, options
+    )
+    return out.contiguous(), lse.contiguous()
+
+
+@varlen_attention_fwd.register_fake
+def _varlen_fwd_fake(q, k, v, *rest):
+    out = q.new_empty((q.shape[0], q.shape[1], v.shape[2]))
+    lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("fastformer::varlen_attention_bwd", mutates_args=())
+def varlen_attention_bwd(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    rng_state: Optional[Tensor],
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float,
+    is_causal: bool,
+    causal_bottom_right: bool,
+    scale: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    options = AttentionOptions(dropout_p, is_causal, causal_bottom_right, scale)
+    dq, dk, dv = _kernels(backend, "varlen_backward")(
+        dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, rng_state, options
+    )
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@varlen_attention_bwd.register_fake
+def _varlen_bwd_fake(dout, q, k, v, *rest):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, rng_state, max_q, max_k, *options, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, rng_state)
+    ctx.options = (max_q, max_k, *options, backend)
+
+
+def _varlen_backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k, rng_state = ctx.saved_tensors
+    max_q, max_k, *options = ctx.options
+    dq, dk, dv = varlen_attention_bwd(dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, rng_state, max_q, max_k,
+                                      *options)
+    return (dq, dk, dv) + (None,) * (3 + len(ctx.options))
+
+
+torch.library.register_autograd(
+    "fastformer::varlen_attention_fwd", _varlen_backward, setup_context=_varlen_setup_context
+)
+
+
+# ---------------------------------------------------------------------------------------- decode
+
+
+@torch.library.custom_op("fastformer::decode_attention", mutates_args=())
+def decode_attention_op(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_seqlens: Tensor,
+    dropout_p: float,
+    is_causal: bool,
+    causal_bottom_right: bool,
+    scale: float,
+    num_splits: int,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    options = AttentionOptions(dropout_p, is_causal, causal_bottom_right, scale)
+    return _kernels(backend, "decode_forward")(q, k_cache, v_cache, cache_seqlens, options, num_splits)
+
+
+@decode_attention_op.register_fake
+def _decode_fake(q, k_cache, v_cache, *rest):
+    B, Hq, Lq, _ = q.shape
+    return q.new_empty((B, Hq, Lq, v_cache.shape[3])), q.new_empty((B, Hq, Lq), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------- runner
+
+
+def draw_rng_state(dropout_p: float, device: torch.device) -> Optional[Tensor]:
+    """Seed and offset for in-kernel dropout, drawn from torch's generator of ``device``."""
+    if dropout_p == 0.0:
+        return None
+    return torch.randint(0, 2**31 - 1, (2,), dtype=torch.int64, device=device)
+
+
+def run_problem(problem, backend, return_lse: bool = False):
+    """Run a validated problem of any kind on a selected :class:`AttentionBackend`.
+
+    Returns ``out`` (differentiable in q, k, v for dense and varlen), or ``(out, lse)``
+    with the log-sum-exp detached when ``return_lse``.
+    """
+    kind = problem.kind
+    if backend.run is not None and kind in backend.run_kinds:
+        return backend.run(problem, return_lse=True) if return_lse else backend.run(problem)
+    opts = problem.options
+    if kind == "dense":
+        rng_state = draw_rng_state(opts.dropout_p, problem.q.device)
+        q, k = problem.q, problem.k
+        if problem.head_dim == 0:
+            # Head dim 0: every score is 0 and torch attends uniformly (mean of V). One zero
+            # column gives any kernel those scores; the pad's gradient slices dq, dk back to 0 wide.
+            q, k = F.pad(q, (0, 1)), F.pad(k, (0, 1))
+        out, lse = attention_fwd(q, k, problem.v, problem.mask, rng_state, *opts.op_args(), backend.name)
+    elif kind == "varlen":
+        rng_state = draw_rng_state(opts.dropout_p, problem.q.device)
+        out, lse = varlen_attention_fwd(
+            problem.q, problem.k, problem.v, problem.cu_seqlens_q, problem.cu_seqlens_k, rng_state,
+            problem.max_seqlen_q, problem.max_seqlen_k, *opts.op_args(), backend.name,
+        )
+    else:
+        q, lens = problem.q, problem.cache_seqlens
+        if isinstance(lens, int):
+            lens = torch.full((q.shape[0],), lens, dtype=torch.int32, device=q.device)
+        out, lse = decode_attention_op(q, problem.k_cache, problem.v_cache, lens.to(q.device), *opts.op_args(),
+                                       problem.num_splits or 0, backend.name)
+    # lse is returned detached: the kernels' backward differentiates the output only.
+    return (out, lse.detach()) if return_lse else out

@@ -1,0 +1,134 @@
+"""The ``"reference"`` backend: PyTorch's own attention, for every kind of problem.
+
+Exact torch semantics on any device and dtype: dense attention is
+``torch.nn.functional.scaled_dot_product_attention`` (differentiable in q, k, v
+and a float mask; memory linear in L wherever torch picks a fused kernel);
+packed variable-length attention is a per-sequence loop over it; decoding
+slices the valid part of the cache. It is what ``"auto"`` falls back to for
+anything a fused backend does not support.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .problem import AttentionProblem, DecodeProblem, VarlenProblem, causal_mask, checked_max_length
+from .registry import AttentionBackend, register_backend
+
+
+def reference_attention(problem: AttentionProblem):
+    q, k, v, mask, is_causal = problem.q, problem.k, problem.v, problem.mask, problem.is_causal
+    if is_causal and problem.causal_bottom_right and problem.len_q != problem.len_k:
+        # torch's is_causal is top-left aligned; build the bottom-right mask explicitly.
+        mask, is_causal = causal_mask(problem.len_q, problem.len_k, True, q.device), False
+    return F.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=mask,
+        dropout_p=problem.dropout_p,
+        is_causal=is_causal,
+        scale=problem.scale,
+        enable_gqa=problem.heads_q != problem.heads_kv,
+    )
+
+
+def varlen_reference(problem: VarlenProblem, return_lse: bool = False):
+    """Per-sequence torch SDPA; the log-sum-exp, when asked, from the explicit scores."""
+    q, k, v = problem.q, problem.k, problem.v
+    cq, ck = problem.seq_bounds_q, problem.seq_bounds_k
+    dropout_p, scale, causal = problem.options.dropout_p, problem.options.scale, problem.options.is_causal
+    outs, lses = [], []
+    gqa = q.shape[1] != k.shape[1]
+    for (q0, q1), (k0, k1) in zip(zip(cq, cq[1:]), zip(ck, ck[1:])):
+        qb, kb, vb = q[q0:q1].transpose(0, 1), k[k0:k1].transpose(0, 1), v[k0:k1].transpose(0, 1)  # (H, n, D)
+        mask = causal_mask(q1 - q0, k1 - k0, True, q.device) if causal else None
+        if k1 == k0:
+            ob = q.new_zeros((q.shape[1], q1 - q0, v.shape[2]))  # no keys: torch's answer is 0
+        else:
+            ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
+        outs.append(ob.transpose(0, 1))
+        if return_lse:
+            kf = kb.repeat_interleave(q.shape[1] // k.shape[1], 0) if gqa else kb
+            acc = torch.promote_types(q.dtype, torch.float32)
+            s = (qb.to(acc) @ kf.to(acc).transpose(-2, -1)) * scale
+            if mask is not None:
+                s = s.masked_fill(~mask, float("-inf"))
+            lses.append(torch.logsumexp(s, -1) if k1 > k0 else s.new_full((q.shape[1], q1 - q0), float("-inf")))
+    out = torch.cat(outs, 0) if outs else q.new_zeros((0, q.shape[1], v.shape[2]))
+    if not return_lse:
+        return out
+    lse = torch.cat(lses, 1).float() if lses else q.new_zeros((q.shape[1], 0), dtype=torch.float32)
+    return out, lse.detach()
+
+
+def decode_reference(problem: DecodeProblem):
+    """Attention of the new tokens over the valid cache entries with torch SDPA (no kernel)."""
+    q, k_cache, v_cache, cache_seqlens = problem.q, problem.k_cache, problem.v_cache, problem.cache_seqlens
+    scale, causal = problem.options.scale, problem.options.is_causal
+    B, Hq, Lq, _ = q.shape
+    gqa = Hq != k_cache.shape[1]
+    if isinstance(cache_seqlens, int):
+        # Uniform lengths: slice the cache; a mask only when the new tokens need the causal one.
+        S = cache_seqlens
+        k, v = k_cache[:, :, :S], v_cache[:, :, :S]
+        mask = None
+        if causal and Lq > 1:
+            mask = torch.ones(Lq, S, dtype=torch.bool, device=q.device).tril(S - Lq)
+            if S < Lq:
+                return _masked_sdpa(q, k, v, mask.expand(B, Lq, S), scale, gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    lens = cache_seqlens.to(device=q.device, dtype=torch.long)
+    S = checked_max_length(lens, k_cache.shape[2])
+    keys = torch.arange(S, device=q.device)
+    valid = (keys[None, :] < lens[:, None])[:, None, :, None]  # (B, 1, S, 1)
+    # Entries past a sequence's length are never read: whatever they hold (NaN in a
+    # reused cache) must not reach the output through 0 * NaN.
+    k = torch.where(valid, k_cache[:, :, :S], 0)
+    v = torch.where(valid, v_cache[:, :, :S], 0)
+    if causal:
+        last = lens[:, None] - Lq + torch.arange(Lq, device=q.device)[None, :]  # (B, Lq)
+    else:
+        last = (lens - 1)[:, None].expand(B, Lq)
+    return _masked_sdpa(q, k, v, keys[None, None, :] <= last[:, :, None], scale, gqa)
+
+
+def _masked_sdpa(q, k, v, mask, scale, gqa):
+    """SDPA with a (B, Lq, S) bool mask; rows with no visible key give 0 (as the kernel)."""
+    if k.shape[2] == 0:
+        return q.new_zeros(q.shape[:-1] + (v.shape[-1],))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale, enable_gqa=gqa)
+    return out.masked_fill(~mask.any(-1)[:, None, :, None], 0.0)
+
+
+def _run(problem, return_lse: bool = False):
+    if problem.kind == "varlen":
+        return varlen_reference(problem, return_lse)
+    if return_lse:
+        raise ValueError("return_lse=True needs a fused backend; 'reference' does not produce the log-sum-exp")
+    if problem.kind == "decode":
+        return decode_reference(problem)
+    return reference_attention(problem)
+
+
+def _available() -> Optional[str]:
+    return None
+
+
+def _supports_everything(problem) -> Optional[str]:
+    return None
+
+
+register_backend(
+    AttentionBackend(
+        name="reference",
+        description="torch.nn.functional.scaled_dot_product_attention (any device/dtype; the fallback)",
+        availability=_available,
+        unsupported=_supports_everything,
+        run=_run,
+        run_kinds=("dense", "varlen", "decode"),
+    )
+)
