@@ -22,4 +22,8 @@ def __getattr__(name):
 
         globals()["convert"] = convert
         return convert
+    if name in ("nn", "models", "integrations"):
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'fastformer' has no attribute {name!r}")

@@ -5,7 +5,7 @@ import torch
 
 from attention_cases import CASES, check_case, require_backend
 
-from fastformer.ops.attention_triton import padded_tiles_unsupported
+from fastformer.ops.attention.triton import padded_tiles_unsupported
 
 # (backend, device, dtype) combinations that run here. Triton runs on CPU tensors
 # under the interpreter (whose bf16 tl.dot is unreliable, so fp16/fp32 there);

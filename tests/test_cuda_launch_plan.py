@@ -130,7 +130,7 @@ def test_the_backend_check_traces_under_compile_fullgraph():
     # call there stops Dynamo ("Attempted to call function marked as skipped", seen on an H200).
     import torch
 
-    from fastformer.ops.attention_cuda import _launch_plan_refusal
+    from fastformer.ops.attention.cuda import _launch_plan_refusal
 
     def f(x):
         refused = _launch_plan_refusal("bfloat16", 64, 2, 4, 4, 256, 256, H100_SMEM)

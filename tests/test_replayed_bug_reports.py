@@ -378,7 +378,7 @@ def test_cuda_backend_saturates_bfloat16_masks_in_place_of_broadcast():
     """The cuda backend's kernels (not runnable here) scale bfloat16 masks by log2(e): its
     Python side clamps finite fills beyond MASK_LIMIT first, keeping -inf/NaN and the
     mask's broadcast (stride-0) layout, so no (B, H, L, S) copy is made."""
-    from fastformer.ops.attention_cuda import MASK_LIMIT, saturated_mask
+    from fastformer.ops.attention.cuda import MASK_LIMIT, saturated_mask
 
     row = torch.tensor([0.0, torch.finfo(torch.bfloat16).min, float("-inf"), 3.0, float("nan"),
                         torch.finfo(torch.bfloat16).max]).bfloat16()
