@@ -85,8 +85,8 @@ def auto(q, k, v, causal):
 
 def auto_choice(q, k, v, causal: bool, mode: str) -> str:
     """The backend ``auto`` runs for this configuration (fwd: under no_grad, as timed)."""
-    from fastformer.ops.attention_inputs import validate_attention_inputs
-    from fastformer.ops.dispatch import select_backend
+    from fastformer.ops.attention.problem import validate_attention_inputs
+    from fastformer.ops.attention.registry import select_backend
 
     with torch.set_grad_enabled(mode != "fwd"):
         return select_backend(validate_attention_inputs(q, k, v, is_causal=causal)).name

@@ -38,7 +38,7 @@ def _seed_offset(rng_state: Optional[Tensor]):
 
 def _empty(q: Tensor, k: Tensor, v: Tensor) -> bool:
     """Nothing to compute: no query rows, no keys or no output columns (a zero head
-    dim E is not empty: fused_attention pads it, every score is then 0)."""
+    dim E is not empty: run_problem pads it, every score is then 0)."""
     return q.shape[0] * q.shape[1] * q.shape[2] == 0 or k.shape[2] == 0 or v.shape[3] == 0
 
 
