@@ -5,7 +5,10 @@ blocked over queries and keys with an online softmax and the log-sum-exp
 saved, parallel over batch x heads x query blocks on torch's thread pool
 (``torch.set_num_threads`` applies), float32 accumulation for float32 and
 bfloat16 inputs, and the widest vector ISA of the processor picked at run time
-(AVX-512, AVX2+FMA, or a portable fallback). Causal tiles above the diagonal
+(AVX-512 with AVX512_BF16 — bf16 inputs then run as bf16 dot products with
+fp32 accumulation —, AVX-512, AVX2+FMA, or a portable fallback). ``auto`` runs
+these kernels only on the shape classes where committed benchmarks measured
+them faster than torch's SDPA on this variant (:func:`auto_prefers_cpu`). Causal tiles above the diagonal
 are skipped; masks are read through their (broadcast) strides; GQA reads the
 shared K/V heads in place; dropout is a counter-based hash of
 ``(seed, offset, batch*head, i, j)``, so the backward regenerates the mask.
@@ -170,7 +173,7 @@ def _unsupported(problem) -> Optional[str]:
 register_backend(
     AttentionBackend(
         name="cpu",
-        description="C++ flash-style attention for CPU tensors (float32/bfloat16, AVX-512/AVX2 at run time)",
+        description="C++ flash-style attention for CPU tensors (float32/bfloat16; AVX-512 with bf16 dot products, AVX-512, AVX2 at run time)",
         availability=_available,
         unsupported=_unsupported,
         forward=cpu_forward,
