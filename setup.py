@@ -1,17 +1,22 @@
 """Build and install fastformer.
 
 The compiled extension ``fastformer._C`` always gets the C++ CPU sources; the
-CUDA sources join when the installed torch has CUDA and nvcc is found. Build
-against the torch you already have, without build isolation:
+CUDA sources join when the installed torch has CUDA and a CUDA toolkit is found
+($CUDA_HOME, else nvcc on PATH resolved through wrappers to its toolkit, else
+/usr/local/cuda; see csrc/fastformer_build.py, which also holds the sources and flags).
+Build against the torch you already have, without build isolation:
 
     pip install --no-build-isolation -e .
 
 If the extension fails to compile, the install still succeeds (the pure-Python
 and Triton paths work) and prints why, unless FASTFORMER_REQUIRE_EXT=1, which
-makes a compile failure fatal (CI sets it).
+makes a compile failure fatal (CI sets it). FASTFORMER_REQUIRE_CUDA=1 also makes
+a missing toolkit fatal (a GPU build); FASTFORMER_NO_CUDA=1 builds the CPU
+kernels only; FASTFORMER_BUILD_DIR keeps the build objects for reuse;
+FASTFORMER_PREBUILT_EXT=1 installs the Python side around an existing
+fastformer/_C*.so.
 """
 
-import glob
 import os
 import sys
 
@@ -19,7 +24,7 @@ from setuptools import find_packages, setup
 
 try:
     import torch
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    from torch.utils.cpp_extension import BuildExtension
 except ImportError:
     sys.exit(
         "fastformer builds against an installed torch: install torch first, then run "
@@ -27,45 +32,40 @@ except ImportError:
     )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CUDA_ARCH_FLAGS = [
-    "-gencode=arch=compute_80,code=sm_80",
-    "-gencode=arch=compute_90a,code=sm_90a",
-]
+sys.path.insert(0, os.path.join(HERE, "csrc"))
+import fastformer_build as build  # noqa: E402  (sources, flags, toolkit; shared with the CI compile checks)
 
 
-def _rel(paths):
-    return sorted(os.path.relpath(p, HERE) for p in paths)
-
-
-def _with_cuda() -> bool:
+def _toolkit():
+    """The CUDA toolkit to build the CUDA kernels with, or None for a CPU-only extension."""
     if os.environ.get("FASTFORMER_NO_CUDA") == "1":
-        return False
-    return torch.version.cuda is not None and CUDA_HOME is not None
-
-
-def _extension():
-    cpp_sources = _rel(glob.glob(os.path.join(HERE, "csrc", "**", "*.cpp"), recursive=True))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-Wall", "-Wno-unused-function"]
-    if not _with_cuda():
-        # CUDA bindings (csrc/cuda/*.cpp) only compile next to their kernels.
-        cpp_sources = [s for s in cpp_sources if not s.startswith(os.path.join("csrc", "cuda"))]
-        return CppExtension(
-            "fastformer._C",
-            cpp_sources,
-            extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=["-fopenmp"],
-        )
-    cu_sources = _rel(glob.glob(os.path.join(HERE, "csrc", "**", "*.cu"), recursive=True))
-    return CUDAExtension(
-        "fastformer._C",
-        cpp_sources + cu_sources,
-        define_macros=[("FASTFORMER_WITH_CUDA", "1")],
-        extra_compile_args={
-            "cxx": cxx_flags,
-            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", *CUDA_ARCH_FLAGS],
-        },
-        extra_link_args=["-fopenmp"],
-    )
+        print("fastformer: FASTFORMER_NO_CUDA=1, building the CPU kernels only")
+        return None
+    if torch.version.cuda is None:
+        print(f"fastformer: torch {torch.__version__} has no CUDA, building the CPU kernels only")
+        return None
+    require = os.environ.get("FASTFORMER_REQUIRE_CUDA") == "1"
+    try:
+        toolkit = build.find_cuda_toolkit()
+    except build.ToolkitError as exc:
+        if require or os.environ.get("FASTFORMER_REQUIRE_EXT") == "1":
+            sys.exit(f"fastformer: {exc}")
+        print(f"fastformer: WARNING: {exc}\nBuilding the CPU kernels only.", file=sys.stderr)
+        return None
+    if toolkit is None:
+        message = (f"no CUDA toolkit found for torch {torch.__version__} (CUDA {torch.version.cuda}): nvcc is "
+                   f"not on PATH, CUDA_HOME is unset and /usr/local/cuda is absent; {build.FIX_HINT}")
+        if require:
+            sys.exit(f"fastformer: {message}")
+        print(f"fastformer: WARNING: {message}\nBuilding the CPU kernels only.", file=sys.stderr)
+        return None
+    if toolkit.release.split(".")[0] != torch.version.cuda.split(".")[0]:
+        sys.exit(f"fastformer: nvcc {toolkit.release} at {toolkit.root} cannot build for torch {torch.__version__}, "
+                 f"which was built with CUDA {torch.version.cuda} (the major versions must match); "
+                 f"{build.FIX_HINT}")
+    print(f"fastformer: building the CUDA kernels for {', '.join(build.CUDA_ARCHS)} with {toolkit.describe()} "
+          f"(nvcc {toolkit.nvcc}, found by {toolkit.found_by}), torch {torch.__version__}")
+    return toolkit
 
 
 class TolerantBuildExtension(BuildExtension):
@@ -106,7 +106,9 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["fastformer", "fastformer.*"]) + ["fastformer.kernels"],
     package_dir={"fastformer.kernels": "kernels"},
-    ext_modules=[_extension()],
+    # FASTFORMER_PREBUILT_EXT=1: fastformer/_C*.so is already in place (bench/gpu.sh unpacks a carried
+    # wheel's); install the Python side only.
+    ext_modules=[] if os.environ.get("FASTFORMER_PREBUILT_EXT") == "1" else [build.extension(_toolkit())],
     cmdclass={"build_ext": TolerantBuildExtension.with_options(use_ninja=True)},
     install_requires=["torch>=2.5", "numpy"],
     extras_require={

@@ -10,11 +10,15 @@
 #   results.tgz       bench JSON (<device>/<topic>.json) + junit XML: unpack into bench/results/
 # At most a handful of files, because the device tool returns at most 8.
 #
-# Peers missing from the device image travel as wheels in .whl/ (git-ignored via
-# .git/info/exclude; name ".whl" in the device tool's carry): before the call, run
-#   echo /.whl/ >> .git/info/exclude
-#   pip download --no-deps --only-binary=:all: -d .whl liger-kernel==0.8.5
-# and this script installs them for the run (Liger-Kernel is pure Python).
+# Wheels travel in .whl/ (git-ignored; name ".whl" in the device tool's carry):
+#  - fastformer's own GPU wheel, from `bash bench/gpu_rehearsal.sh --no-tests` (cp312, torch
+#    2.11.0+cu130, sm_80 + sm_90a): when it loads here with CUDA (bench/carried_wheel.py), its
+#    extension is used and nothing is compiled on the loan; otherwise the extension is built;
+#  - peers missing from the device image, e.g.
+#      pip download --no-deps --only-binary=:all: -d .whl liger-kernel==0.8.5
+#    installed for the run (Liger-Kernel is pure Python).
+# The summary's first line says whether the extension came from the carried wheel or a source
+# build, and whether fastformer._C has its CUDA kernels. Exit status 1 when any step failed.
 set -uo pipefail
 
 DRY_RUN=0
@@ -30,7 +34,9 @@ SUMMARY="$OUT_DIR/summary.txt"
 : >"$LOG"
 : >"$SUMMARY"
 PY=${PYTHON:-python3}
-[ -x "$REPO/.venv/bin/python" ] && [ "$DRY_RUN" = 1 ] && PY="$REPO/.venv/bin/python"
+[ -z "${PYTHON:-}" ] && [ -x "$REPO/.venv/bin/python" ] && [ "$DRY_RUN" = 1 ] && PY="$REPO/.venv/bin/python"
+FAILED_STEPS=0
+EXTENSION="not built"
 export PYTHONUNBUFFERED=1
 export FASTFORMER_RESULTS_DIR="$WORK/results"
 T0=$(date +%s)
@@ -46,6 +52,7 @@ step() {
   local status=ok
   [ $rc -ne 0 ] && status="FAILED (rc $rc)"
   [ $rc -eq 124 ] && status="TIMEOUT"
+  [ $rc -ne 0 ] && FAILED_STEPS=$((FAILED_STEPS + 1))
   printf '%-28s %-16s %4ss\n' "$name" "$status" "$(( $(date +%s) - t ))" | tee -a "$SUMMARY"
   tail -n 5 "$LOG" | sed 's/^/    /'
   return 0
@@ -55,6 +62,13 @@ echo "fastformer GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-par
 
 if [ "$DRY_RUN" = 1 ]; then
   echo "dry run: CPU stand-ins for each step" | tee -a "$SUMMARY"
+  if ls .whl/fastformer-*.whl >/dev/null 2>&1; then
+    # Check only: the dry run keeps the installed build.
+    step "carried wheel (check)" 120 "$PY" bench/carried_wheel.py check
+    EXTENSION="installed build (dry run; carried wheel $(grep -q '^carried wheel (check) *ok' "$SUMMARY" && echo loads || echo 'does NOT load'))"
+  else
+    EXTENSION="installed build (dry run; no carried wheel)"
+  fi
   step "environment" 60 "$PY" -m fastformer.info
   step "cuda tests (collect only)" 120 "$PY" -m pytest -q -m cuda --collect-only -p no:cacheprovider tests
   step "benchmarks (cpu, quick)" 300 "$PY" bench/suite.py --device cpu --quick
@@ -62,12 +76,25 @@ else
   # One device call: ~470 s in all. Later steps get what is left (left N = min(N, time remaining)).
   TOTAL=470
   left() { local r=$(( TOTAL - ($(date +%s) - T0) )); [ "$r" -lt "$1" ] && echo $(( r > 10 ? r : 10 )) || echo "$1"; }
-  if ls .whl/*.whl >/dev/null 2>&1; then
-    step "carried wheels" 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/ff-site .whl/*.whl
+  peers=$(ls .whl/*.whl 2>/dev/null | grep -v '/fastformer-' || true)
+  if [ -n "$peers" ]; then
+    # shellcheck disable=SC2086
+    step "carried peer wheels" 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/ff-site $peers
     export PYTHONPATH=/tmp/ff-site${PYTHONPATH:+:$PYTHONPATH}
   fi
   step "environment" 60 bash -c "nvidia-smi; $PY -c 'import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())'"
-  step "build extension" 240 env MAX_JOBS=16 FASTFORMER_REQUIRE_EXT=1 "$PY" -m pip install --no-build-isolation --no-deps -q -e .
+  EXTENSION="built from source"
+  if ls .whl/fastformer-*.whl >/dev/null 2>&1; then
+    step "carried wheel" 120 "$PY" bench/carried_wheel.py install
+    if grep -q '^carried wheel  *ok' "$SUMMARY"; then
+      step "install (prebuilt extension)" 120 env FASTFORMER_PREBUILT_EXT=1 "$PY" -m pip install --no-build-isolation --no-deps -q -e .
+      grep -q '^install (prebuilt extension)  *ok' "$SUMMARY" && EXTENSION="from the carried wheel $(basename .whl/fastformer-*.whl | head -n 1)"
+    fi
+    [ "$EXTENSION" = "built from source" ] && EXTENSION="built from source (the carried wheel did not fit: see gpu_log.txt)"
+  fi
+  if [ "${EXTENSION#built from source}" != "$EXTENSION" ]; then
+    step "build extension" 240 env MAX_JOBS=16 FASTFORMER_REQUIRE_EXT=1 FASTFORMER_REQUIRE_CUDA=1 "$PY" -m pip install --no-build-isolation --no-deps -q -e .
+  fi
   step "info" 30 "$PY" -m fastformer.info
   # Backends that must be present on a GPU: their tests fail instead of skipping if the build lost them.
   # Under pytest-xdist a test that leaves a sticky CUDA fault ends only its worker (tests/conftest.py);
@@ -102,6 +129,14 @@ EOF
 
 tar czf "$OUT_DIR/results.tgz" -C "$WORK" . 2>>"$LOG"
 rm -rf "$WORK"
-echo "total $(( $(date +%s) - T0 ))s; files in $OUT_DIR" | tee -a "$SUMMARY"
+echo "total $(( $(date +%s) - T0 ))s; $FAILED_STEPS step(s) failed; files in $OUT_DIR" | tee -a "$SUMMARY"
+# First line of the summary: where the extension came from and whether it has the CUDA kernels.
+CUDA_C=$("$PY" -c 'import fastformer._ext as e
+C = e.C
+print("no (fastformer._C does not load: %s)" % e.LOAD_ERROR if C is None else
+      "yes (%s; %s)" % (", ".join(getattr(C, "build_info", {}).get("cuda_archs", [])), getattr(C, "build_info", {}).get("cuda_toolkit")) if C.with_cuda
+      else "no (built without CUDA)")' 2>&1 | tail -n 1)
+{ echo "extension: $EXTENSION; fastformer._C with CUDA: $CUDA_C"; cat "$SUMMARY"; } >"$SUMMARY.new" && mv "$SUMMARY.new" "$SUMMARY"
 echo
 cat "$SUMMARY"
+[ "$FAILED_STEPS" -eq 0 ]

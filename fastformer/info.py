@@ -27,6 +27,14 @@ def describe() -> str:
             f"extension fastformer._C: built ({'with' if _ext.C.with_cuda else 'without'} CUDA); "
             f"CPU features: {', '.join(_ext.C.cpu_features()) or 'baseline'}"
         )
+        build = getattr(_ext.C, "build_info", {})  # absent in builds older than the attribute
+        if _ext.C.with_cuda:
+            lines.append(
+                f"CUDA kernels: built for {', '.join(build.get('cuda_archs', [])) or '?'} with "
+                f"{build.get('cuda_toolkit') or 'an unrecorded toolkit'}"
+            )
+        if build.get("torch") and build["torch"] != torch.__version__.split("+")[0]:
+            lines.append(f"WARNING: fastformer._C was built against torch {build['torch']}: rebuild it")
     else:
         lines.append(f"extension fastformer._C: unavailable ({_ext.LOAD_ERROR})")
     lines.append("")

@@ -1,7 +1,12 @@
 """The CUDA sources compile for sm_80 and sm_90a without a GPU, the main kernels
 do not spill, and the torch-facing CUDA binding is valid C++ against torch's headers.
 
-Skipped where nvcc is absent. Uses bench/cuda_resources.py's compile driver (2 jobs).
+Every compile uses the flags torch's BuildExtension passes when setup.py builds the
+extension (captured by csrc/fastformer_build.py, never a copied list): torch's
+COMMON_NVCC_FLAGS delete the implicit __half / __nv_bfloat16 conversions and
+operators, so e.g. ``T(0.f)`` in a kernel fails here, not on the GPU machine.
+
+Skipped where no CUDA toolkit is found. Uses bench/cuda_resources.py's compile driver (2 jobs).
 """
 
 import subprocess
@@ -15,12 +20,49 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import cuda_resources  # noqa: E402
 
-pytestmark = pytest.mark.skipif(cuda_resources.find_nvcc() is None, reason="nvcc not found")
+build = cuda_resources.build
+pytestmark = pytest.mark.skipif(cuda_resources.find_nvcc() is None, reason="no CUDA toolkit (nvcc) found")
 
 
 @pytest.fixture(scope="module")
-def compiled():
-    return cuda_resources.compile_all(jobs=2)
+def toolkit():
+    return build.find_cuda_toolkit()
+
+
+@pytest.fixture(scope="module")
+def torch_flags(toolkit):
+    return build.torch_compile_flags(toolkit)
+
+
+@pytest.fixture(scope="module")
+def compiled(torch_flags):
+    return cuda_resources.compile_all(jobs=2, flags=[*torch_flags["nvcc"], "-Xptxas", "-v"])
+
+
+def test_compile_flags_are_the_extension_builds(torch_flags):
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+
+    nvcc = torch_flags["nvcc"]
+    missing = [f for f in [*COMMON_NVCC_FLAGS, *build.NVCC_FLAGS, "-DFASTFORMER_WITH_CUDA=1"] if f not in nvcc]
+    assert not missing, f"captured nvcc flags lack {missing}: {nvcc}"
+    assert any(f.startswith("-DTORCH_EXTENSION_NAME=") for f in torch_flags["cxx"]), torch_flags["cxx"]
+
+
+def test_torch_flags_reject_implicit_half_conversions(toolkit, torch_flags, tmp_path):
+    # The class of bug the flags exist to catch (issue 15): an implicit float -> __half /
+    # __nv_bfloat16 construction. If this compiled, the checks above would guard nothing.
+    src = tmp_path / "implicit.cu"
+    src.write_text(
+        "#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n"
+        "template <typename T> __global__ void zero(T* out) { out[threadIdx.x] = T(0.f); }\n"
+        "template __global__ void zero<__half>(__half*);\n"
+        "template __global__ void zero<__nv_bfloat16>(__nv_bfloat16*);\n"
+    )
+    flags = [f for f in torch_flags["nvcc"] if not f.startswith("-gencode")] + ["-gencode=arch=compute_80,code=sm_80"]
+    proc = subprocess.run(build.nvcc_command(toolkit, flags, src, tmp_path / "implicit.o"), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0, "T(0.f) on __half compiled under the extension's flags"
+    assert "__half" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
 
 
 def test_every_cuda_source_compiles(compiled):
@@ -45,19 +87,14 @@ def test_main_kernels_do_not_spill(compiled):
     assert not spilling, "register spills:\n" + "\n".join(spilling)
 
 
-def test_cuda_binding_is_valid_cpp():
-    torch_ext = pytest.importorskip("torch.utils.cpp_extension")
-    import sysconfig
-
-    nvcc = Path(cuda_resources.find_nvcc())
-    cuda_include = nvcc.parent.parent / "include"
-    includes = [f"-I{p}" for p in torch_ext.include_paths()] + [f"-I{cuda_include}",
-                                                                f"-I{sysconfig.get_paths()['include']}"]
-    for source in sorted((REPO / "csrc" / "cuda").glob("*.cpp")):
+def test_cuda_binding_is_valid_cpp(torch_flags):
+    # The C++ side of a CUDA build, with the extension build's own g++ flags (defines, includes).
+    flags = [f for f in torch_flags["cxx"] if not f.startswith(("-O", "-g", "-W"))]
+    sources = sorted((REPO / "csrc" / "cuda").glob("*.cpp")) + [REPO / "csrc" / "bindings.cpp"]
+    for source in sources:
         proc = subprocess.run(
-            ["g++", "-fsyntax-only", "-std=c++17", "-DFASTFORMER_WITH_CUDA", "-DTORCH_EXTENSION_NAME=_C",
-             "-w", *includes, str(source)],
-            capture_output=True, text=True, timeout=300,
+            ["g++", "-fsyntax-only", "-w", *flags, str(source)],
+            capture_output=True, text=True, timeout=300, cwd=REPO,
         )
         assert proc.returncode == 0, f"{source.relative_to(REPO)}:\n{proc.stderr[-3000:]}"
 
@@ -76,11 +113,13 @@ def test_cu_files_include_no_torch_headers():
 
 
 def test_fragment_plumbing_matches_an_emulation_of_ldmatrix_and_mma(tmp_path):
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+
     # Host-only build: the kernels' swizzle, ldmatrix addressing and fragment packing,
     # driven through emulated ldmatrix/mma (tests/cuda/emulate_fragments.cu), on the CPU.
     exe = tmp_path / "emulate_fragments"
     build = subprocess.run(
-        [cuda_resources.find_nvcc(), "-std=c++17", "-O1", f"-I{REPO / 'csrc' / 'cuda'}",
+        [cuda_resources.find_nvcc(), *COMMON_NVCC_FLAGS, "-std=c++17", "-O1", f"-I{REPO / 'csrc' / 'cuda'}",
          str(REPO / "tests" / "cuda" / "emulate_fragments.cu"), "-o", str(exe)],
         capture_output=True, text=True, timeout=300,
     )

@@ -16,32 +16,10 @@
 #include <stdint.h>
 
 #include "launch.h"
+#include "type_traits.cuh"
 
 namespace fastformer {
 namespace cuda {
-
-// Conversions go through these intrinsics only: torch's CUDAExtension compiles with
-// -D__CUDA_NO_HALF_CONVERSIONS__ / -D__CUDA_NO_BFLOAT16_CONVERSIONS__ / -D__CUDA_NO_HALF_OPERATORS__,
-// which delete the implicit constructors and operators (T(0.f), a + b) on __half / __nv_bfloat16.
-template <typename T> struct TypeTraits;
-template <> struct TypeTraits<__half> {
-  static constexpr DType kDType = DType::kFloat16;
-  __device__ static __forceinline__ uint32_t pack(float lo, float hi) {
-    __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-  __device__ static __forceinline__ float to_float(__half x) { return __half2float(x); }
-  __device__ static __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
-};
-template <> struct TypeTraits<__nv_bfloat16> {
-  static constexpr DType kDType = DType::kBFloat16;
-  __device__ static __forceinline__ uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-  __device__ static __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-  __device__ static __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
-};
 
 // D = A * B + D, fp32 accumulate.
 template <typename T>

@@ -16,26 +16,13 @@
 
 #include "launch.h"
 #include "launch_plan.h"
+#include "type_traits.cuh"
 
 namespace fastformer {
 namespace cuda {
 namespace {
 
 constexpr float kLog2e = 1.4426950408889634f;
-
-template <typename T> struct Conv;
-template <> struct Conv<float> {
-  __device__ static float to(float x) { return x; }
-  __device__ static float from(float x) { return x; }
-};
-template <> struct Conv<__half> {
-  __device__ static float to(__half x) { return __half2float(x); }
-  __device__ static __half from(float x) { return __float2half_rn(x); }
-};
-template <> struct Conv<__nv_bfloat16> {
-  __device__ static float to(__nv_bfloat16 x) { return __bfloat162float(x); }
-  __device__ static __nv_bfloat16 from(float x) { return __float2bfloat16_rn(x); }
-};
 
 // VEC consecutive elements as floats; one 16-byte access when VEC * sizeof(T) == 16.
 template <typename T, int VEC>
@@ -44,10 +31,10 @@ __device__ __forceinline__ void load_vec(const T* src, float (&f)[VEC]) {
     const uint4 u = *reinterpret_cast<const uint4*>(src);
     const T* e = reinterpret_cast<const T*>(&u);
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) f[i] = Conv<T>::to(e[i]);
+    for (int i = 0; i < VEC; ++i) f[i] = TypeTraits<T>::to_float(e[i]);
   } else {
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) f[i] = Conv<T>::to(src[i]);
+    for (int i = 0; i < VEC; ++i) f[i] = TypeTraits<T>::to_float(src[i]);
   }
 }
 template <typename T, int VEC>
@@ -56,11 +43,11 @@ __device__ __forceinline__ void store_vec(T* dst, const float (&f)[VEC]) {
     uint4 u;
     T* e = reinterpret_cast<T*>(&u);
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) e[i] = Conv<T>::from(f[i]);
+    for (int i = 0; i < VEC; ++i) e[i] = TypeTraits<T>::from_float(f[i]);
     *reinterpret_cast<uint4*>(dst) = u;
   } else {
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) dst[i] = Conv<T>::from(f[i]);
+    for (int i = 0; i < VEC; ++i) dst[i] = TypeTraits<T>::from_float(f[i]);
   }
 }
 
@@ -96,7 +83,7 @@ __device__ __forceinline__ float score_log2(const SoftmaxParams& p, const RowVie
     if (p.mask_kind == MaskKind::kBool) {
       if (!*reinterpret_cast<const bool*>(m)) z = -INFINITY;
     } else {
-      z += Conv<T>::to(*reinterpret_cast<const T*>(m)) * kLog2e;
+      z += TypeTraits<T>::to_float(*reinterpret_cast<const T*>(m)) * kLog2e;
     }
   }
   return z;
