@@ -24,7 +24,6 @@ from setuptools import find_packages, setup
 
 try:
     import torch
-    from torch.utils.cpp_extension import BuildExtension
 except ImportError:
     sys.exit(
         "fastformer builds against an installed torch: install torch first, then run "
@@ -68,6 +67,13 @@ def _toolkit():
     return toolkit
 
 
+# Resolved before torch.utils.cpp_extension is imported: it reads CUDA_HOME once, at import.
+TOOLKIT = None if os.environ.get("FASTFORMER_PREBUILT_EXT") == "1" else _toolkit()
+if TOOLKIT is not None:
+    os.environ["CUDA_HOME"] = TOOLKIT.root
+from torch.utils.cpp_extension import BuildExtension  # noqa: E402
+
+
 class TolerantBuildExtension(BuildExtension):
     """Keeps the install usable when the extension does not compile, and says why.
 
@@ -108,7 +114,7 @@ setup(
     package_dir={"fastformer.kernels": "kernels"},
     # FASTFORMER_PREBUILT_EXT=1: fastformer/_C*.so is already in place (bench/gpu.sh unpacks a carried
     # wheel's); install the Python side only.
-    ext_modules=[] if os.environ.get("FASTFORMER_PREBUILT_EXT") == "1" else [build.extension(_toolkit())],
+    ext_modules=[] if os.environ.get("FASTFORMER_PREBUILT_EXT") == "1" else [build.extension(TOOLKIT)],
     cmdclass={"build_ext": TolerantBuildExtension.with_options(use_ninja=True)},
     install_requires=["torch>=2.5", "numpy"],
     extras_require={

@@ -10,8 +10,8 @@
 #      because Triton 3.6's CPU interpreter, which the CPU suite runs on, breaks on numpy 2.4.
 #   2. build: the extension with its CUDA kernels, as bench/gpu.sh builds it on the GPU machine
 #      (FASTFORMER_REQUIRE_EXT=1 FASTFORMER_REQUIRE_CUDA=1 pip install --no-build-isolation -e .).
-#      Objects are kept in $FASTFORMER_BUILD_DIR (default ~/.cache/fastformer/rehearsal-build),
-#      so the wheel build and tests/run.sh relink instead of recompiling.
+#      Objects are kept in $FASTFORMER_BUILD_DIR (default ~/.cache/fastformer/rehearsal-build/<checkout>),
+#      so the wheel build, tests/run.sh and the next run relink instead of recompiling.
 #   3. import: fastformer._C loads with CUDA (a missing symbol fails here), and
 #      `python -m fastformer.info` reports the CUDA kernels built, with toolkit and archs.
 #   4. wheel: the GPU wheel (cp312, torch 2.11.0+cu130, sm_80 + sm_90a) into .whl/ (git-ignored),
@@ -34,9 +34,13 @@ RUN_TESTS=1
 
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/fastformer
 VENV=${FASTFORMER_REHEARSAL_VENV:-$CACHE/rehearsal-py312}
-export FASTFORMER_BUILD_DIR=${FASTFORMER_BUILD_DIR:-$CACHE/rehearsal-build}
+# One build folder per checkout (ninja's commands name absolute source paths, so another
+# checkout's objects would not be reused anyway, and two checkouts never share one).
+export FASTFORMER_BUILD_DIR=${FASTFORMER_BUILD_DIR:-$CACHE/rehearsal-build/$(echo "$REPO" | sha256sum | cut -c1-12)}
 LOGS=${FASTFORMER_REHEARSAL_LOGS:-$REPO/bench/results/rehearsal}
-mkdir -p "$LOGS" "$CACHE"
+mkdir -p "$LOGS" "$CACHE" "$FASTFORMER_BUILD_DIR"
+# Build folders of checkouts unused for a week (CI's clean clones) go.
+find "$CACHE/rehearsal-build" -mindepth 1 -maxdepth 1 -type d -mtime +7 -exec rm -rf {} + 2>/dev/null || true
 # The GPU image's stack (torch 2.11.0 is its CUDA 13.0 build on the default index).
 PACKAGES=(
   "torch==2.11.0" "triton==3.6.0" "numpy<2.4" pytest pytest-benchmark hypothesis ninja pybind11
@@ -49,10 +53,16 @@ progress() { echo "[rehearsal $(date -u +%H:%M:%S) +$(( $(date +%s) - T0 ))s] $*
 step() { n=$((n + 1)); progress "step $n/$STEPS: $*"; }
 fail() { progress "FAILED: $*"; exit 1; }
 
-find_python312() {
-  if [ -n "${FASTFORMER_REHEARSAL_PYTHON:-}" ]; then echo "$FASTFORMER_REHEARSAL_PYTHON"; return; fi
-  if command -v python3.12 >/dev/null 2>&1; then command -v python3.12; return; fi
-  ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12 2>/dev/null | sort -V | tail -n 1
+find_python312() {  # the first candidate that really runs Python 3.12 (pyenv shims may not)
+  local cand
+  for cand in ${FASTFORMER_REHEARSAL_PYTHON:-} \
+      $(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12 2>/dev/null | sort -rV) \
+      $(command -v python3.12 2>/dev/null); do
+    if "$cand" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' >/dev/null 2>&1; then
+      echo "$cand"
+      return
+    fi
+  done
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -82,6 +92,24 @@ PY="$VENV/bin/python"
 print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, numpy {numpy.__version__}")
 assert torch.version.cuda, "the rehearsal needs the CUDA build of torch"'
 
+# ccache, when the machine has it (Debian's package; installed here when apt works), keeps compiled
+# objects across checkouts (CI's clean clones): base_dir makes the repository path irrelevant.
+if ! command -v ccache >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  progress "installing ccache (Debian package) for the compile cache"
+  { apt-get install -y -qq ccache || { apt-get update -qq && apt-get install -y -qq ccache; }; } >"$LOGS/apt.log" 2>&1 \
+    || progress "no ccache (log: $LOGS/apt.log): every build compiles from scratch"
+fi
+if command -v ccache >/dev/null 2>&1 && [ -d /usr/lib/ccache ]; then
+  export CCACHE_DIR=${CCACHE_DIR:-$CACHE/ccache} CCACHE_BASEDIR=$REPO CCACHE_NOHASHDIR=1 CCACHE_MAXSIZE=${CCACHE_MAXSIZE:-3G}
+  export PATH=/usr/lib/ccache:$PATH  # c++ / gcc through ccache (torch's ninja runs "c++")
+  FASTFORMER_REAL_NVCC=$("$PY" -c 'import sys; sys.path.insert(0, "csrc"); import fastformer_build as b; t = b.find_cuda_toolkit(); print(t.nvcc if t else "")')
+  if [ -n "$FASTFORMER_REAL_NVCC" ]; then
+    export FASTFORMER_REAL_NVCC PYTORCH_NVCC="$REPO/bench/ccache_nvcc.sh"
+  fi
+  ccache -z >/dev/null 2>&1 || true
+  progress "compile cache: ccache in $CCACHE_DIR"
+fi
+
 # ---------------------------------------------------------------------------------------------
 step "build the extension with CUDA (log: $LOGS/build.log)"
 t=$(date +%s)
@@ -91,7 +119,7 @@ if ! env FASTFORMER_REQUIRE_EXT=1 FASTFORMER_REQUIRE_CUDA=1 MAX_JOBS="${MAX_JOBS
   fail "the extension did not build (full log: $LOGS/build.log)"
 fi
 grep -m1 "fastformer: building the CUDA kernels" "$LOGS/build.log" || true
-progress "built in $(( $(date +%s) - t ))s"
+progress "built in $(( $(date +%s) - t ))s$(command -v ccache >/dev/null 2>&1 && [ -n "${CCACHE_DIR:-}" ] && ccache -s 2>/dev/null | grep -m1 -i 'hits:' | sed 's/^ */; ccache /')"
 
 # ---------------------------------------------------------------------------------------------
 step "import fastformer._C and check fastformer.info"
