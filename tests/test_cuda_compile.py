@@ -127,3 +127,26 @@ def test_fragment_plumbing_matches_an_emulation_of_ldmatrix_and_mma(tmp_path):
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout[-3000:]
     assert run.stdout.count(": ok") == 4, run.stdout
+
+
+def test_toolkit_found_through_an_nvcc_wrapper(toolkit, tmp_path, monkeypatch):
+    # A wrapper script on PATH (as on this machine: /usr/local/bin/nvcc execs the toolkit's) must
+    # lead to the toolkit root, where the libraries are; its parent folder would not link (issue 15).
+    wrapper = tmp_path / "bin" / "nvcc"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\nexec "{toolkit.nvcc}" "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", f"{wrapper.parent}:/usr/bin:/bin")
+    found = build.find_cuda_toolkit()
+    assert found.root == toolkit.root and found.nvcc == toolkit.nvcc, found
+    assert str(wrapper) in found.found_by
+
+
+def test_a_wrong_cuda_home_fails_naming_the_fix(tmp_path, monkeypatch):
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    with pytest.raises(build.ToolkitError, match="include/cuda_runtime.h.*set CUDA_HOME to the CUDA toolkit root"):
+        build.find_cuda_toolkit()
