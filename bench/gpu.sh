@@ -88,7 +88,7 @@ else
     step "carried wheel" 120 "$PY" bench/carried_wheel.py install
     if grep -q '^carried wheel  *ok' "$SUMMARY"; then
       step "install (prebuilt extension)" 120 env FASTFORMER_PREBUILT_EXT=1 "$PY" -m pip install --no-build-isolation --no-deps -q -e .
-      grep -q '^install (prebuilt extension)  *ok' "$SUMMARY" && EXTENSION="from the carried wheel $(basename .whl/fastformer-*.whl | head -n 1)"
+      grep -q '^install (prebuilt extension)  *ok' "$SUMMARY" && EXTENSION="from the carried wheel $(cd .whl && ls fastformer-*.whl | head -n 1)"
     fi
     [ "$EXTENSION" = "built from source" ] && EXTENSION="built from source (the carried wheel did not fit: see gpu_log.txt)"
   fi
