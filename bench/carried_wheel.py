@@ -4,6 +4,7 @@ bench/gpu_rehearsal.sh builds the GPU wheel (cp312, torch 2.11.0+cu130, sm_80 + 
 into .whl/ on a CPU machine; name ".whl" in the device tool's carry and bench/gpu.sh
 spends no loan time compiling:
 
+    python bench/carried_wheel.py find      # is there a wheel tagged for this Python? (prints it)
     python bench/carried_wheel.py check     # is there a wheel for this Python/torch that loads with CUDA?
     python bench/carried_wheel.py install   # check, then put its fastformer/_C*.so into the source tree
 
@@ -72,13 +73,16 @@ def check(wheel: Path, unpacked: Path) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=["check", "install"])
+    p.add_argument("action", choices=["find", "check", "install"])
     args = p.parse_args(argv)
     wheel = find_wheel()
     if wheel is None:
         print(f"no fastformer wheel for cp{sys.version_info.major}{sys.version_info.minor} in {WHEEL_DIR}",
               file=sys.stderr)
         return 1
+    if args.action == "find":
+        print(wheel)
+        return 0
     with tempfile.TemporaryDirectory(prefix="fastformer-wheel-") as tmp:
         try:
             info = check(wheel, Path(tmp))

@@ -62,7 +62,7 @@ echo "fastformer GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-par
 
 if [ "$DRY_RUN" = 1 ]; then
   echo "dry run: CPU stand-ins for each step" | tee -a "$SUMMARY"
-  if ls .whl/fastformer-*.whl >/dev/null 2>&1; then
+  if "$PY" bench/carried_wheel.py find >/dev/null 2>&1; then
     # Check only: the dry run keeps the installed build.
     step "carried wheel (check)" 120 "$PY" bench/carried_wheel.py check
     EXTENSION="installed build (dry run; carried wheel $(grep -q '^carried wheel (check) *ok' "$SUMMARY" && echo loads || echo 'does NOT load'))"

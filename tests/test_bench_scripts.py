@@ -19,7 +19,14 @@ def test_gpu_script_dry_run_and_report(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = (tmp_path / "summary.txt").read_text()
-    for step in ("environment", "cuda tests (collect only)", "benchmarks (cpu, quick)"):
+    # First line: where the extension came from and whether fastformer._C has its CUDA kernels.
+    first = summary.splitlines()[0]
+    assert first.startswith("extension: ") and "fastformer._C with CUDA: " in first, first
+    steps = ["environment", "cuda tests (collect only)", "benchmarks (cpu, quick)"]
+    tag = f"-cp{sys.version_info.major}{sys.version_info.minor}-"
+    if any(tag in w.name for w in (REPO / ".whl").glob("fastformer-*.whl")):  # bench/gpu_rehearsal.sh built one
+        steps.append("carried wheel (check)")
+    for step in steps:
         line = next(l for l in summary.splitlines() if l.startswith(step))
         assert " ok " in line, f"step failed: {line}\n{(tmp_path / 'gpu_log.txt').read_text()[-4000:]}"
 
