@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -126,8 +128,14 @@ def compile_one(nvcc: str, source: Path, outdir: Path, flags: List[str]) -> Comp
 
     obj = outdir / (source.relative_to(CSRC).as_posix().replace("/", "_") + ".o")
     t0 = time.time()
-    proc = subprocess.run([nvcc, *flags, "-c", str(source), "-o", str(obj)], capture_output=True, text=True,
-                          cwd=source.parent)
+    cmd = [nvcc, *flags, "-c", str(source), "-o", str(obj)]
+    env = None
+    if shutil.which("ccache") and os.environ.get("FASTFORMER_NO_CCACHE") != "1":
+        # ccache replays ptxas's -v report on a hit; base_dir makes hits work across checkouts
+        # (CI's clean clones). Failed compiles are never cached.
+        cmd = ["ccache", *cmd]
+        env = dict(os.environ, CCACHE_BASEDIR=str(REPO), CCACHE_NOHASHDIR="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=source.parent, env=env)
     return CompileResult(source, proc.returncode, proc.stdout + proc.stderr, time.time() - t0)
 
 
