@@ -16,9 +16,11 @@ With dropout, the keep-mask is regenerated from the same Philox counters as the
 forward (``_dropout_keep``): ``dV`` uses the dropped, rescaled ``P``, and ``dP``
 is dropped and rescaled before ``dS = P * (dP - delta)``.
 
-Layouts and causal alignment as in ``attention_fwd``; ``LSE``/``DELTA`` share
-one layout. Tiles past the causal diagonal are skipped; masking (causal,
-bounds) is applied only on the diagonal/tail tiles.
+Layouts, causal/window alignment, soft-cap and ALiBi as in ``attention_fwd``;
+``LSE``/``DELTA`` share one layout. Tiles outside the causal diagonal / window
+are skipped (``key_range``, ``query_range``); masking is applied only on the
+tiles crossing an edge. With a soft-cap, ``dS`` is multiplied by
+``1 - tanh²`` (the cap's derivative) before it meets K or Q.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ import triton
 import triton.language as tl
 
 from .attention_common import (
-    DENSE, LOG2E, Layout, _dropout_keep, _load_mask_tile, choose_configs, dims, dropout_scale, interpreting,
-    launch_meta, mask_args, registers_fit, shared_memory_limit,
+    DENSE, LOG2E, Layout, _dropout_keep, _load_mask_tile, _tanh, _visible, choose_configs, dims, dropout_scale,
+    interpreting, key_range, launch_meta, mask_args, query_range, registers_fit, shared_memory_limit, variant_args,
 )
 from .launch_lock import AUTOTUNE_LOCK
 
@@ -136,19 +138,21 @@ def _attn_bwd_preprocess(
 @triton.jit
 def _attn_bwd_dkdv_inner(
     dk, dv, k, v,
-    q_base0, do_base0, mask_base0, lse_base0, delta_base0,
+    q_base0, do_base0, mask_base0, lse_base0, delta_base0, slopes_base0,
     stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
-    stride_mh, stride_mm, stride_mn, stride_lh, stride_lm,
-    offs_n, n_ok, start, count, group, bh0, seqlen_q, causal_off,
-    scale_log2,
+    stride_mh, stride_mm, stride_mn, stride_lh, stride_lm, stride_sh,
+    offs_n, n_ok, start, count, group, bh0, seqlen_q, seqlen_k, diag_off, win_left, win_right,
+    scale_log2, softcap_in, softcap_out, alibi_off,
     seed, rng_offset, dropout_p, dropout_scale,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, DIAGONAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BOUNDARY: tl.constexpr,
+    LIMIT_LEFT: tl.constexpr, LIMIT_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Accumulate ``count`` query tiles from row ``start`` of each of the ``group`` query
     heads sharing this K/V into this key tile's dK, dV (transposed tiles: rows = keys,
     columns = queries), heads in order. One flat loop over (head, tile): a nested head
-    loop cost ~300-500 B of register spills on sm_90a. ``DIAGONAL`` applies the causal mask."""
+    loop cost ~300-500 B of register spills on sm_90a. ``BOUNDARY`` applies the window/causal mask."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for t in range(0, group * count):
@@ -160,6 +164,10 @@ def _attn_bwd_dkdv_inner(
         mask_base = mask_base0 + g.to(tl.int64) * stride_mh
         lse_base = lse_base0 + g.to(tl.int64) * stride_lh
         delta_base = delta_base0 + g.to(tl.int64) * stride_lh
+        if ALIBI:
+            slope_log2 = tl.load(slopes_base0 + g.to(tl.int64) * stride_sh).to(tl.float32) * 1.4426950408889634
+        else:
+            slope_log2 = 0.0
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < seqlen_q
         qT = tl.load(q_base + offs_m[None, :].to(tl.int64) * stride_qm + offs_d[:, None] * stride_qd,
@@ -167,12 +175,21 @@ def _attn_bwd_dkdv_inner(
         lse = tl.load(lse_base + offs_m.to(tl.int64) * stride_lm, mask=m_ok, other=0.0)
         # A row with every key masked has lse = -inf and only -inf scores: shift by 0 so P = 0.
         lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
-        sT = tl.dot(k, qT, input_precision=DOT_PRECISION, out_dtype=tl.float32) * scale_log2
+        qkT = tl.dot(k, qT, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        if SOFTCAP:
+            capT = _tanh(qkT * softcap_in)
+            sT = capT * softcap_out
+        else:
+            sT = qkT * scale_log2
+        if ALIBI:
+            sT -= slope_log2 * tl.abs(offs_m[None, :] + alibi_off - offs_n[:, None]).to(tl.float32)
         if HAS_MASK:
             sT += _load_mask_tile(mask_base, offs_m[None, :], offs_n[:, None], m_ok[None, :] & n_ok[:, None],
                                   stride_mm, stride_mn, MASK_BOOL)
-        if DIAGONAL:
-            sT = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_off, sT, float("-inf"))
+        if BOUNDARY:
+            visT = _visible(offs_m[None, :], offs_n[:, None], seqlen_k, diag_off, win_left, win_right,
+                            LIMIT_LEFT, LIMIT_RIGHT)
+            sT = tl.where(visT, sT, float("-inf"))
         pT = tl.math.exp2(sT - lse2[None, :])
         pT = tl.where(m_ok[None, :], pT, 0.0)  # rows past the end of the queries
         do = tl.load(do_base + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :] * stride_dod,
@@ -187,18 +204,21 @@ def _attn_bwd_dkdv_inner(
         dv += tl.dot(pdT.to(do.dtype), do, input_precision=DOT_PRECISION, out_dtype=tl.float32)
         delta = tl.load(delta_base + offs_m.to(tl.int64) * stride_lm, mask=m_ok, other=0.0)
         dsT = pT * (dpT - delta[None, :])
+        if SOFTCAP:  # d(softcap * tanh(x / softcap)) / dx = 1 - tanh^2
+            dsT = dsT * (1.0 - capT * capT)
         dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=DOT_PRECISION, out_dtype=tl.float32)
     return dk, dv
 
 
 @triton.autotune(
     configs=bwd_configs(block_m_small=True),
-    key=["TUNE_LQ", "TUNE_LK", "BLOCK_D", "BLOCK_DV", "CAUSAL", "HAS_MASK", "DROPOUT", "VARLEN"],
+    key=["TUNE_LQ", "TUNE_LK", "BLOCK_D", "BLOCK_DV", "LIMIT_LEFT", "LIMIT_RIGHT", "SOFTCAP", "ALIBI", "HAS_MASK",
+         "DROPOUT", "VARLEN"],
     prune_configs_by={"early_config_prune": prune_dkdv},
 )
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, MASK, DO, LSE, DELTA, DK, DV, RNG, CU_Q, CU_K,
+    Q, K, V, MASK, DO, LSE, DELTA, DK, DV, RNG, CU_Q, CU_K, SLOPES,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -207,10 +227,13 @@ def _attn_bwd_dkdv(
     stride_lb, stride_lh, stride_lm,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_sb, stride_sh,
     HKV, GROUP, SEQLEN_Q, SEQLEN_K, MAX_SEQLEN_K,
-    scale, scale_log2, dropout_p, dropout_scale, causal_bottom_right, TUNE_LQ, TUNE_LK,
+    scale, scale_log2, softcap_in, softcap_out, dropout_p, dropout_scale, causal_bottom_right, win_left, win_right,
+    TUNE_LQ, TUNE_LK,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
+    LIMIT_LEFT: tl.constexpr, LIMIT_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -252,16 +275,12 @@ def _attn_bwd_dkdv(
     else:
         seed = 0
         rng_offset = 0
+    diag_off = (seqlen_k - seqlen_q) * causal_bottom_right
+    alibi_off = seqlen_k - seqlen_q
 
-    # Query rows that see any key of this tile: i >= n0 - off; every key of it: i >= n0 + BLOCK_N - 1 - off.
-    if CAUSAL:
-        causal_off = (seqlen_k - seqlen_q) * causal_bottom_right
-        lo = (tl.maximum(n0 - causal_off, 0) // BLOCK_M) * BLOCK_M
-        mid = tl.minimum(tl.maximum(n0 + BLOCK_N - 1 - causal_off, 0), seqlen_q)
-        mid = tl.maximum(tl.cdiv(mid, BLOCK_M) * BLOCK_M, lo)
-    else:
-        causal_off = seqlen_k
-        mid = 0
+    # Query rows [lo, hi) see some key of this tile, [full_lo, full_hi) see all of them.
+    lo, full_lo, full_hi, hi = query_range(n0, seqlen_q, diag_off, win_left, win_right,
+                                           LIMIT_LEFT, LIMIT_RIGHT, BLOCK_M, BLOCK_N)
 
     # Query heads h = hkv * GROUP + g share this K/V: their contributions are summed here, in order.
     h0 = hkv * GROUP
@@ -270,24 +289,38 @@ def _attn_bwd_dkdv(
     lse_base0 = LSE + b.to(tl.int64) * stride_lb + h0.to(tl.int64) * stride_lh + q_start * stride_lm
     delta_base0 = DELTA + b.to(tl.int64) * stride_lb + h0.to(tl.int64) * stride_lh + q_start * stride_lm
     mask_base0 = MASK + b.to(tl.int64) * stride_mb + h0.to(tl.int64) * stride_mh
+    slopes_base0 = SLOPES + b.to(tl.int64) * stride_sb + h0.to(tl.int64) * stride_sh
     bh0 = b * (HKV * GROUP) + h0
-    if CAUSAL:  # the tiles crossing the diagonal
+    if LIMIT_RIGHT:  # the tiles crossing the diagonal / right edge
         dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, q_base0, do_base0, mask_base0, lse_base0, delta_base0,
+            dk, dv, k, v, q_base0, do_base0, mask_base0, lse_base0, delta_base0, slopes_base0,
             stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
-            stride_mh, stride_mm, stride_mn, stride_lh, stride_lm,
-            offs_n, n_ok, lo, (mid - lo) // BLOCK_M, GROUP, bh0, seqlen_q, causal_off, scale_log2,
-            seed, rng_offset, dropout_p, dropout_scale,
-            HEAD_DIM, HEAD_DIM_V, True, HAS_MASK, MASK_BOOL, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_DV,
+            stride_mh, stride_mm, stride_mn, stride_lh, stride_lm, stride_sh,
+            offs_n, n_ok, lo, tl.cdiv(full_lo - lo, BLOCK_M), GROUP, bh0, seqlen_q, seqlen_k, diag_off, win_left, win_right,
+            scale_log2, softcap_in, softcap_out, alibi_off, seed, rng_offset, dropout_p, dropout_scale,
+            HEAD_DIM, HEAD_DIM_V, True, LIMIT_LEFT, LIMIT_RIGHT, SOFTCAP, ALIBI, HAS_MASK, MASK_BOOL, DROPOUT,
+            DOT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_DV,
         )
     dk, dv = _attn_bwd_dkdv_inner(
-        dk, dv, k, v, q_base0, do_base0, mask_base0, lse_base0, delta_base0,
+        dk, dv, k, v, q_base0, do_base0, mask_base0, lse_base0, delta_base0, slopes_base0,
         stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
-        stride_mh, stride_mm, stride_mn, stride_lh, stride_lm,
-        offs_n, n_ok, mid, tl.cdiv(seqlen_q - mid, BLOCK_M), GROUP, bh0, seqlen_q, causal_off, scale_log2,
-        seed, rng_offset, dropout_p, dropout_scale,
-        HEAD_DIM, HEAD_DIM_V, False, HAS_MASK, MASK_BOOL, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_DV,
+        stride_mh, stride_mm, stride_mn, stride_lh, stride_lm, stride_sh,
+        offs_n, n_ok, full_lo, tl.cdiv(full_hi - full_lo, BLOCK_M), GROUP, bh0, seqlen_q, seqlen_k, diag_off,
+        win_left, win_right, scale_log2, softcap_in, softcap_out, alibi_off, seed, rng_offset, dropout_p, dropout_scale,
+        HEAD_DIM, HEAD_DIM_V, False, LIMIT_LEFT, LIMIT_RIGHT, SOFTCAP, ALIBI, HAS_MASK, MASK_BOOL, DROPOUT,
+        DOT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_DV,
     )
+    if LIMIT_LEFT:  # the tiles crossing the window's left edge
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, q_base0, do_base0, mask_base0, lse_base0, delta_base0, slopes_base0,
+            stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
+            stride_mh, stride_mm, stride_mn, stride_lh, stride_lm, stride_sh,
+            offs_n, n_ok, full_hi, tl.cdiv(hi - full_hi, BLOCK_M), GROUP, bh0, seqlen_q, seqlen_k, diag_off,
+            win_left, win_right, scale_log2, softcap_in, softcap_out, alibi_off, seed, rng_offset, dropout_p,
+            dropout_scale,
+            HEAD_DIM, HEAD_DIM_V, True, LIMIT_LEFT, LIMIT_RIGHT, SOFTCAP, ALIBI, HAS_MASK, MASK_BOOL, DROPOUT,
+            DOT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_DV,
+        )
 
     dk *= scale
     tl.store(DK + b.to(tl.int64) * stride_dkb + hkv.to(tl.int64) * stride_dkh + k_rows * stride_dkn
@@ -303,10 +336,12 @@ def _attn_bwd_dq_inner(
     dq, q, do, lse2, delta,
     k_base, v_base, mask_base,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-    offs_m, row_ok, start, end, seqlen_k, causal_off,
-    scale_log2,
+    offs_m, row_ok, start, end, seqlen_k, diag_off, win_left, win_right,
+    scale_log2, softcap_in, softcap_out, slope_log2, alibi_off,
     seed, rng_offset, bh, dropout_p, dropout_scale,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, DIAGONAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BOUNDARY: tl.constexpr,
+    LIMIT_LEFT: tl.constexpr, LIMIT_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Accumulate key tiles ``[start, end)`` into this query tile's dQ."""
@@ -319,12 +354,20 @@ def _attn_bwd_dq_inner(
                      mask=n_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)  # (BLOCK_D, BLOCK_N)
         vT = tl.load(v_base + offs_n[None, :].to(tl.int64) * stride_vn + offs_dv[:, None] * stride_vd,
                      mask=n_ok[None, :] & (offs_dv[:, None] < HEAD_DIM_V), other=0.0)  # (BLOCK_DV, BLOCK_N)
-        s = tl.dot(q, kT, input_precision=DOT_PRECISION, out_dtype=tl.float32) * scale_log2
+        qk = tl.dot(q, kT, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        if SOFTCAP:
+            cap = _tanh(qk * softcap_in)
+            s = cap * softcap_out
+        else:
+            s = qk * scale_log2
+        if ALIBI:
+            s -= slope_log2 * tl.abs(offs_m[:, None] + alibi_off - offs_n[None, :]).to(tl.float32)
         if HAS_MASK:
             s += _load_mask_tile(mask_base, offs_m[:, None], offs_n[None, :], row_ok[:, None] & n_ok[None, :],
                                  stride_mm, stride_mn, MASK_BOOL)
-        if DIAGONAL:
-            visible = n_ok[None, :] & (offs_n[None, :] <= offs_m[:, None] + causal_off)
+        if BOUNDARY:
+            visible = _visible(offs_m[:, None], offs_n[None, :], seqlen_k, diag_off, win_left, win_right,
+                               LIMIT_LEFT, LIMIT_RIGHT)
             s = tl.where(visible, s, float("-inf"))
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION, out_dtype=tl.float32)
@@ -332,18 +375,21 @@ def _attn_bwd_dq_inner(
             keep = _dropout_keep(seed, rng_offset, bh, offs_m[:, None], offs_n[None, :], dropout_p)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - cap * cap)
         dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=DOT_PRECISION, out_dtype=tl.float32)
     return dq
 
 
 @triton.autotune(
     configs=bwd_configs(block_m_small=False),
-    key=["TUNE_LQ", "TUNE_LK", "BLOCK_D", "BLOCK_DV", "CAUSAL", "HAS_MASK", "DROPOUT", "VARLEN"],
+    key=["TUNE_LQ", "TUNE_LK", "BLOCK_D", "BLOCK_DV", "LIMIT_LEFT", "LIMIT_RIGHT", "SOFTCAP", "ALIBI", "HAS_MASK",
+         "DROPOUT", "VARLEN"],
     prune_configs_by={"early_config_prune": prune_dq},
 )
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, MASK, DO, LSE, DELTA, DQ, RNG, CU_Q, CU_K,
+    Q, K, V, MASK, DO, LSE, DELTA, DQ, RNG, CU_Q, CU_K, SLOPES,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -351,10 +397,13 @@ def _attn_bwd_dq(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_lb, stride_lh, stride_lm,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_sb, stride_sh,
     H, GROUP, SEQLEN_Q, SEQLEN_K, MAX_SEQLEN_Q,
-    scale, scale_log2, dropout_p, dropout_scale, causal_bottom_right, TUNE_LQ, TUNE_LK,
+    scale, scale_log2, softcap_in, softcap_out, dropout_p, dropout_scale, causal_bottom_right, win_left, win_right,
+    TUNE_LQ, TUNE_LK,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
+    LIMIT_LEFT: tl.constexpr, LIMIT_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -362,7 +411,7 @@ def _attn_bwd_dq(
     num_m = tl.cdiv(MAX_SEQLEN_Q, BLOCK_M)
     bh = pid // num_m
     pid_m = pid % num_m
-    if CAUSAL:  # the last query blocks see the most keys: launch them first (less tail idling)
+    if LIMIT_RIGHT and not LIMIT_LEFT:  # causal: the last query blocks see the most keys: launch them first
         pid_m = num_m - 1 - pid_m
     b = bh // H
     h = bh % H
@@ -404,29 +453,40 @@ def _attn_bwd_dq(
     else:
         seed = 0
         rng_offset = 0
+    if ALIBI:
+        slope_log2 = tl.load(SLOPES + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh).to(tl.float32) * 1.4426950408889634
+    else:
+        slope_log2 = 0.0
+    alibi_off = seqlen_k - seqlen_q
+    diag_off = (seqlen_k - seqlen_q) * causal_bottom_right
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if CAUSAL:
-        causal_off = (seqlen_k - seqlen_q) * causal_bottom_right
-        hi = tl.minimum(tl.maximum(m0 + BLOCK_M + causal_off, 0), seqlen_k)
-        full = (tl.minimum(tl.maximum(m0 + causal_off + 1, 0), seqlen_k) // BLOCK_N) * BLOCK_N
-    else:
-        causal_off = seqlen_k
-        hi = seqlen_k
-        full = (seqlen_k // BLOCK_N) * BLOCK_N
+    lo, full_lo, full_hi, hi = key_range(m0, seqlen_k, diag_off, win_left, win_right,
+                                         LIMIT_LEFT, LIMIT_RIGHT, BLOCK_M, BLOCK_N)
+    if LIMIT_LEFT:
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse2, delta, k_base, v_base, mask_base,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+            offs_m, row_ok, lo, full_lo, seqlen_k, diag_off, win_left, win_right,
+            scale_log2, softcap_in, softcap_out, slope_log2, alibi_off, seed, rng_offset, bh, dropout_p, dropout_scale,
+            HEAD_DIM, HEAD_DIM_V, True, LIMIT_LEFT, LIMIT_RIGHT, SOFTCAP, ALIBI, HAS_MASK, MASK_BOOL, DROPOUT,
+            DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
+        )
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse2, delta, k_base, v_base, mask_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-        offs_m, row_ok, 0, full, seqlen_k, causal_off, scale_log2,
-        seed, rng_offset, bh, dropout_p, dropout_scale,
-        HEAD_DIM, HEAD_DIM_V, False, HAS_MASK, MASK_BOOL, DROPOUT, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
+        offs_m, row_ok, full_lo, full_hi, seqlen_k, diag_off, win_left, win_right,
+        scale_log2, softcap_in, softcap_out, slope_log2, alibi_off, seed, rng_offset, bh, dropout_p, dropout_scale,
+        HEAD_DIM, HEAD_DIM_V, False, LIMIT_LEFT, LIMIT_RIGHT, SOFTCAP, ALIBI, HAS_MASK, MASK_BOOL, DROPOUT,
+        DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
     )
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse2, delta, k_base, v_base, mask_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-        offs_m, row_ok, full, hi, seqlen_k, causal_off, scale_log2,
-        seed, rng_offset, bh, dropout_p, dropout_scale,
-        HEAD_DIM, HEAD_DIM_V, True, HAS_MASK, MASK_BOOL, DROPOUT, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
+        offs_m, row_ok, full_hi, hi, seqlen_k, diag_off, win_left, win_right,
+        scale_log2, softcap_in, softcap_out, slope_log2, alibi_off, seed, rng_offset, bh, dropout_p, dropout_scale,
+        HEAD_DIM, HEAD_DIM_V, True, LIMIT_LEFT, LIMIT_RIGHT, SOFTCAP, ALIBI, HAS_MASK, MASK_BOOL, DROPOUT,
+        DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
     )
     dq *= scale
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + rows * stride_dqm
@@ -439,13 +499,14 @@ PREPROCESS_BLOCK_M = 64
 
 def attention_bwd(dout, q, k, v, out, lse, mask, rng_state, dq, dk, dv, delta, *, scale: float, dropout_p: float,
                   is_causal: bool, causal_bottom_right: bool, layout: Layout = DENSE, cu_q=None, cu_k=None,
-                  max_q: int = 0, max_k: int = 0) -> None:
+                  max_q: int = 0, max_k: int = 0, variant=None) -> None:
     """Launch the three backward kernels, writing ``dq``, ``dk``, ``dv`` (shaped like q, k, v)
     and the float32 scratch ``delta`` (shaped like ``lse``); every buffer is the caller's.
     Layouts and arguments as :func:`fastformer.kernels.attention_fwd.attention_fwd`."""
     d = dims(q, k, v, layout, cu_q, max_q, max_k)
     mask_ptr, mask_strides, has_mask, mask_bool = mask_args(mask, q)
-    meta, tune_lq, tune_lk = launch_meta(q, d, is_causal, dropout_p, layout, has_mask, mask_bool)
+    cap, window, slope_args, flags = variant_args(variant, is_causal, scale, q)
+    meta, tune_lq, tune_lk = launch_meta(q, d, flags, dropout_p, layout, has_mask, mask_bool)
     rng = rng_state if rng_state is not None else q
     cq = cu_q if cu_q is not None else q
     ck = cu_k if cu_k is not None else q
@@ -457,22 +518,22 @@ def attention_bwd(dout, q, k, v, out, lse, mask, rng_state, dq, dk, dv, delta, *
             HEAD_DIM_V=d.head_dim_v, VARLEN=layout.varlen, BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_DV=meta["BLOCK_DV"],
         )
         common = (d.len_q, d.len_k)
-        scalars = (scale, scale * LOG2E, float(dropout_p), dropout_scale(dropout_p),
-                   int(causal_bottom_right), tune_lq, tune_lk)
+        scalars = (scale, scale * LOG2E, *cap, float(dropout_p), dropout_scale(dropout_p),
+                   int(causal_bottom_right), *window, tune_lq, tune_lk)
         grid_kv = lambda META: (triton.cdiv(d.len_k, META["BLOCK_N"]) * d.batch * d.heads_kv,)  # noqa: E731
         _attn_bwd_dkdv[grid_kv](
-            q, k, v, mask_ptr, dout, lse, delta, dk, dv, rng, cq, ck,
+            q, k, v, mask_ptr, dout, lse, delta, dk, dv, rng, cq, ck, slope_args[0],
             *layout.qkv(q), *layout.qkv(k), *layout.qkv(v), *mask_strides, *layout.qkv(dout), *layout.rows(lse),
-            *layout.qkv(dk), *layout.qkv(dv),
+            *layout.qkv(dk), *layout.qkv(dv), *slope_args[1:],
             d.heads_kv, d.heads // d.heads_kv, *common, d.len_k,
             *scalars,
             **meta,
         )
         grid_q = lambda META: (triton.cdiv(d.len_q, META["BLOCK_M"]) * d.batch * d.heads,)  # noqa: E731
         _attn_bwd_dq[grid_q](
-            q, k, v, mask_ptr, dout, lse, delta, dq, rng, cq, ck,
+            q, k, v, mask_ptr, dout, lse, delta, dq, rng, cq, ck, slope_args[0],
             *layout.qkv(q), *layout.qkv(k), *layout.qkv(v), *mask_strides, *layout.qkv(dout), *layout.rows(lse),
-            *layout.qkv(dq),
+            *layout.qkv(dq), *slope_args[1:],
             d.heads, d.heads // d.heads_kv, *common, d.len_q,
             *scalars,
             **meta,

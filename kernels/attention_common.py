@@ -8,6 +8,14 @@
   2^31 overflow of a flattened index.
 * :func:`_load_mask_tile` — one tile of a bool/float ``attn_mask`` read through
   its (possibly stride-0) strides, turned into an additive log2-domain bias.
+* :func:`_scores`, :func:`_visible` — the attention variants shared by every
+  kernel (FlashAttention's semantics): the logit soft-cap
+  ``softcap * tanh(score / softcap)``, the ALiBi bias ``-slope * |i + S - L - j|``
+  (bottom-right aligned distance), and the visibility of key ``j`` to query ``i``
+  under a causal mask / local window ``i + off - left <= j <= i + off + right``
+  (``off`` = 0 top-left, ``S - L`` bottom-right; causal is ``right = 0``).
+  :func:`key_range` / :func:`query_range` give the tiles a block visits, so a
+  window of width W costs O(L * W), not O(L * S).
 * Autotune plumbing: :func:`interpreting`, :func:`seq_bucket`, :func:`choose_configs`.
 * Launch plumbing shared by ``attention_fwd.attention_fwd`` and
   ``attention_bwd.attention_bwd``: :class:`Layout` (dense or packed strides),
@@ -23,6 +31,8 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 import triton.language as tl
+
+from .ffn import _tanh
 
 LOG2E = 1.4426950408889634  # scores are kept in the log2 domain so the kernels use exp2
 LN2 = 0.6931471805599453
@@ -104,6 +114,82 @@ def _dropout_keep(seed, rng_offset, bh, rows, cols, dropout_p):
     c1 = rows + cols * 0
     r, _, _, _ = tl.philox(seed, c0, c1, c0 * 0 + bh, c0 * 0 + rng_offset, n_rounds=7)
     return tl.uint_to_uniform_float(r) >= dropout_p
+
+
+@triton.jit
+def _scores(qk, rows, cols, scale_log2, softcap_in, softcap_out, slope_log2, alibi_off,
+            SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+    """Log2-domain scores of a ``q·kᵀ`` tile (fp32): scaled, soft-capped
+    (``softcap_out * tanh(qk * softcap_in)`` with ``softcap_in = scale / softcap``,
+    ``softcap_out = softcap * log2 e``), then the ALiBi bias
+    ``-slope_log2 * |rows + alibi_off - cols|``. ``rows``/``cols`` are broadcastable
+    int32 index tiles."""
+    if SOFTCAP:
+        s = _tanh(qk * softcap_in) * softcap_out
+    else:
+        s = qk * scale_log2
+    if ALIBI:
+        s -= slope_log2 * tl.abs(rows + alibi_off - cols).to(tl.float32)
+    return s
+
+
+@triton.jit
+def _visible(rows, cols, seqlen_k, diag_off, win_left, win_right,
+             LIMIT_LEFT: tl.constexpr, LIMIT_RIGHT: tl.constexpr):
+    """Key ``cols`` exists and lies in query ``rows``' window
+    ``[rows + diag_off - win_left, rows + diag_off + win_right]`` (each side only
+    when limited; causal is ``win_right = 0``)."""
+    vis = (cols < seqlen_k) & (rows == rows)  # broadcast to the tile
+    if LIMIT_RIGHT:
+        vis = vis & (cols <= rows + diag_off + win_right)
+    if LIMIT_LEFT:
+        vis = vis & (cols >= rows + diag_off - win_left)
+    return vis
+
+
+@triton.jit
+def key_range(m0, seqlen_k, diag_off, win_left, win_right,
+              LIMIT_LEFT: tl.constexpr, LIMIT_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key tiles for query rows ``[m0, m0 + BLOCK_M)``: ``lo <= full_lo <= full_hi <= hi``
+    where ``[lo, hi)`` holds every key some row sees (``lo`` a multiple of BLOCK_N) and
+    ``[full_lo, full_hi)`` whole tiles every row sees (no masking needed there)."""
+    if LIMIT_RIGHT:
+        hi = tl.minimum(tl.maximum(m0 + BLOCK_M + diag_off + win_right, 0), seqlen_k)
+        full_hi = (tl.minimum(tl.maximum(m0 + diag_off + win_right + 1, 0), seqlen_k) // BLOCK_N) * BLOCK_N
+    else:
+        hi = seqlen_k
+        full_hi = (seqlen_k // BLOCK_N) * BLOCK_N
+    if LIMIT_LEFT:
+        lo = tl.minimum((tl.maximum(m0 + diag_off - win_left, 0) // BLOCK_N) * BLOCK_N, hi)
+        full_lo = tl.minimum(tl.cdiv(tl.maximum(m0 + BLOCK_M - 1 + diag_off - win_left, 0), BLOCK_N) * BLOCK_N, hi)
+    else:
+        lo = hi * 0
+        full_lo = hi * 0
+    full_hi = tl.maximum(full_hi, full_lo)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def query_range(n0, seqlen_q, diag_off, win_left, win_right,
+                LIMIT_LEFT: tl.constexpr, LIMIT_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query rows for key tile ``[n0, n0 + BLOCK_N)``: ``lo <= full_lo <= full_hi <= hi``,
+    ``[lo, hi)`` every row that sees some key of it (``lo`` a multiple of BLOCK_M),
+    ``[full_lo, full_hi)`` rows that see all of them (``full_hi`` a multiple of BLOCK_M
+    unless it is ``hi``)."""
+    if LIMIT_LEFT:
+        hi = tl.minimum(tl.maximum(n0 + BLOCK_N - diag_off + win_left, 0), seqlen_q)
+        full_hi = (tl.minimum(tl.maximum(n0 - diag_off + win_left + 1, 0), seqlen_q) // BLOCK_M) * BLOCK_M
+    else:
+        hi = seqlen_q
+        full_hi = seqlen_q
+    if LIMIT_RIGHT:
+        lo = tl.minimum((tl.maximum(n0 - diag_off - win_right, 0) // BLOCK_M) * BLOCK_M, hi)
+        full_lo = tl.minimum(tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - diag_off - win_right, 0), BLOCK_M) * BLOCK_M, hi)
+    else:
+        lo = hi * 0
+        full_lo = hi * 0
+    full_hi = tl.maximum(full_hi, full_lo)
+    return lo, full_lo, full_hi, hi
 
 
 @triton.jit
@@ -224,10 +310,27 @@ def mask_args(mask: Optional[torch.Tensor], dummy: torch.Tensor):
     return mask, mask.stride(), True, False
 
 
-def launch_meta(q, d: Dims, is_causal: bool, dropout_p: float, layout: Layout, has_mask: bool, mask_bool: bool):
-    """Compile-time constants shared by the forward and backward kernels, and the autotune keys."""
+def variant_args(variant, is_causal: bool, scale: float, dummy):
+    """Kernel arguments of the attention variants: ``(softcap_in, softcap_out)``,
+    ``(win_left, win_right)``, ``(slopes pointer, stride_b, stride_h)`` and the
+    constexpr flags. ``variant``: None, or anything with ``window_left``,
+    ``window_right`` (-1 = unlimited), ``alibi_slopes`` (None or fp32 ``(B, Hq)``) and
+    ``softcap`` (0 = off); ``is_causal`` forces ``window_right = 0``."""
+    left = int(getattr(variant, "window_left", -1))
+    right = 0 if is_causal else int(getattr(variant, "window_right", -1))
+    slopes = getattr(variant, "alibi_slopes", None)
+    softcap = float(getattr(variant, "softcap", 0.0))
+    flags = dict(LIMIT_LEFT=left >= 0, LIMIT_RIGHT=right >= 0, SOFTCAP=softcap > 0.0, ALIBI=slopes is not None)
+    cap = (scale / softcap if softcap > 0.0 else 0.0, softcap * LOG2E)
+    slope_args = (dummy, 0, 0) if slopes is None else (slopes, slopes.stride(0), slopes.stride(1))
+    return cap, (max(left, 0), max(right, 0)), slope_args, flags
+
+
+def launch_meta(q, d: Dims, flags: dict, dropout_p: float, layout: Layout, has_mask: bool, mask_bool: bool):
+    """Compile-time constants shared by the forward and backward kernels, and the autotune keys
+    (``flags``: the variant flags of :func:`variant_args`)."""
     return dict(
-        CAUSAL=bool(is_causal),
+        **flags,
         HAS_MASK=has_mask,
         MASK_BOOL=mask_bool,
         DROPOUT=dropout_p > 0.0,

@@ -14,11 +14,14 @@ Layouts. Every tensor is read through explicit strides:
 strides 0 and ``CU_Q``/``CU_K`` cumulative sequence lengths; a sequence's rows
 start at ``CU_Q[b]``.
 
-Causal masking: key ``j`` is visible to query ``i`` when ``j <= i + off`` with
-``off = 0`` (top-left, torch) or ``off = S_b - L_b`` (bottom-right). The key
-loop runs in two stages: tiles every row of the block fully sees (no causal
-or bounds masking), then the diagonal/tail tiles with masking; tiles past the
-diagonal are never visited.
+Causal mask and local window: key ``j`` is visible to query ``i`` when
+``i + off - win_left <= j <= i + off + win_right`` (each side only when
+``LIMIT_LEFT`` / ``LIMIT_RIGHT``; causal is ``win_right = 0``) with ``off = 0``
+(top-left, torch) or ``off = S_b - L_b`` (bottom-right). The key loop runs in
+three stages (``key_range``): tiles crossing the left edge (masked), tiles every
+row of the block fully sees (no masking), then the diagonal/right-edge/tail
+tiles (masked); tiles outside the window are never visited. Soft-cap and ALiBi
+(``attention_common._scores``) apply to every tile, before the attn_mask.
 
 Head dims are padded to ``BLOCK_D``/``BLOCK_DV`` (next power of two) with
 masked loads. Rows whose every key is masked output 0 with ``lse = -inf``.
@@ -30,8 +33,8 @@ import triton
 import triton.language as tl
 
 from .attention_common import (
-    DENSE, LOG2E, Layout, _dropout_keep, _load_mask_tile, choose_configs, dims, dropout_scale, interpreting,
-    launch_meta, mask_args, registers_fit, shared_memory_limit,
+    DENSE, LOG2E, Layout, _dropout_keep, _load_mask_tile, _scores, _visible, choose_configs, dims, dropout_scale,
+    interpreting, key_range, launch_meta, mask_args, registers_fit, shared_memory_limit, variant_args,
 )
 from .launch_lock import AUTOTUNE_LOCK
 
@@ -84,14 +87,16 @@ def _attn_fwd_inner(
     acc, l_i, m_i, q,
     k_base, v_base, mask_base,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-    offs_m, row_ok, start, end, seqlen_k, causal_off,
-    scale_log2,
+    offs_m, row_ok, start, end, seqlen_k, diag_off, win_left, win_right,
+    scale_log2, softcap_in, softcap_out, slope_log2, alibi_off,
     seed, rng_offset, bh, dropout_p, dropout_scale,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, DIAGONAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BOUNDARY: tl.constexpr,
+    LIMIT_LEFT: tl.constexpr, LIMIT_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """Accumulate key tiles ``[start, end)``. ``DIAGONAL``: apply the causal and
-    key-bounds masks (the tiles crossing the diagonal or the end of the keys)."""
+    """Accumulate key tiles ``[start, end)``. ``BOUNDARY``: apply the window/causal and
+    key-bounds masks (tiles crossing a window edge or the end of the keys)."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(start, end, BLOCK_N):
@@ -99,12 +104,15 @@ def _attn_fwd_inner(
         n_ok = offs_n < seqlen_k
         k = tl.load(k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None] * stride_kd,
                     mask=n_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)  # (BLOCK_D, BLOCK_N)
-        s = tl.dot(q, k, input_precision=DOT_PRECISION, out_dtype=tl.float32) * scale_log2
+        qk = tl.dot(q, k, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        s = _scores(qk, offs_m[:, None], offs_n[None, :], scale_log2, softcap_in, softcap_out, slope_log2, alibi_off,
+                    SOFTCAP, ALIBI)
         if HAS_MASK:
             s += _load_mask_tile(mask_base, offs_m[:, None], offs_n[None, :], row_ok[:, None] & n_ok[None, :],
                                  stride_mm, stride_mn, MASK_BOOL)
-        if DIAGONAL:
-            visible = n_ok[None, :] & (offs_n[None, :] <= offs_m[:, None] + causal_off)
+        if BOUNDARY:
+            visible = _visible(offs_m[:, None], offs_n[None, :], seqlen_k, diag_off, win_left, win_right,
+                               LIMIT_LEFT, LIMIT_RIGHT)
             s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen no visible key keeps m = -inf: shift by 0, not -inf (no inf - inf).
@@ -125,22 +133,26 @@ def _attn_fwd_inner(
 
 @triton.autotune(
     configs=fwd_configs(),
-    key=["TUNE_LQ", "TUNE_LK", "BLOCK_D", "BLOCK_DV", "CAUSAL", "HAS_MASK", "DROPOUT", "VARLEN"],
+    key=["TUNE_LQ", "TUNE_LK", "BLOCK_D", "BLOCK_DV", "LIMIT_LEFT", "LIMIT_RIGHT", "SOFTCAP", "ALIBI", "HAS_MASK",
+         "DROPOUT", "VARLEN"],
     prune_configs_by={"early_config_prune": prune_fwd},
 )
 @triton.jit
 def _attn_fwd(
-    Q, K, V, MASK, O, LSE, RNG, CU_Q, CU_K,
+    Q, K, V, MASK, O, LSE, RNG, CU_Q, CU_K, SLOPES,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_lb, stride_lh, stride_lm,
+    stride_sb, stride_sh,
     H, GROUP, SEQLEN_Q, SEQLEN_K, MAX_SEQLEN_Q,
-    scale_log2, dropout_p, dropout_scale, causal_bottom_right, TUNE_LQ, TUNE_LK,
+    scale_log2, softcap_in, softcap_out, dropout_p, dropout_scale, causal_bottom_right, win_left, win_right,
+    TUNE_LQ, TUNE_LK,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
+    LIMIT_LEFT: tl.constexpr, LIMIT_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -150,7 +162,7 @@ def _attn_fwd(
     num_m = tl.cdiv(MAX_SEQLEN_Q, BLOCK_M)
     bh = pid // num_m
     pid_m = pid % num_m
-    if CAUSAL:  # the last query blocks see the most keys: launch them first (less tail idling)
+    if LIMIT_RIGHT and not LIMIT_LEFT:  # causal: the last query blocks see the most keys: launch them first
         pid_m = num_m - 1 - pid_m
     b = bh // H
     h = bh % H
@@ -186,33 +198,46 @@ def _attn_fwd(
     else:
         seed = 0
         rng_offset = 0
+    if ALIBI:
+        slope_log2 = tl.load(SLOPES + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh).to(tl.float32) * 1.4426950408889634
+    else:
+        slope_log2 = 0.0
+    alibi_off = seqlen_k - seqlen_q  # ALiBi distances are bottom-right aligned, whatever the causal alignment
+    diag_off = (seqlen_k - seqlen_q) * causal_bottom_right
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
-    # Stage 1: [0, full) holds whole tiles every row of the block sees; stage 2: [full, hi).
-    if CAUSAL:
-        causal_off = (seqlen_k - seqlen_q) * causal_bottom_right
-        hi = tl.minimum(tl.maximum(m0 + BLOCK_M + causal_off, 0), seqlen_k)
-        full = (tl.minimum(tl.maximum(m0 + causal_off + 1, 0), seqlen_k) // BLOCK_N) * BLOCK_N
-    else:
-        causal_off = seqlen_k  # every key visible
-        hi = seqlen_k
-        full = (seqlen_k // BLOCK_N) * BLOCK_N
+    # [lo, full_lo): tiles crossing the window's left edge; [full_lo, full_hi): whole tiles every
+    # row sees (no masking); [full_hi, hi): the diagonal/right edge and the end of the keys.
+    # Tiles outside [lo, hi) are never visited: a window of width W costs O(W) per row.
+    lo, full_lo, full_hi, hi = key_range(m0, seqlen_k, diag_off, win_left, win_right,
+                                         LIMIT_LEFT, LIMIT_RIGHT, BLOCK_M, BLOCK_N)
+    if LIMIT_LEFT:
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, mask_base,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+            offs_m, row_ok, lo, full_lo, seqlen_k, diag_off, win_left, win_right,
+            scale_log2, softcap_in, softcap_out, slope_log2, alibi_off, seed, rng_offset, bh, dropout_p, dropout_scale,
+            HEAD_DIM, HEAD_DIM_V, True, LIMIT_LEFT, LIMIT_RIGHT, SOFTCAP, ALIBI, HAS_MASK, MASK_BOOL, DROPOUT,
+            DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
+        )
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, mask_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-        offs_m, row_ok, 0, full, seqlen_k, causal_off,
-        scale_log2, seed, rng_offset, bh, dropout_p, dropout_scale,
-        HEAD_DIM, HEAD_DIM_V, False, HAS_MASK, MASK_BOOL, DROPOUT, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
+        offs_m, row_ok, full_lo, full_hi, seqlen_k, diag_off, win_left, win_right,
+        scale_log2, softcap_in, softcap_out, slope_log2, alibi_off, seed, rng_offset, bh, dropout_p, dropout_scale,
+        HEAD_DIM, HEAD_DIM_V, False, LIMIT_LEFT, LIMIT_RIGHT, SOFTCAP, ALIBI, HAS_MASK, MASK_BOOL, DROPOUT,
+        DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
     )
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, mask_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-        offs_m, row_ok, full, hi, seqlen_k, causal_off,
-        scale_log2, seed, rng_offset, bh, dropout_p, dropout_scale,
-        HEAD_DIM, HEAD_DIM_V, True, HAS_MASK, MASK_BOOL, DROPOUT, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
+        offs_m, row_ok, full_hi, hi, seqlen_k, diag_off, win_left, win_right,
+        scale_log2, softcap_in, softcap_out, slope_log2, alibi_off, seed, rng_offset, bh, dropout_p, dropout_scale,
+        HEAD_DIM, HEAD_DIM_V, True, LIMIT_LEFT, LIMIT_RIGHT, SOFTCAP, ALIBI, HAS_MASK, MASK_BOOL, DROPOUT,
+        DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
     )
 
     has_keys = l_i > 0.0
@@ -228,7 +253,7 @@ def _attn_fwd(
 
 def attention_fwd(q, k, v, mask, out, lse, rng_state, *, scale: float, dropout_p: float, is_causal: bool,
                   causal_bottom_right: bool, layout: Layout = DENSE, cu_q=None, cu_k=None, max_q: int = 0,
-                  max_k: int = 0) -> None:
+                  max_k: int = 0, variant=None) -> None:
     """Launch ``_attn_fwd``, writing ``out`` and ``lse`` (allocated by the caller).
 
     Dense: ``q (B, Hq, L, E)``, ``k (B, Hkv, S, E)``, ``v (B, Hkv, S, Ev)``, ``mask`` None or
@@ -236,18 +261,22 @@ def attention_fwd(q, k, v, mask, out, lse, rng_state, *, scale: float, dropout_p
     ``lse (B, Hq, L)`` float32. Packed (``layout=PACKED``): ``q (Tq, Hq, E)`` ..., ``out (Tq, Hq, Ev)``,
     ``lse (Hq, Tq)``, int32 ``cu_q``/``cu_k`` boundaries and the longest lengths. ``rng_state``:
     None, or int64 ``[seed, offset]`` when ``dropout_p > 0``. The caller handles empty problems.
+    ``variant``: window / ALiBi / soft-cap (see :func:`attention_common.variant_args`), or None.
     """
     d = dims(q, k, v, layout, cu_q, max_q, max_k)
     mask_ptr, mask_strides, has_mask, mask_bool = mask_args(mask, q)
-    meta, tune_lq, tune_lk = launch_meta(q, d, is_causal, dropout_p, layout, has_mask, mask_bool)
+    cap, window, slope_args, flags = variant_args(variant, is_causal, scale, q)
+    meta, tune_lq, tune_lk = launch_meta(q, d, flags, dropout_p, layout, has_mask, mask_bool)
     grid = lambda META: (triton.cdiv(d.len_q, META["BLOCK_M"]) * d.batch * d.heads,)  # noqa: E731
     with AUTOTUNE_LOCK:  # triton's Autotuner is not thread-safe (launch_lock.py)
         _attn_fwd[grid](
             q, k, v, mask_ptr, out, lse,
             rng_state if rng_state is not None else q, cu_q if cu_q is not None else q, cu_k if cu_k is not None else q,
+            slope_args[0],
             *layout.qkv(q), *layout.qkv(k), *layout.qkv(v), *mask_strides, *layout.qkv(out), *layout.rows(lse),
+            *slope_args[1:],
             d.heads, d.heads // d.heads_kv, d.len_q, d.len_k, d.len_q,
-            scale * LOG2E, float(dropout_p), dropout_scale(dropout_p), int(causal_bottom_right),
-            tune_lq, tune_lk,
+            scale * LOG2E, *cap, float(dropout_p), dropout_scale(dropout_p), int(causal_bottom_right),
+            *window, tune_lq, tune_lk,
             **meta,
         )

@@ -7,9 +7,14 @@ over one chunk (output normalised within the chunk plus the chunk's
 log-sum-exp), and a second kernel combines the partials with their lse.
 
 Shapes (any strides): ``q (B, Hq, Lq, D)``, caches ``(B, Hkv, Smax, D)`` /
-``(B, Hkv, Smax, Dv)``, ``cache_seqlens (B,)`` int32 = the number of valid
-cache entries of each sequence (the new tokens included), clamped to ``[0, Smax]``. With ``CAUSAL``
-the mask is aligned bottom-right: query ``i`` sees keys ``j <= seqlen - Lq + i``.
+``(B, Hkv, Smax, Dv)``, or paged: ``(num_blocks, block_size, Hkv, D)`` with a
+``block_table (B, max_blocks)`` int32 of block ids (vLLM / FlashAttention's
+``flash_attn_with_kvcache``), ``cache_seqlens (B,)`` int32 = the number of valid
+cache entries of each sequence (the new tokens included), clamped to ``[0, Smax]``
+(paged: ``[0, max_blocks * block_size]``). Query ``i`` sits at
+position ``pos = seqlen - Lq + i`` (bottom-right) and sees keys
+``pos - left <= j <= pos + right`` (causal: right = 0); a window reads only the
+keys some row sees. Soft-cap and ALiBi (``-slope * |pos - j|``) as the dense kernels.
 GQA: the ``G = Hq / Hkv`` query heads of one KV head are packed, with their
 ``Lq`` tokens, into the rows of one block, so each key block is loaded once.
 """
@@ -20,17 +25,22 @@ import torch
 import triton
 import triton.language as tl
 
+from .ffn import _tanh
+
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, SEQLENS, O_PART, LSE_PART,
+    Q, K, V, SEQLENS, O_PART, LSE_PART, BLOCK_TABLE, SLOPES,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_os, stride_od,
     stride_lb, stride_lh, stride_lm, stride_ls,
-    HKV, LQ, G, D, DV, SMAX, scale_log2,
-    NUM_SPLITS: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    stride_tb, stride_sb, stride_sh,
+    HKV, LQ, G, D, DV, SMAX, PAGE_SIZE, NUM_BLOCKS,
+    scale_log2, softcap_in, softcap_out, win_left, win_right,
+    NUM_SPLITS: tl.constexpr, LIMIT_LEFT: tl.constexpr, LIMIT_RIGHT: tl.constexpr, PAGED: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -52,29 +62,64 @@ def _decode_split_kernel(
               + tok[:, None] * stride_qm + offs_d[None, :] * stride_qd)
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
 
-    # This program's chunk of [0, seqlen), a whole number of key blocks.
-    chunk = tl.cdiv(tl.cdiv(seqlen, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = pid_s * chunk
-    end = tl.minimum(start + chunk, seqlen)
-    # Last key each row may see (bottom-right causal alignment).
-    if CAUSAL:
-        last = seqlen - LQ + tok
+    # Query token t sits at cache position seqlen - LQ + t (bottom-right alignment); it sees
+    # keys [pos - win_left, pos + win_right] (each side when limited; causal: win_right = 0).
+    pos = seqlen - LQ + tok
+    # The keys any row may see, split into NUM_SPLITS chunks of whole key blocks: with a
+    # window only [first row's left edge, last row's right edge) is read.
+    if LIMIT_LEFT:
+        lo = tl.maximum(seqlen - LQ - win_left, 0)
     else:
-        last = tl.zeros([BLOCK_M], dtype=tl.int32) + seqlen - 1
+        lo = 0
+    if LIMIT_RIGHT:
+        hi = tl.minimum(tl.maximum(seqlen + win_right, 0), seqlen)
+    else:
+        hi = seqlen
+    chunk = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = lo + pid_s * chunk
+    end = tl.minimum(start + chunk, hi)
+    if ALIBI:
+        slope_log2 = tl.load(SLOPES + b.to(tl.int64) * stride_sb + head.to(tl.int64) * stride_sh,
+                             mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+    else:
+        slope_log2 = tl.zeros([BLOCK_M], dtype=tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
-    k_base = K + b.to(tl.int64) * stride_kb + hkv.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + hkv.to(tl.int64) * stride_vh
+    k_base = K + hkv.to(tl.int64) * stride_kh
+    v_base = V + hkv.to(tl.int64) * stride_vh
+    if not PAGED:
+        k_base += b.to(tl.int64) * stride_kb
+        v_base += b.to(tl.int64) * stride_vb
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < end
-        k = tl.load(k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None] * stride_kd,
+        if PAGED:
+            # Cache (num_blocks, PAGE_SIZE, Hkv, D): key n lives in block BLOCK_TABLE[b, n // PAGE_SIZE]
+            # (ids validated on the host), row n % PAGE_SIZE. stride_kb/vb are the per-block strides.
+            page = tl.load(BLOCK_TABLE + b.to(tl.int64) * stride_tb + offs_n // PAGE_SIZE, mask=n_ok, other=0)
+            page = tl.minimum(tl.maximum(page, 0), NUM_BLOCKS - 1)  # never outside the pool
+            k_rows = page.to(tl.int64) * stride_kb + (offs_n % PAGE_SIZE).to(tl.int64) * stride_kn
+            v_rows = page.to(tl.int64) * stride_vb + (offs_n % PAGE_SIZE).to(tl.int64) * stride_vn
+        else:
+            k_rows = offs_n.to(tl.int64) * stride_kn
+            v_rows = offs_n.to(tl.int64) * stride_vn
+        k = tl.load(k_base + k_rows[None, :] + offs_d[:, None] * stride_kd,
                     mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0)  # (BLOCK_D, BLOCK_N)
-        s = tl.dot(q, k, input_precision=DOT_PRECISION, out_dtype=tl.float32) * scale_log2
-        visible = n_ok[None, :] & (offs_n[None, :] <= last[:, None])
+        qk = tl.dot(q, k, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        if SOFTCAP:
+            s = _tanh(qk * softcap_in) * softcap_out
+        else:
+            s = qk * scale_log2
+        if ALIBI:
+            s -= slope_log2[:, None] * tl.abs(pos[:, None] - offs_n[None, :]).to(tl.float32)
+        visible = n_ok[None, :] & (pos[:, None] == pos[:, None])
+        if LIMIT_RIGHT:
+            visible = visible & (offs_n[None, :] <= pos[:, None] + win_right)
+        if LIMIT_LEFT:
+            visible = visible & (offs_n[None, :] >= pos[:, None] - win_left)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # Rows that have seen no visible key yet keep m = -inf: shift by 0 to avoid inf - inf.
@@ -82,7 +127,7 @@ def _decode_split_kernel(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
+        v = tl.load(v_base + v_rows[:, None] + offs_dv[None, :] * stride_vd,
                     mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)  # (BLOCK_N, BLOCK_DV)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION, out_dtype=tl.float32)
         m_i = m_new
@@ -144,24 +189,49 @@ def decode_num_splits(batch_heads_kv: int, max_len: int, num_sms: int, block_n: 
 
 
 def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale, causal, out, lse, o_part, lse_part,
-                         num_splits: int, block_n: int = 64, num_warps: int = 4):
+                         num_splits: int, block_n: int = 64, num_warps: int = 4, *, window=(-1, -1),
+                         alibi_slopes=None, softcap: float = 0.0, block_table=None):
     """Launch the two kernels; every buffer is allocated by the caller.
 
     ``o_part (B, Hq, Lq, num_splits, Dv)`` and ``lse_part (B, Hq, Lq, num_splits)``
     are float32 scratch; ``out (B, Hq, Lq, Dv)`` in q's dtype, ``lse (B, Hq, Lq)`` float32.
+    ``window`` (left, right; -1 unlimited, right forced to 0 by ``causal``), ``alibi_slopes``
+    (fp32 ``(B, Hq)`` view) and ``softcap`` as the dense kernels. ``block_table`` (int32
+    ``(B, max_blocks)``, validated by the caller): the caches are paged, ``(num_blocks,
+    block_size, Hkv, D)``.
     """
     B, Hq, Lq, D = q.shape
-    Hkv, Dv = k_cache.shape[1], v_cache.shape[3]
+    paged = block_table is not None
+    if paged:
+        num_blocks, page_size, Hkv, Dv = k_cache.shape[0], k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
+        smax = block_table.shape[1] * page_size
+        # (num_blocks, block_size, Hkv, D): per-block stride as "batch", then head, row, dim
+        k_strides = (k_cache.stride(0), k_cache.stride(2), k_cache.stride(1), k_cache.stride(3))
+        v_strides = (v_cache.stride(0), v_cache.stride(2), v_cache.stride(1), v_cache.stride(3))
+        table_args = (block_table, block_table.stride(0))
+    else:
+        num_blocks, page_size, Hkv, Dv = 1, 1, k_cache.shape[1], v_cache.shape[3]
+        smax = k_cache.shape[2]
+        k_strides, v_strides = k_cache.stride(), v_cache.stride()
+        table_args = (cache_seqlens, 0)
     G = Hq // Hkv
+    left, right = (int(window[0]), 0 if causal else int(window[1]))
+    softcap = float(softcap)
+    slope_args = (alibi_slopes, alibi_slopes.stride(0), alibi_slopes.stride(1)) if alibi_slopes is not None \
+        else (q, 0, 0)
     block_m = max(16, triton.next_power_of_2(G * Lq))
     block_d = max(16, triton.next_power_of_2(D))
     block_dv = max(16, triton.next_power_of_2(Dv))
     LOG2E = 1.4426950408889634
     _decode_split_kernel[(B * Hkv, num_splits)](
-        q, k_cache, v_cache, cache_seqlens, o_part, lse_part,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *o_part.stride(), *lse_part.stride(),
-        Hkv, Lq, G, D, Dv, k_cache.shape[2], scale * LOG2E,
-        NUM_SPLITS=num_splits, CAUSAL=causal,
+        q, k_cache, v_cache, cache_seqlens, o_part, lse_part, table_args[0], slope_args[0],
+        *q.stride(), *k_strides, *v_strides, *o_part.stride(), *lse_part.stride(),
+        table_args[1], *slope_args[1:],
+        Hkv, Lq, G, D, Dv, smax, page_size, num_blocks,
+        scale * LOG2E, scale / softcap if softcap > 0 else 0.0, softcap * LOG2E,
+        max(left, 0), max(right, 0),
+        NUM_SPLITS=num_splits, LIMIT_LEFT=left >= 0, LIMIT_RIGHT=right >= 0, PAGED=paged,
+        SOFTCAP=softcap > 0, ALIBI=alibi_slopes is not None,
         # fp32 caches get true fp32 products (tf32 would break the error rule)
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,

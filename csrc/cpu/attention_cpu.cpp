@@ -194,9 +194,22 @@ void check_output(const char* name, const at::Tensor& t, at::IntArrayRef shape, 
               t.scalar_type(), " ", t.sizes());
 }
 
+// No window (causal at most), ALiBi or soft-cap: what the bf16 dot-product kernels run. Other
+// bf16 problems take the float32 path (operands converted while packed), which runs every variant.
+bool plain(const Problem& p) {
+  return !p.limit_left && (!p.limit_right || p.window_right == 0) && !p.softcap && p.slopes.data == nullptr;
+}
+
+// Window / ALiBi / soft-cap (FlashAttention's conventions: -1 = unlimited side, causal = right 0).
+struct VariantArgs {
+  int64_t window_left = -1, window_right = -1;
+  c10::optional<at::Tensor> alibi_slopes;
+  double softcap = 0.0;
+};
+
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const c10::optional<at::Tensor>& mask, double dropout_p, int64_t seed, int64_t offset,
-                     bool is_causal, bool bottom_right, double scale, int nr) {
+                     bool is_causal, bool bottom_right, double scale, int nr, const VariantArgs& var) {
   Problem p;
   p.B = q.size(0);
   p.Hq = q.size(1);
@@ -206,8 +219,28 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   p.E = q.size(3);
   p.Ev = v.size(3);
   p.scale = (float)scale;
-  p.causal = is_causal;
-  p.causal_offset = bottom_right ? p.S - p.L : 0;
+  p.diag_offset = bottom_right ? p.S - p.L : 0;
+  TORCH_CHECK(var.window_left >= -1 && var.window_right >= -1, "attention_cpu: window sides must be >= -1, got (",
+              var.window_left, ", ", var.window_right, ")");
+  p.limit_right = is_causal || var.window_right >= 0;
+  p.window_right = is_causal ? 0 : std::max<int64_t>(var.window_right, 0);
+  p.limit_left = var.window_left >= 0;
+  p.window_left = std::max<int64_t>(var.window_left, 0);
+  TORCH_CHECK(std::isfinite(var.softcap) && var.softcap >= 0.0, "attention_cpu: softcap must be finite and >= 0, got ",
+              var.softcap);
+  p.softcap = var.softcap > 0.0;
+  p.softcap_in = p.softcap ? (float)(scale / var.softcap) : 0.f;
+  p.softcap_out = (float)(var.softcap * 1.4426950408889634);
+  if (var.alibi_slopes.has_value() && var.alibi_slopes->defined()) {
+    const at::Tensor& sl = *var.alibi_slopes;
+    TORCH_CHECK(sl.device().is_cpu() && sl.scalar_type() == at::kFloat && sl.dim() == 2 && sl.size(0) == p.B &&
+                    sl.size(1) == p.Hq,
+                "attention_cpu: alibi_slopes must be a float32 CPU (view of shape) (B, Hq) = (", p.B, ", ", p.Hq,
+                "), got ", sl.scalar_type(), " ", sl.sizes());
+    p.slopes.data = sl.data_ptr<float>();
+    p.slopes.sb = sl.stride(0);
+    p.slopes.sh = sl.stride(1);
+  }
   p.BQ = block_q();
   p.BK = block_k(nr);
   p.Epad = (p.E + nr - 1) / nr * nr;
@@ -243,14 +276,16 @@ at::Tensor float_target(const at::Tensor& out) {
 
 void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& mask,
              double dropout_p, int64_t seed, int64_t offset, bool is_causal, bool bottom_right, double scale,
-             at::Tensor& out, at::Tensor& lse) {
+             at::Tensor& out, at::Tensor& lse, int64_t window_left, int64_t window_right,
+             const c10::optional<at::Tensor>& alibi_slopes, double softcap) {
   check_qkv(q, k, v);
   const Kernels& K = kernels();
-  Problem p = make_problem(q, k, v, mask, dropout_p, seed, offset, is_causal, bottom_right, scale, K.nr);
+  Problem p = make_problem(q, k, v, mask, dropout_p, seed, offset, is_causal, bottom_right, scale, K.nr,
+                           {window_left, window_right, alibi_slopes, softcap});
   check_output("out", out, {p.B, p.Hq, p.L, p.Ev}, q.scalar_type());
   check_output("lse", lse, {p.B, p.Hq, p.L}, at::kFloat);
   if (p.B * p.Hq * p.L == 0) return;
-  if (q.scalar_type() == at::kBFloat16 && K.bf16_forward_item != nullptr) {
+  if (q.scalar_type() == at::kBFloat16 && K.bf16_forward_item != nullptr && plain(p)) {
     at::Tensor qb = pairs_operand(q);
     at::Tensor kt = pack_pair_panels(k, /*transpose=*/true, K.nr), vp = pack_pair_panels(v, false, K.nr);
     Bf16ForwardArgs a;
@@ -348,10 +383,12 @@ void backward_bf16(const Kernels& K, const Problem& p, const at::Tensor& dout, c
 void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& mask, double dropout_p,
               int64_t seed, int64_t offset, bool is_causal, bool bottom_right, double scale, at::Tensor& dq,
-              at::Tensor& dk, at::Tensor& dv) {
+              at::Tensor& dk, at::Tensor& dv, int64_t window_left, int64_t window_right,
+              const c10::optional<at::Tensor>& alibi_slopes, double softcap) {
   check_qkv(q, k, v);
   const Kernels& K = kernels();
-  Problem p = make_problem(q, k, v, mask, dropout_p, seed, offset, is_causal, bottom_right, scale, K.nr);
+  Problem p = make_problem(q, k, v, mask, dropout_p, seed, offset, is_causal, bottom_right, scale, K.nr,
+                           {window_left, window_right, alibi_slopes, softcap});
   TORCH_CHECK(dout.dim() == 4 && dout.sizes() == at::IntArrayRef({p.B, p.Hq, p.L, p.Ev}) &&
                   dout.scalar_type() == q.scalar_type(),
               "attention_cpu: dout must be ", q.scalar_type(), " of shape (B, Hq, L, Ev), got ", dout.scalar_type(),
@@ -367,7 +404,7 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
     dv.zero_();
     return;
   }
-  if (q.scalar_type() == at::kBFloat16 && K.bf16_backward_item != nullptr) {
+  if (q.scalar_type() == at::kBFloat16 && K.bf16_backward_item != nullptr && plain(p)) {
     backward_bf16(K, p, dout, q, k, v, out, lse, dq, dk, dv);
     return;
   }
@@ -434,11 +471,13 @@ void register_cpu_attention(pybind11::module& m) {
   m.def("attention_cpu_forward", &cpu_attn::forward,
         "Fused attention forward on CPU tensors: writes out (B, Hq, L, Ev) and lse (B, Hq, L) float32",
         "q"_a, "k"_a, "v"_a, "mask"_a, "dropout_p"_a, "seed"_a, "offset"_a, "is_causal"_a, "bottom_right"_a,
-        "scale"_a, "out"_a, "lse"_a);
+        "scale"_a, "out"_a, "lse"_a, "window_left"_a = -1, "window_right"_a = -1, "alibi_slopes"_a = pybind11::none(),
+        "softcap"_a = 0.0);
   m.def("attention_cpu_backward", &cpu_attn::backward,
         "Fused attention backward on CPU tensors: writes dq, dk, dv", "dout"_a, "q"_a, "k"_a, "v"_a, "out"_a,
         "lse"_a, "mask"_a, "dropout_p"_a, "seed"_a, "offset"_a, "is_causal"_a, "bottom_right"_a, "scale"_a, "dq"_a,
-        "dk"_a, "dv"_a);
+        "dk"_a, "dv"_a, "window_left"_a = -1, "window_right"_a = -1, "alibi_slopes"_a = pybind11::none(),
+        "softcap"_a = 0.0);
   m.def("attention_cpu_dropout_keep_mask", &cpu_attn::dropout_keep_mask,
         "The CPU attention kernels' dropout keep-mask (B, H, L, S) for (seed, offset)", "B"_a, "H"_a, "L"_a, "S"_a,
         "p"_a, "seed"_a, "offset"_a);

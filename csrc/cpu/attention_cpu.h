@@ -48,11 +48,26 @@ inline uint32_t dropout_hash(const DropoutSpec& d, int64_t bh, int64_t i, int64_
   return (uint32_t)(x >> 32);
 }
 
+// ALiBi slopes (B, Hq) float32 read through strides (stride 0 where broadcast).
+struct SlopesView {
+  const float* data = nullptr;
+  int64_t sb = 0, sh = 0;
+};
+
 struct Problem {
   int64_t B = 0, Hq = 0, Hkv = 0, L = 0, S = 0, E = 0, Ev = 0;
   float scale = 1.f;
-  bool causal = false;
-  int64_t causal_offset = 0;  // key j visible to query i iff j <= i + causal_offset
+  // Key j is visible to query i iff i + diag_offset - window_left <= j <= i + diag_offset + window_right,
+  // each side only when limited (causal: limit_right with window_right = 0). diag_offset is 0
+  // (top-left) or S - L (bottom-right).
+  bool limit_left = false, limit_right = false;
+  int64_t window_left = 0, window_right = 0;
+  int64_t diag_offset = 0;
+  // Logit soft-cap (FlashAttention / Gemma 2): scores become softcap * tanh(scale * qk / softcap).
+  bool softcap = false;
+  float softcap_in = 0.f, softcap_out = 0.f;  // scale / softcap, softcap * log2(e)
+  // ALiBi: scores get -slope[b, h] * |i + S - L - j| (bottom-right aligned distance).
+  SlopesView slopes;
   MaskView mask;
   DropoutSpec dropout;
   int64_t BQ = 64, BK = 64;  // query / key block sizes (BK a multiple of NR)

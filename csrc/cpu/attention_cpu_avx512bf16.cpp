@@ -153,7 +153,7 @@ static void bf16_forward_item(const Bf16ForwardArgs& a, int64_t item, float* scr
   std::fill(l, l + mq, 0.f);
 
   int64_t j_end = p.S;
-  if (p.causal) j_end = std::clamp<int64_t>(i0 + mq + p.causal_offset, 0, p.S);
+  if (p.limit_right) j_end = std::clamp<int64_t>(i0 + mq + p.diag_offset + p.window_right, 0, p.S);
   const uint32_t* A = a.q.row(b, h, i0);
   const uint16_t* kt = a.kt_panels + (b * p.Hkv + hk) * a.kt_head_stride;
   const uint16_t* vp = a.v_panels + (b * p.Hkv + hk) * a.v_head_stride;
@@ -239,7 +239,7 @@ static void bf16_backward_item(const Bf16BackwardArgs& a, int64_t item, float* s
     std::fill(dKa, dKa + n * Epad, 0.f);
     std::fill(dVa, dVa + n * Evpad, 0.f);
     int64_t q_start = 0;
-    if (p.causal) q_start = std::max<int64_t>(0, j0 - p.causal_offset) / BQ * BQ;
+    if (p.limit_right) q_start = std::max<int64_t>(0, j0 - p.diag_offset - p.window_right) / BQ * BQ;
     for (int64_t g = 0; g < G; ++g) {
       const int64_t h = hk * G + g, bh = b * p.Hq + h;
       const uint16_t* qp = a.q_panels + bh * a.q_head_stride;

@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #include "attention_cpu.h"
 
@@ -70,6 +71,20 @@ static inline vf vexp2(vf x) {
   p = p * f + 1.f;
   const vf r = p * (vf)((n + 127) << 23);
   return (vf)((vi)r & ~tiny);
+}
+
+// tanh: odd Taylor series below |x| < 0.25 (truncation < 3e-9), else (1 - e) / (1 + e)
+// with e = 2^(-2|x| log2 e) (no cancellation there, no overflow).
+static inline vf vtanh(vf x) {
+  const vf a = vselect(x < vsplat(0.f), -x, x);
+  const vf x2 = x * x;
+  const vf series =
+      x * (1.f + x2 * (-0.3333333333333333f + x2 * (0.13333333333333333f + x2 * (-0.05396825396825397f +
+                                                                                   x2 * 0.021869488536155203f))));
+  const vf e = vexp2(a * (-2.f * kLog2e));
+  vf t = (1.f - e) / (1.f + e);
+  t = vselect(x < vsplat(0.f), -t, t);
+  return vselect(a < vsplat(0.25f), series, t);
 }
 
 // ---------------------------------------------------------------- GEMM
@@ -154,7 +169,36 @@ static inline float mask_log2(float x) {
   return x * kLog2e;
 }
 
-// The mask and the causal limit for query i on keys j0 .. j0+n-1, in the log2 domain.
+// Soft-capped scores: s[0:n] = softcap_out * tanh(s * softcap_in) (log2 domain); s[n:npad] = -inf.
+// With `t` set, also stores tanh(...) there (the backward's 1 - t^2).
+static inline void softcap_row(float* s, int64_t n, int64_t npad, float cap_in, float cap_out, float* t) {
+  for (int64_t j = 0; j < npad; j += W) {
+    const vf th = vtanh(vload(s + j) * cap_in);
+    if (t) vstore(t + j, th);
+    vstore(s + j, th * cap_out);
+  }
+  for (int64_t j = n; j < npad; ++j) s[j] = kNegInf;
+}
+
+// The row's scores from raw q.k (scale or soft-cap, ALiBi), before the mask; `t` as softcap_row.
+static inline void score_row(const Problem& p, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t n, int64_t npad,
+                             float* s, float* t) {
+  if (p.softcap)
+    softcap_row(s, n, npad, p.softcap_in, p.softcap_out, t);
+  else
+    scale_row(s, n, npad, p.scale * kLog2e);
+  if (p.slopes.data) {
+    const float slope = p.slopes.data[b * p.slopes.sb + h * p.slopes.sh] * kLog2e;
+    // s[j] -= slope * |d0 - j|, d0 the distance to key j0 (bottom-right aligned); padding stays -inf.
+    vf dist = vsplat((float)(i + p.S - p.L - j0));
+    for (int t = 0; t < W; ++t) dist[t] -= (float)t;
+    const vf sl = vsplat(slope);
+    for (int64_t j = 0; j < npad; j += W, dist -= (float)W)
+      vstore(s + j, vload(s + j) - sl * vselect(dist < vsplat(0.f), -dist, dist));
+  }
+}
+
+// The mask and the window/causal limits for query i on keys j0 .. j0+n-1, in the log2 domain.
 static inline void mask_row(const Problem& p, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t n, float* s) {
   const MaskView& m = p.mask;
   if (m.kind != kMaskNone) {
@@ -171,9 +215,13 @@ static inline void mask_row(const Problem& p, int64_t b, int64_t h, int64_t i, i
       for (int64_t j = 0; j < n; ++j) s[j] += mask_log2(bf16_to_float(mh[j * m.ss]));
     }
   }
-  if (p.causal) {
-    const int64_t first_hidden = std::max<int64_t>(0, i + p.causal_offset + 1 - j0);
+  if (p.limit_right) {
+    const int64_t first_hidden = std::max<int64_t>(0, i + p.diag_offset + p.window_right + 1 - j0);
     for (int64_t j = first_hidden; j < n; ++j) s[j] = kNegInf;
+  }
+  if (p.limit_left) {
+    const int64_t first_visible = std::min<int64_t>(n, std::max<int64_t>(0, i + p.diag_offset - p.window_left - j0));
+    for (int64_t j = 0; j < first_visible; ++j) s[j] = kNegInf;
   }
 }
 
@@ -215,11 +263,10 @@ static inline void scale_vec(float* x, int64_t npad, float a) {
 static inline void forward_tile_rows(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t mq, int64_t j0,
                                      int64_t n, float* St, int64_t BK, float* m, float* l, float* O, int64_t Evpad) {
   const int64_t npad = round_up(n, W), bh = b * p.Hq + h;
-  const float c = p.scale * kLog2e;
   for (int64_t r = 0; r < mq; ++r) {
     float* s = St + r * BK;
     const int64_t i = i0 + r;
-    scale_row(s, n, npad, c);
+    score_row(p, b, h, i, j0, n, npad, s, nullptr);
     mask_row(p, b, h, i, j0, n, s);
     const float m_new = std::max(m[r], row_max(s, npad));
     if (m_new == kNegInf) {  // nothing visible yet in this row
@@ -247,7 +294,9 @@ static inline void backward_tile_rows(const Problem& p, const float* lse_all, co
                                       int64_t h, int64_t i0, int64_t mq, int64_t j0, int64_t n, float* SP, float* DP,
                                       int64_t BK) {
   const int64_t npad = round_up(n, W), bh = b * p.Hq + h;
-  const float c = p.scale * kLog2e;
+  thread_local std::vector<float> tanh_row;  // one row's tanh(scale * qk / softcap): the cap's 1 - t^2
+  if (p.softcap && (int64_t)tanh_row.size() < npad) tanh_row.resize(npad);
+  float* T = p.softcap ? tanh_row.data() : nullptr;
   for (int64_t r = 0; r < mq; ++r) {
     const int64_t i = i0 + r;
     float* s = SP + r * BK;
@@ -258,7 +307,7 @@ static inline void backward_tile_rows(const Problem& p, const float* lse_all, co
       std::fill(d, d + npad, 0.f);
       continue;
     }
-    scale_row(s, n, npad, c);
+    score_row(p, b, h, i, j0, n, npad, s, T);
     mask_row(p, b, h, i, j0, n, s);
     exp2_row(s, npad, lse * kLog2e);  // P = exp(scores - lse)
     const float delta = delta_all[bh * p.L + i];
@@ -273,6 +322,12 @@ static inline void backward_tile_rows(const Problem& p, const float* lse_all, co
     } else {
       const vf dl = vsplat(delta);
       for (int64_t j = 0; j < npad; j += W) vstore(d + j, vload(s + j) * (vload(d + j) - dl) * p.scale);
+    }
+    if (p.softcap) {  // d(softcap * tanh(x / softcap)) / dx = 1 - tanh^2; padding columns stay 0
+      for (int64_t j = 0; j < npad; j += W) {
+        const vf th = vload(T + j);
+        vstore(d + j, vload(d + j) * (1.f - th * th));
+      }
     }
   }
 }
@@ -297,15 +352,17 @@ static void forward_item(const ForwardArgs& a, int64_t item, float* scratch) {
   std::fill(m, m + mq, kNegInf);
   std::fill(l, l + mq, 0.f);
 
-  // Causal: keys past the block's last row's limit are hidden from every row, so
-  // those tiles are skipped, not masked.
-  int64_t j_end = p.S;
-  if (p.causal) j_end = std::clamp<int64_t>(i0 + mq + p.causal_offset, 0, p.S);
+  // Causal / window: keys outside [first row's left limit, last row's right limit]
+  // are hidden from every row, so those tiles are skipped, not masked (a window of
+  // width W costs O(W) per row). j_begin is a panel boundary (kt panels are NR wide).
+  int64_t j_end = p.S, j_begin = 0;
+  if (p.limit_right) j_end = std::clamp<int64_t>(i0 + mq + p.diag_offset + p.window_right, 0, p.S);
+  if (p.limit_left) j_begin = std::clamp<int64_t>(i0 + p.diag_offset - p.window_left, 0, j_end) / NR * NR;
   const float* A = a.q.row(b, h, i0);
   const float* kt = a.kt_panels + (b * p.Hkv + hk) * a.kt_head_stride;
   const float* vp = a.v_panels + (b * p.Hkv + hk) * a.v_head_stride;
 
-  for (int64_t j0 = 0; j0 < j_end; j0 += BK) {
+  for (int64_t j0 = j_begin; j0 < j_end; j0 += BK) {
     const int64_t n = std::min(BK, j_end - j0);
     gemm(mq, n, p.E, A, a.q.sl, a.q.se, kt + (j0 / NR) * p.E * NR, p.E * NR, St, BK, false);
     forward_tile_rows(p, b, h, i0, mq, j0, n, St, BK, m, l, O, Evpad);
@@ -369,16 +426,17 @@ static void backward_item(const BackwardArgs& a, int64_t item, float* scratch) {
     const int64_t j0 = t * BK, n = std::min(BK, p.S - j0);
     std::fill(dKa, dKa + n * Epad, 0.f);
     std::fill(dVa, dVa + n * Evpad, 0.f);
-    // Causal: query rows before the first one that sees key j0 are skipped.
-    int64_t q_start = 0;
-    if (p.causal) q_start = std::max<int64_t>(0, j0 - p.causal_offset) / BQ * BQ;
+    // Causal / window: only the query rows that see some key of the tile are visited.
+    int64_t q_start = 0, q_end = p.L;
+    if (p.limit_right) q_start = std::max<int64_t>(0, j0 - p.diag_offset - p.window_right) / BQ * BQ;
+    if (p.limit_left) q_end = std::clamp<int64_t>(j0 + n - p.diag_offset + p.window_left, 0, p.L);
     for (int64_t g = 0; g < G; ++g) {
       const int64_t h = hk * G + g, bh = b * p.Hq + h;
       const float* qp = a.q_panels + bh * a.q_head_stride;
       const float* dop = a.do_panels + bh * a.do_head_stride;
       float* dq = a.dq_partial + ((chunk * p.B * p.Hq + bh) * p.L) * Epad;
-      for (int64_t i0 = q_start; i0 < p.L; i0 += BQ) {
-        const int64_t mq = std::min(BQ, p.L - i0);
+      for (int64_t i0 = q_start; i0 < q_end; i0 += BQ) {
+        const int64_t mq = std::min(BQ, q_end - i0);
         gemm(mq, n, p.E, a.q.row(b, h, i0), a.q.sl, a.q.se, kt + (j0 / NR) * p.E * NR, p.E * NR, SP, BK, false);
         gemm(mq, n, p.Ev, a.dout.row(b, h, i0), a.dout.sl, a.dout.se, vt + (j0 / NR) * p.Ev * NR, p.Ev * NR, DP,
              BK, false);
