@@ -30,8 +30,9 @@ from triton.compiler import ASTSource  # noqa: E402
 from fastformer.kernels import attention_bwd as bwd  # noqa: E402
 from fastformer.kernels import attention_fwd as fwd  # noqa: E402
 
-_POINTER_TYPES = {"MASK": "*u8", "LSE": "*fp32", "DELTA": "*fp32", "RNG": "*i64", "CU_Q": "*i32", "CU_K": "*i32"}
-_FLOATS = ("scale", "scale_log2", "dropout_p", "dropout_scale")
+_POINTER_TYPES = {"MASK": "*u8", "LSE": "*fp32", "DELTA": "*fp32", "RNG": "*i64", "CU_Q": "*i32", "CU_K": "*i32",
+                  "SLOPES": "*fp32"}
+_FLOATS = ("scale", "scale_log2", "dropout_p", "dropout_scale", "softcap_in", "softcap_out")
 
 
 def _signature(fn, dtype: str, const: dict):
@@ -81,10 +82,12 @@ def compile_report(fn, const: dict, num_warps: int, num_stages: int, arch: int, 
 
 def _check(arch: int) -> int:
     """Plain causal variant: no spills. Every feature on (float mask, dropout, varlen, head
-    dim 80): compiles, and spills at most a few registers (measured: 16 B fwd, 8 B dK/dV)."""
-    plain = dict(CAUSAL=True, HAS_MASK=False, MASK_BOOL=True, DROPOUT=False, VARLEN=False, DOT_PRECISION="tf32",
-                 HEAD_DIM=128, HEAD_DIM_V=128, BLOCK_D=128, BLOCK_DV=128)
-    full = dict(plain, HAS_MASK=True, MASK_BOOL=False, DROPOUT=True, VARLEN=True, HEAD_DIM=80, HEAD_DIM_V=80)
+    dim 80, window, ALiBi, soft-cap): compiles, and spills at most a few registers (measured: 16 B fwd, 8 B dK/dV)."""
+    plain = dict(LIMIT_LEFT=False, LIMIT_RIGHT=True, SOFTCAP=False, ALIBI=False, HAS_MASK=False, MASK_BOOL=True,
+                 DROPOUT=False, VARLEN=False, DOT_PRECISION="tf32", HEAD_DIM=128, HEAD_DIM_V=128, BLOCK_D=128,
+                 BLOCK_DV=128)
+    full = dict(plain, HAS_MASK=True, MASK_BOOL=False, DROPOUT=True, VARLEN=True, HEAD_DIM=80, HEAD_DIM_V=80,
+                LIMIT_LEFT=True, SOFTCAP=True, ALIBI=True)
     ok = True
     for fn, (bm, bn, w, s) in ((fwd._attn_fwd.fn, (128, 64, 8, 3)), (bwd._attn_bwd_dkdv.fn, (32, 64, 8, 2)),
                                (bwd._attn_bwd_dq.fn, (128, 32, 8, 2))):
@@ -113,7 +116,7 @@ def main(argv=None) -> int:
     print(f"| kernel | D | BLOCK_M x BLOCK_N | warps | stages | regs | spill B | smem B | pipelined | mma |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for d in args.head_dims:
-        base = dict(CAUSAL=args.causal, HAS_MASK=False, MASK_BOOL=True, DROPOUT=False, VARLEN=False,
+        base = dict(LIMIT_LEFT=False, LIMIT_RIGHT=args.causal, SOFTCAP=False, ALIBI=False, HAS_MASK=False, MASK_BOOL=True, DROPOUT=False, VARLEN=False,
                     DOT_PRECISION="tf32", HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_D=d, BLOCK_DV=d)
         shape_args = {"BLOCK_D": d, "BLOCK_DV": d}
         for fn, preferred in ((fwd._attn_fwd.fn, fwd._fwd_preferred), (bwd._attn_bwd_dkdv.fn, bwd._dkdv_preferred),
