@@ -204,9 +204,13 @@ def test_auto_policy_follows_the_table(monkeypatch):
     variant = attention_cpu.isa()
     table = {variant: [("float32", "fwd", False, 64, 256, 0.9, "torch"), ("float32", "fwd", False, 64, 1024, 1.3, "cpu"),
                        ("bfloat16", "fwd_bwd", True, 128, 512, 2.0, "cpu")]}
+    def use(policy):
+        monkeypatch.setattr("fastformer.ops.attention_cpu_policy.POLICY", policy)
+        attention_cpu._policy_classes.cache_clear()
+        monkeypatch.setattr(attention_cpu, "_CLASSES_HERE", attention_cpu._policy_classes(variant))
+
     monkeypatch.setattr(attention_cpu, "_AUTO_OVERRIDE", None)
-    monkeypatch.setattr("fastformer.ops.attention_cpu_policy.POLICY", table)
-    attention_cpu._policy_classes.cache_clear()
+    use(table)
     try:
         def pick(L, E=64, dtype=torch.float32, causal=False, grad=False):
             q = torch.randn(1, 2, L, E, dtype=dtype, requires_grad=grad)
@@ -219,8 +223,7 @@ def test_auto_policy_follows_the_table(monkeypatch):
         assert pick(512, E=128, dtype=torch.bfloat16, causal=True) == "reference"  # fwd only: not measured
         with torch.no_grad():  # no_grad makes it a forward-only problem
             assert pick(512, E=128, dtype=torch.bfloat16, causal=True, grad=True) == "reference"
-        monkeypatch.setattr("fastformer.ops.attention_cpu_policy.POLICY", {})
-        attention_cpu._policy_classes.cache_clear()
+        use({})
         assert pick(1024) == "reference"  # a variant never measured: torch everywhere
     finally:
         attention_cpu._policy_classes.cache_clear()

@@ -103,7 +103,12 @@ def _policy_classes(variant: str) -> Dict[Tuple[str, str, bool], Dict[int, List[
 
 
 def _nearest(options, x: float):
-    return min(options, key=lambda o: abs(math.log(o / x)))
+    best, best_dist = options[0], float("inf")
+    for o in options:
+        dist = abs(math.log(o / x))
+        if dist < best_dist:
+            best, best_dist = o, dist
+    return best
 
 
 def auto_prefers_cpu(problem) -> bool:
@@ -118,14 +123,20 @@ def auto_prefers_cpu(problem) -> bool:
     """
     if _AUTO_OVERRIDE is not None:
         return _AUTO_OVERRIDE
+    # Plain Python over the table read at import (no extension call, no generators),
+    # so torch.compile(fullgraph=True) traces through the choice.
     dtype = _DTYPE_NAMES.get(problem.q.dtype)
-    by_dim = _policy_classes(isa()).get((dtype, "fwd_bwd" if problem.needs_grad else "fwd", bool(problem.is_causal)))
+    by_dim = _CLASSES_HERE.get((dtype, "fwd_bwd" if problem.needs_grad else "fwd", bool(problem.is_causal)))
     if not by_dim:
         return False
-    rows = by_dim[_nearest(by_dim, max(problem.head_dim, problem.head_dim_v, 1))]
+    rows = by_dim[_nearest(list(by_dim), max(problem.head_dim, problem.head_dim_v, 1))]
     length = math.sqrt(max(problem.len_q, 1) * max(problem.len_k, 1))
-    seqlen = _nearest([r[0] for r in rows], length)
-    return next(r[2] for r in rows if r[0] == seqlen) == "cpu"
+    best, best_dist = "torch", float("inf")
+    for seqlen, _, choice in rows:
+        dist = abs(math.log(seqlen / length))
+        if dist < best_dist:
+            best, best_dist = choice, dist
+    return best == "cpu"
 
 
 def policy_summary() -> List[str]:
@@ -135,7 +146,7 @@ def policy_summary() -> List[str]:
     variant = isa()
     if _AUTO_OVERRIDE is not None:
         return [f"cpu auto policy: FASTFORMER_CPU_AUTO={os.environ.get('FASTFORMER_CPU_AUTO')} (table ignored)"]
-    classes = _policy_classes(variant)
+    classes = _CLASSES_HERE
     if not classes:
         return [f"cpu auto policy ({variant}): never measured on this variant -> torch's SDPA everywhere"]
     lines = [f"cpu auto policy ({variant}; class -> choice at each measured length, torch/ours in brackets):"]
@@ -169,6 +180,9 @@ def _unsupported(problem) -> Optional[str]:
         return "attn_mask requires grad (use the reference backend)"
     return None
 
+
+# This processor's policy classes, read once: auto_prefers_cpu must not call the extension.
+_CLASSES_HERE = _policy_classes(isa()) if _available() is None else {}
 
 register_backend(
     AttentionBackend(
