@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ._layers import activation, layer_norm
-from .encoder import EncoderBlock
+from .. import ops
+from ..nn import Block, LayerNorm
 
 
 @dataclass
@@ -56,7 +56,7 @@ class Embeddings(nn.Module):
         self.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size, padding_idx=c.pad_token_id)
         self.position_embeddings = nn.Embedding(c.max_position_embeddings, c.hidden_size)
         self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.hidden_size)
-        self.norm = layer_norm(c.hidden_size, c.layer_norm_eps)
+        self.norm = LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.drop = nn.Dropout(c.dropout)
 
     def forward(self, ids: Tensor, token_type_ids: Optional[Tensor]) -> Tensor:
@@ -72,26 +72,29 @@ class MLMHead(nn.Module):
     def __init__(self, c: BERTConfig, word_embeddings: nn.Embedding):
         super().__init__()
         self.dense = nn.Linear(c.hidden_size, c.hidden_size)
-        self.act = activation(c.activation)
-        self.norm = layer_norm(c.hidden_size, c.layer_norm_eps)
+        self.activation = c.activation
+        self.norm = LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.decoder = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         self.decoder.weight = word_embeddings.weight  # tied
         self.bias = nn.Parameter(torch.zeros(c.vocab_size))
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.decoder(self.norm(self.act(self.dense(h)))) + self.bias
+        h = ops.linear_act(h, self.dense.weight, self.dense.bias, self.activation)  # GEMM + act, fused
+        return self.decoder(self.norm(h)) + self.bias
 
 
 class BERT(nn.Module):
     """``forward(input_ids (B, S), token_type_ids=None, attention_mask=None, labels=None)``
     → :class:`BERTOutput`. ``attention_mask (B, S)``: 1/True for real tokens, 0 for padding."""
 
+    config_class = BERTConfig
+
     def __init__(self, config: BERTConfig):
         super().__init__()
         self.config = c = config
         self.embeddings = Embeddings(c)
         self.layers = nn.ModuleList([
-            EncoderBlock(c.hidden_size, c.num_heads, c.intermediate_size / c.hidden_size, qkv_bias=True,
+            Block(c.hidden_size, c.num_heads, c.intermediate_size / c.hidden_size, qkv_bias=True,
                          norm_first=False, eps=c.layer_norm_eps, act=c.activation, drop=c.dropout,
                          attn_drop=c.attention_dropout)
             for _ in range(c.num_layers)

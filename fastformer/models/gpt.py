@@ -21,73 +21,52 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-import fastformer
-from ._layers import activation, apply_rotary, layer_norm, rotary_cos_sin
-from .kv_cache import KVCache
+from .. import nn as nnf
+from ..nn import KVCache, LayerNorm, RenamedSubmodules
 from .sampling import sample_next
 
 
-class CausalSelfAttention(nn.Module):
+class CausalSelfAttention(RenamedSubmodules, nnf.Attention):
+    """``nn.Attention`` under nanoGPT / GPT-2 names: ``c_attn`` (q, k, v in one matmul), ``c_proj``.
+    GQA when ``n_kv_head < n_head``; rotary positions when ``pos_embedding="rotary"``; decoding
+    steps read the KV cache with the decode kernel."""
+
+    RENAMED = {"qkv": "c_attn", "proj": "c_proj"}
+
     def __init__(self, config: "GPTConfig"):
-        super().__init__()
-        self.n_head = config.n_head
-        self.n_kv_head = config.n_kv_head or config.n_head
-        if config.n_embd % config.n_head or self.n_head % self.n_kv_head:
+        n_kv_head = config.n_kv_head or config.n_head
+        if config.n_embd % config.n_head or config.n_head % n_kv_head:
             raise ValueError(f"n_embd ({config.n_embd}) must divide by n_head ({config.n_head}) and n_head by "
-                             f"n_kv_head ({self.n_kv_head})")
-        self.head_dim = config.n_embd // config.n_head
-        kv_dim = self.n_kv_head * self.head_dim
-        self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_dim, bias=config.bias)  # q, k, v in one matmul
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
-        self.dropout = config.dropout
-
-    def forward(self, x: Tensor, rope=None, cache: Optional[KVCache] = None, layer: int = 0) -> Tensor:
-        B, T, C = x.shape
-        kv_dim = self.n_kv_head * self.head_dim
-        q, k, v = self.c_attn(x).split([C, kv_dim, kv_dim], dim=2)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        gqa = self.n_kv_head != self.n_head
-        if cache is None or cache.length == 0:
-            if cache is not None:  # prefill: attend within the prompt, then remember it
-                cache.write(layer, k, v)
-            y = fastformer.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True, enable_gqa=gqa)
-        else:  # decoding: the new tokens attend over everything cached so far
-            k_all, v_all = cache.write(layer, k, v)
-            y = fastformer.decode_attention(q, k_all, v_all, cache.length + T)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, nh * hs)
-        return self.resid_dropout(self.c_proj(y))
+                             f"n_kv_head ({n_kv_head})")
+        rotary = None
+        if config.pos_embedding == "rotary":
+            rotary = nnf.RotaryEmbedding(config.n_embd // config.n_head, base=config.rotary_base)
+        super().__init__(config.n_embd, config.n_head, qkv_bias=config.bias, proj_bias=config.bias,
+                         attn_drop=config.dropout, proj_drop=config.dropout, num_kv_heads=n_kv_head, rotary=rotary)
+        self._rename()
 
 
-class MLP(nn.Module):
+class MLP(RenamedSubmodules, nnf.Mlp):
+    """``nn.Mlp`` (the fused FFN) under GPT-2's names: ``c_fc``, ``c_proj``."""
+
+    RENAMED = {"fc1": "c_fc", "fc2": "c_proj"}
+
     def __init__(self, config: "GPTConfig"):
-        super().__init__()
-        hidden = int(config.mlp_ratio * config.n_embd)
-        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
-        self.act = activation(config.activation)
-        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+        super().__init__(config.n_embd, int(config.mlp_ratio * config.n_embd), act_layer=config.activation,
+                         bias=config.bias, drop=config.dropout)
+        self._rename()
 
 
-class Block(nn.Module):
+class Block(RenamedSubmodules, nnf.Block):
+    """Pre-norm ``nn.Block`` (residual add fused into ``ln_2``) under GPT-2's names: ``ln_1``, ``attn``, ``ln_2``, ``mlp``."""
+
+    RENAMED = {"norm1": "ln_1", "norm2": "ln_2"}
+
     def __init__(self, config: "GPTConfig"):
-        super().__init__()
-        self.ln_1 = layer_norm(config.n_embd, config.layer_norm_eps, config.bias)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = layer_norm(config.n_embd, config.layer_norm_eps, config.bias)
-        self.mlp = MLP(config)
-
-    def forward(self, x: Tensor, rope=None, cache: Optional[KVCache] = None, layer: int = 0) -> Tensor:
-        x = x + self.attn(self.ln_1(x), rope, cache, layer)
-        return x + self.mlp(self.ln_2(x))
+        super().__init__(config.n_embd, config.n_head, config.mlp_ratio, norm_first=True, eps=config.layer_norm_eps,
+                         norm_bias=config.bias, attn_layer=lambda *a, **k: CausalSelfAttention(config),
+                         mlp_layer=lambda *a, **k: MLP(config))
+        self._rename()
 
 
 @dataclass
@@ -116,6 +95,8 @@ class GPT(nn.Module):
     → ``(logits, loss)`` (cross-entropy, targets ``-1`` ignored).
     """
 
+    config_class = GPTConfig
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         if config.pos_embedding not in ("learned", "rotary"):
@@ -125,7 +106,7 @@ class GPT(nn.Module):
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=layer_norm(config.n_embd, config.layer_norm_eps, config.bias),
+            ln_f=LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
         )
         if config.pos_embedding == "learned":
             modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
@@ -151,18 +132,15 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def _embed(self, ids: Tensor, start: int):
+    def _embed(self, ids: Tensor, start: int) -> Tensor:
         T = ids.shape[1]
         if start + T > self.config.block_size and self.config.pos_embedding == "learned":
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
-        pos = torch.arange(start, start + T, device=ids.device)
         x = self.transformer.wte(ids)
-        rope = None
         if self.config.pos_embedding == "learned":
-            x = x + self.transformer.wpe(pos)
-        else:
-            rope = rotary_cos_sin(pos, self.config.n_embd // self.config.n_head, self.config.rotary_base, x.dtype)
-        return self.transformer.drop(x), rope
+            x = x + self.transformer.wpe(torch.arange(start, start + T, device=ids.device))
+        # (rotary positions are applied to q and k inside each attention layer, from the cache's length)
+        return self.transformer.drop(x)
 
     def hidden_states(self, ids: Tensor, cache: Optional[KVCache] = None) -> Tensor:
         """Final-norm hidden states ``(B, T, n_embd)``; with ``cache``, ``ids`` are the
@@ -170,12 +148,12 @@ class GPT(nn.Module):
         if ids.dim() != 2:
             raise ValueError(f"ids must be (B, T) token indices, got shape {tuple(ids.shape)}")
         start = cache.length if cache is not None else 0
-        x, rope = self._embed(ids, start)
+        x = self._embed(ids, start)
         for i, block in enumerate(self.transformer.h):
             if self.config.use_checkpoint and self.training and cache is None and torch.is_grad_enabled():
-                x = checkpoint(block, x, rope, use_reentrant=False)
+                x = checkpoint(block, x, None, True, use_reentrant=False)
             else:
-                x = block(x, rope, cache, i)
+                x = block(x, None, True, cache, i)
         if cache is not None:
             cache.advance(ids.shape[1])
         return self.transformer.ln_f(x)

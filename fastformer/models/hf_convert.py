@@ -72,8 +72,7 @@ _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c
 
 
 def gpt2_from_hf(cls, model_or_path, **overrides):
-    from .gpt import GPTConfig
-
+    GPTConfig = cls.config_class  # from the model class: this module imports no model (no cycle)
     hf, state = load_hf(model_or_path)
     if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
         raise ValueError("only GPT-2's standard 1/sqrt(head_dim) attention scaling is supported")
@@ -151,8 +150,7 @@ _BERT_FIXED = [
 
 
 def bert_from_hf(cls, model_or_path, **overrides):
-    from .bert import BERTConfig
-
+    BERTConfig = cls.config_class
     hf, state = load_hf(model_or_path)
     if hf.get("position_embedding_type", "absolute") != "absolute":
         raise ValueError("only absolute position embeddings are supported")
@@ -324,7 +322,7 @@ def vit_to_hf(model):
     if model.img_size[0] != model.img_size[1]:
         raise ValueError("Hugging Face ViT needs a square image size")
     blk = model.blocks[0]
-    hf = ViTConfig(image_size=model.img_size[0], patch_size=model.patch_embed.patch_size,
+    hf = ViTConfig(image_size=model.img_size[0], patch_size=model.patch_embed.patch_size[0],
                    num_channels=model.patch_embed.proj.in_channels, hidden_size=model.embed_dim,
                    num_hidden_layers=len(model.blocks), num_attention_heads=blk.attn.num_heads,
                    intermediate_size=blk.mlp.fc1.out_features, hidden_act="gelu", hidden_dropout_prob=0.0,

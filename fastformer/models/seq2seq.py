@@ -19,10 +19,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-import fastformer
-from ._layers import layer_norm, sinusoidal_table
-from .encoder import EncoderBlock, Mlp
-from .kv_cache import KVCache
+from .. import nn as nnf
+from .. import ops
+from ..nn import KVCache
+from ..nn._fused import add_layer_norm
 
 
 @dataclass
@@ -44,63 +44,49 @@ class Seq2SeqConfig:
     layer_norm_eps: float = 1e-5
 
 
-def _heads(x: Tensor, h: int) -> Tensor:
-    B, T, C = x.shape
-    return x.view(B, T, h, C // h).transpose(1, 2)  # (B, h, T, hd)
+# Decoder-layer parameter names before the layers were built from fastformer.nn (loaded unchanged).
+_OLD_NAMES = {"self_qkv.": "self_attn.qkv.", "self_proj.": "self_attn.proj.", "cross_q.": "cross_attn.q.",
+              "cross_kv.": "cross_attn.kv.", "cross_proj.": "cross_attn.proj."}
 
 
 class DecoderLayer(nn.Module):
+    """Causal self-attention (KV-cached when decoding), cross-attention to the encoder memory,
+    MLP; residual adds fused into the LayerNorms that follow them."""
+
     def __init__(self, c: Seq2SeqConfig):
         super().__init__()
         d = c.d_model
-        self.h = c.num_heads
         self.norm_first = c.norm_first
-        self.self_qkv = nn.Linear(d, 3 * d)
-        self.self_proj = nn.Linear(d, d)
-        self.cross_q = nn.Linear(d, d)
-        self.cross_kv = nn.Linear(d, 2 * d)
-        self.cross_proj = nn.Linear(d, d)
-        self.norm1 = layer_norm(d, c.layer_norm_eps)
-        self.norm2 = layer_norm(d, c.layer_norm_eps)
-        self.norm3 = layer_norm(d, c.layer_norm_eps)
-        self.mlp = Mlp(d, c.dim_feedforward, act=c.activation, drop=c.dropout)
-        self.drop = nn.Dropout(c.dropout)
-        self.attn_drop = c.dropout
+        self.self_attn = nnf.Attention(d, c.num_heads, qkv_bias=True, attn_drop=c.dropout, proj_drop=c.dropout)
+        self.cross_attn = nnf.CrossAttention(d, c.num_heads, attn_drop=c.dropout, proj_drop=c.dropout)
+        self.norm1 = nnf.LayerNorm(d, eps=c.layer_norm_eps)
+        self.norm2 = nnf.LayerNorm(d, eps=c.layer_norm_eps)
+        self.norm3 = nnf.LayerNorm(d, eps=c.layer_norm_eps)
+        self.mlp = nnf.Mlp(d, c.dim_feedforward, act_layer=c.activation, drop=c.dropout)
+        self._register_load_state_dict_pre_hook(self._old_names)
+
+    @staticmethod
+    def _old_names(state_dict, prefix, *args):
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            rest = key[len(prefix):]
+            for old, new in _OLD_NAMES.items():
+                if rest.startswith(old):
+                    state_dict[prefix + new + rest[len(old):]] = state_dict.pop(key)
 
     def memory_kv(self, memory: Tensor) -> Tuple[Tensor, Tensor]:
         """Cross-attention keys/values of the encoder memory ``(B, S, d)`` → 2 × ``(B, h, S, hd)``."""
-        k, v = self.cross_kv(memory).chunk(2, dim=-1)
-        return _heads(k, self.h), _heads(v, self.h)
-
-    def _self_attn(self, x: Tensor, cache: Optional[KVCache], layer: int) -> Tensor:
-        B, T, C = x.shape
-        q, k, v = (_heads(t, self.h) for t in self.self_qkv(x).chunk(3, dim=-1))
-        if cache is not None and cache.length > 0:
-            k_all, v_all = cache.write(layer, k, v)
-            y = fastformer.decode_attention(q, k_all, v_all, cache.length + T)
-        else:
-            if cache is not None:
-                cache.write(layer, k, v)
-            y = fastformer.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.attn_drop if self.training else 0.0, is_causal=True)
-        return self.drop(self.self_proj(y.transpose(1, 2).reshape(B, T, C)))
-
-    def _cross_attn(self, x: Tensor, mem_kv: Tuple[Tensor, Tensor], mem_mask: Optional[Tensor]) -> Tensor:
-        B, T, C = x.shape
-        q = _heads(self.cross_q(x), self.h)
-        y = fastformer.scaled_dot_product_attention(
-            q, mem_kv[0], mem_kv[1], attn_mask=mem_mask, dropout_p=self.attn_drop if self.training else 0.0)
-        return self.drop(self.cross_proj(y.transpose(1, 2).reshape(B, T, C)))
+        return self.cross_attn.memory_kv(memory)
 
     def forward(self, x: Tensor, mem_kv, mem_mask: Optional[Tensor], cache: Optional[KVCache] = None,
                 layer: int = 0) -> Tensor:
         if self.norm_first:
-            x = x + self._self_attn(self.norm1(x), cache, layer)
-            x = x + self._cross_attn(self.norm2(x), mem_kv, mem_mask)
-            return x + self.mlp(self.norm3(x))
-        x = self.norm1(x + self._self_attn(x, cache, layer))
-        x = self.norm2(x + self._cross_attn(x, mem_kv, mem_mask))
-        return self.norm3(x + self.mlp(x))
+            x = x + self.self_attn(self.norm1(x), None, True, cache, layer)
+            h, x = add_layer_norm(self.cross_attn(self.norm2(x), attn_mask=mem_mask, memory_kv=mem_kv), self.norm3,
+                                  residual=x, return_residual=True)
+            return x + self.mlp(h)
+        x = add_layer_norm(self.self_attn(x, None, True, cache, layer), self.norm1, residual=x)
+        x = add_layer_norm(self.cross_attn(x, attn_mask=mem_mask, memory_kv=mem_kv), self.norm2, residual=x)
+        return add_layer_norm(self.mlp(x), self.norm3, residual=x)
 
 
 class Seq2SeqTransformer(nn.Module):
@@ -113,16 +99,15 @@ class Seq2SeqTransformer(nn.Module):
         self.config = c = config
         self.src_embed = nn.Embedding(c.src_vocab_size, c.d_model)
         self.tgt_embed = nn.Embedding(c.tgt_vocab_size, c.d_model)
-        self.register_buffer("pos", sinusoidal_table(c.max_len, c.d_model), persistent=False)
         self.drop = nn.Dropout(c.dropout)
         self.encoder = nn.ModuleList([
-            EncoderBlock(c.d_model, c.num_heads, c.dim_feedforward / c.d_model, norm_first=c.norm_first,
+            nnf.Block(c.d_model, c.num_heads, c.dim_feedforward / c.d_model, norm_first=c.norm_first,
                          eps=c.layer_norm_eps, act=c.activation, drop=c.dropout, attn_drop=c.dropout)
             for _ in range(c.num_encoder_layers)
         ])
         self.decoder = nn.ModuleList([DecoderLayer(c) for _ in range(c.num_decoder_layers)])
-        self.enc_norm = layer_norm(c.d_model, c.layer_norm_eps) if c.norm_first else nn.Identity()
-        self.dec_norm = layer_norm(c.d_model, c.layer_norm_eps) if c.norm_first else nn.Identity()
+        self.enc_norm = nnf.LayerNorm(c.d_model, eps=c.layer_norm_eps) if c.norm_first else nn.Identity()
+        self.dec_norm = nnf.LayerNorm(c.d_model, eps=c.layer_norm_eps) if c.norm_first else nn.Identity()
         self.out = nn.Linear(c.d_model, c.tgt_vocab_size)
         for p in self.parameters():
             if p.dim() > 1:
@@ -132,8 +117,8 @@ class Seq2SeqTransformer(nn.Module):
         T = ids.shape[1]
         if start + T > self.config.max_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_len {self.config.max_len}")
-        x = emb(ids) * math.sqrt(self.config.d_model) + self.pos[start:start + T].to(emb.weight.dtype)
-        return self.drop(x)
+        # Sinusoidal positions start..start+T-1, added by the fused op (no table in memory).
+        return self.drop(ops.add_sinusoidal_positions(emb(ids) * math.sqrt(self.config.d_model), start))
 
     def encode(self, src: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         """Encoder memory ``(B, S, d)`` and the source padding mask ``(B, 1, 1, S)`` (None without padding)."""

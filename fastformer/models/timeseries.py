@@ -12,8 +12,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ._layers import layer_norm
-from .encoder import EncoderBlock
+from ..nn import Block, LayerNorm
 
 
 class TimeSeriesTransformer(nn.Module):
@@ -34,11 +33,11 @@ class TimeSeriesTransformer(nn.Module):
         self.embed = nn.Linear(n_features, d_model)
         self.pos_embed = nn.Parameter(torch.randn(1, window, d_model) * 0.02)
         self.blocks = nn.ModuleList([
-            EncoderBlock(d_model, num_heads, mlp_ratio, norm_first=True, eps=1e-5, act="gelu", drop=dropout,
+            Block(d_model, num_heads, mlp_ratio, norm_first=True, eps=1e-5, act="gelu", drop=dropout,
                          attn_drop=dropout)
             for _ in range(num_layers)
         ])
-        self.norm = layer_norm(d_model)
+        self.norm = LayerNorm(d_model)
         self.head = nn.Linear(d_model, n_features)
 
     @torch.no_grad()

@@ -14,11 +14,21 @@ from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ._layers import PatchEmbed, layer_norm, resample_grid
-from .encoder import EncoderBlock
+from ..nn import Block, LayerNorm, PatchEmbedding
+
+
+def resample_grid(pos: Tensor, old: Tuple[int, int], new: Tuple[int, int]) -> Tensor:
+    """Bicubic resampling of grid position embeddings ``(1, old_h*old_w, D)`` → ``(1, new_h*new_w, D)``."""
+    if tuple(old) == tuple(new):
+        return pos
+    D = pos.shape[-1]
+    grid = pos.reshape(1, old[0], old[1], D).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=new, mode="bicubic", align_corners=False, antialias=new[0] < old[0])
+    return grid.permute(0, 2, 3, 1).reshape(1, new[0] * new[1], D).to(pos.dtype)
 
 
 def _pair(x: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
@@ -55,20 +65,20 @@ class ViT(nn.Module):
         self.use_checkpoint = use_checkpoint
         self.num_prefix_tokens = 1 if class_token else 0
 
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.patch_embed = PatchEmbedding(self.img_size, patch_size, in_chans, embed_dim, dynamic_img_size=True)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         n = self.grid[0] * self.grid[1] + self.num_prefix_tokens
         self.pos_embed = nn.Parameter(torch.randn(1, n, embed_dim) * 0.02)
         self.pos_drop = nn.Dropout(drop_rate)
         self.blocks = nn.ModuleList([
-            EncoderBlock(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, norm_first=True, eps=eps,
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, norm_first=True, eps=eps,
                          act="gelu", drop=drop_rate, attn_drop=attn_drop_rate)
             for _ in range(depth)
         ])
         # As timm: average pooling normalises after pooling (fc_norm), token pooling before.
         use_fc_norm = global_pool == "avg"
-        self.norm = layer_norm(embed_dim, eps) if not use_fc_norm else nn.Identity()
-        self.fc_norm = layer_norm(embed_dim, eps) if use_fc_norm else nn.Identity()
+        self.norm = LayerNorm(embed_dim, eps=eps) if not use_fc_norm else nn.Identity()
+        self.fc_norm = LayerNorm(embed_dim, eps=eps) if use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
@@ -94,7 +104,8 @@ class ViT(nn.Module):
         """Tokens after the encoder and final norm: ``(B, prefix + N, embed_dim)``."""
         if images.dim() != 4:
             raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
-        x, grid = self.patch_embed(images)
+        grid = self.patch_embed.grid(images)
+        x = self.patch_embed(images)
         x = self.pos_drop(self._pos_embed(x, grid))
         for block in self.blocks:
             if self.use_checkpoint and self.training and torch.is_grad_enabled():
@@ -117,8 +128,8 @@ class ViT(nn.Module):
     def set_img_size(self, img_size: Union[int, Tuple[int, int]]) -> None:
         """Resample the stored position embeddings to a new default image size."""
         size = _pair(img_size)
-        p = self.patch_embed.patch_size
-        grid = (size[0] // p, size[1] // p)
+        ph, pw = self.patch_embed.patch_size
+        grid = (size[0] // ph, size[1] // pw)
         with torch.no_grad():
             prefix = self.pos_embed[:, : self.num_prefix_tokens]
             patches = resample_grid(self.pos_embed[:, self.num_prefix_tokens:], self.grid, grid)

@@ -1,4 +1,12 @@
-"""Drop-in replacements for torch.nn transformer modules, running on fastformer's kernels."""
+"""Every transformer building block once, on fastformer's fused ops, and the torch.nn drop-ins built from them.
+
+Blocks (timm's names and constructor arguments): :class:`Attention` (GQA, rotary, q/k norm, KV cache),
+:class:`CrossAttention`, :class:`Mlp` / :class:`GatedMlp` (fused FFN), :class:`FeedForward`
+(torch's ``linear1``/``linear2`` names), :class:`Block` (pre/post norm, fused residual + LayerNorm),
+:class:`LayerNorm` / :class:`RMSNorm`, :class:`RotaryEmbedding` / :class:`SinusoidalPositionalEncoding`,
+:class:`PatchEmbedding`, :class:`KVCache`. Drop-ins: :class:`MultiheadAttention`, ``Transformer*``.
+``convert`` swaps a model's torch.nn (and timm) modules for these.
+"""
 
 # Issue 8: drop-in attention and transformer modules, patch embedding.
 from .activation import MultiheadAttention
@@ -17,4 +25,7 @@ from .feedforward import FeedForward
 from .positional import RotaryEmbedding, SinusoidalPositionalEncoding
 
 # Issue 17: one family of blocks.
-from .attention import Attention
+from .kv_cache import KVCache
+from .attention import Attention, CrossAttention
+from .mlp import GatedMlp, Mlp
+from .block import Block, RenamedSubmodules

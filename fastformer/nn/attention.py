@@ -1,26 +1,33 @@
-"""timm: a ViT attention layer on fastformer, and ``convert`` support for timm's ``Attention``.
+"""Self- and cross-attention blocks with timm's names, on fastformer's attention ops.
 
-    from fastformer.integrations.timm import Attention
-    model = timm.models.vision_transformer.VisionTransformer(..., attn_layer=Attention)
-
-    model, report = fastformer.convert(timm_model)   # swaps every timm Attention block
-
-:class:`Attention` has timm's ``Attention`` constructor and submodules
-(``qkv``, ``q_norm``, ``k_norm``, ``attn_drop``, ``norm``, ``proj``, ``proj_drop``),
-so pretrained ``state_dict`` s load unchanged. It does not import timm; the
-converter is registered with :func:`fastformer.convert` when timm is importable.
+:class:`Attention` has timm's ``Attention`` constructor and submodules (``qkv``,
+``q_norm``, ``k_norm``, ``attn_drop``, ``norm``, ``proj``, ``proj_drop``), so timm
+checkpoints load unchanged (``fastformer.integrations.timm`` plugs it into timm
+models; ``fastformer.convert`` swaps timm's for it). On top of timm's it takes
+grouped-query attention (``num_kv_heads``: ``qkv`` projects ``Hq + 2·Hkv`` heads),
+rotary positions (``rotary=``, a :class:`~fastformer.nn.RotaryEmbedding` run by the
+fused RoPE op) and a KV-cache path for decoding (:class:`~fastformer.nn.KVCache`,
+attended with the decode kernel). :class:`CrossAttention` attends from one sequence to
+another (encoder memory), with a cached projection of the memory for decoding.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Type
+from typing import Optional, Tuple, Type
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from ..ops import scaled_dot_product_attention
+from .. import ops
+from .kv_cache import KVCache
+from .positional import RotaryEmbedding
 
-__all__ = ["Attention"]
+__all__ = ["Attention", "CrossAttention"]
+
+
+def _heads(x: Tensor, heads: int, head_dim: int) -> Tensor:
+    B, T, _ = x.shape
+    return x.view(B, T, heads, head_dim).transpose(1, 2)  # (B, h, T, hd), a view
 
 
 class Attention(nn.Module):
@@ -30,12 +37,18 @@ class Attention(nn.Module):
     ``dim_out=None`` (default ``dim``), ``qkv_bias=False``, ``qk_norm=False``,
     ``scale_norm=False``, ``proj_bias=True``, ``attn_drop=0.``, ``proj_drop=0.``,
     ``norm_layer=None`` (required for ``qk_norm``/``scale_norm``), ``device``, ``dtype``.
-    Other keyword arguments newer timm versions pass are accepted and ignored only
-    when they are at their neutral value (else ``TypeError``).
+    fastformer's: ``num_kv_heads=None`` (fewer key/value heads: GQA/MQA; ``num_heads`` must be
+    a multiple), ``rotary=None`` (a :class:`RotaryEmbedding` applied to q and k after q/k norm).
+    Other keyword arguments newer timm versions pass are accepted and ignored only when they
+    are at their neutral value (else ``TypeError``).
 
-    Forward: ``x`` ``(B, N, dim)``, ``attn_mask`` (SDPA convention: bool ``True`` =
-    attend, or float added; broadcastable to ``(B, H, N, N)``), ``is_causal`` →
-    ``(B, N, dim_out)``.
+    Forward: ``x (B, N, dim)``; ``attn_mask`` (SDPA convention: bool ``True`` = attend, or
+    float added; broadcastable to ``(B, H, N, N)``); ``is_causal``; ``cache`` (a
+    :class:`KVCache`: this layer's new keys/values are written at ``cache.length`` and,
+    once the cache holds earlier tokens, the ``N`` new queries attend over all of them with
+    the decode kernel, causal bottom-right); ``layer``: this block's index in the cache;
+    ``positions``: rotary positions ``(N,)`` or ``(B, N)`` (default ``cache.length + arange(N)``)
+    → ``(B, N, dim_out)``.
     """
 
     fused_attn: bool = True  # timm reads this flag; the fused path is the only path here
@@ -53,6 +66,8 @@ class Attention(nn.Module):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         norm_layer: Optional[Type[nn.Module]] = None,
+        num_kv_heads: Optional[int] = None,
+        rotary: Optional[RotaryEmbedding] = None,
         device=None,
         dtype=None,
         **unused,
@@ -68,33 +83,95 @@ class Attention(nn.Module):
             if dim % num_heads != 0:
                 raise ValueError(f"dim should be divisible by num_heads, got dim={dim}, num_heads={num_heads}")
             head_dim = dim // num_heads
+        kv_heads = num_kv_heads or num_heads
+        if num_heads % kv_heads != 0:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({kv_heads})")
         if (qk_norm or scale_norm) and norm_layer is None:
             raise ValueError("norm_layer must be provided if qk_norm or scale_norm is True")
         self.num_heads = num_heads
+        self.num_kv_heads = kv_heads
         self.head_dim = head_dim
         self.attn_dim = num_heads * head_dim
         self.scale = head_dim**-0.5
-        self.qkv = nn.Linear(dim, self.attn_dim * 3, bias=qkv_bias, **dd)
+        self.qkv = nn.Linear(dim, (num_heads + 2 * kv_heads) * head_dim, bias=qkv_bias, **dd)
         self.q_norm = norm_layer(head_dim, **dd) if qk_norm else nn.Identity()
         self.k_norm = norm_layer(head_dim, **dd) if qk_norm else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
         self.norm = norm_layer(self.attn_dim, **dd) if scale_norm else nn.Identity()
         self.proj = nn.Linear(self.attn_dim, dim_out, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.rotary = rotary
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
-        b, n, _ = x.shape
-        # (B, N, 3·H·D) viewed as (3, B, H, N, D): no copy, the kernel reads the strides.
-        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False,
+                cache: Optional[KVCache] = None, layer: int = 0, positions: Optional[Tensor] = None) -> Tensor:
+        B, N, _ = x.shape
+        kv_heads = getattr(self, "num_kv_heads", None) or self.num_heads  # modules converted from timm lack it
+        q_dim, kv_dim = self.num_heads * self.head_dim, kv_heads * self.head_dim
+        # One GEMM for q, k, v; each is a strided view of its output, (B, h, N, hd): no copy.
+        q, k, v = self.qkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+        q = _heads(q, self.num_heads, self.head_dim)
+        k = _heads(k, kv_heads, self.head_dim)
+        v = _heads(v, kv_heads, self.head_dim)
         q, k = self.q_norm(q), self.k_norm(k)
-        out = scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=attn_mask,
-            dropout_p=self.attn_drop.p if self.training else 0.0,
-            is_causal=is_causal,
-            scale=self.scale,
-        )
-        out = out.transpose(1, 2).reshape(b, n, self.attn_dim)
+        rotary = getattr(self, "rotary", None)
+        start = cache.length if cache is not None else 0
+        if rotary is not None:
+            if positions is None:
+                positions = torch.arange(start, start + N, device=x.device)
+            q, k = rotary(q, k, positions)
+        if cache is not None and cache.length > 0:  # decoding: the new tokens attend over the cache
+            k_all, v_all = cache.write(layer, k, v)
+            out = ops.decode_attention(q, k_all, v_all, cache.length + N, self.scale)
+        else:
+            if cache is not None:  # prefill: attend within the prompt, then remember it
+                cache.write(layer, k, v)
+            out = ops.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0,
+                is_causal=is_causal, scale=self.scale, enable_gqa=kv_heads != self.num_heads,
+            )
+        out = out.transpose(1, 2).reshape(B, N, self.attn_dim)  # (B, N, H·hd)
         return self.proj_drop(self.proj(self.norm(out)))
+
+
+class CrossAttention(nn.Module):
+    """Attention from ``x`` to another sequence (the encoder memory).
+
+    Args: ``dim`` (of ``x``), ``num_heads``, ``kv_dim=None`` (of the memory, default ``dim``),
+    ``qkv_bias=True``, ``proj_bias=True``, ``attn_drop=0.``, ``proj_drop=0.``, ``device``, ``dtype``.
+    Submodules: ``q`` ``(dim → dim)``, ``kv`` ``(kv_dim → 2·dim)``, ``proj``.
+
+    Forward: ``x (B, T, dim)``, ``memory (B, S, kv_dim)`` or its projection ``memory_kv``
+    (from :meth:`memory_kv`, computed once per source when decoding), ``attn_mask``
+    broadcastable to ``(B, H, T, S)`` → ``(B, T, dim)``.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, kv_dim: Optional[int] = None, qkv_bias: bool = True,
+                 proj_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0, device=None, dtype=None):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"dim should be divisible by num_heads, got dim={dim}, num_heads={num_heads}")
+        dd = {"device": device, "dtype": dtype}
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q = nn.Linear(dim, dim, bias=qkv_bias, **dd)
+        self.kv = nn.Linear(kv_dim or dim, 2 * dim, bias=qkv_bias, **dd)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def memory_kv(self, memory: Tensor) -> Tuple[Tensor, Tensor]:
+        """Keys and values of ``memory (B, S, kv_dim)`` → 2 × ``(B, H, S, hd)``."""
+        k, v = self.kv(memory).chunk(2, dim=-1)
+        return _heads(k, self.num_heads, self.head_dim), _heads(v, self.num_heads, self.head_dim)
+
+    def forward(self, x: Tensor, memory: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
+                memory_kv: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+        if memory_kv is None:
+            if memory is None:
+                raise ValueError("CrossAttention needs memory or memory_kv")
+            memory_kv = self.memory_kv(memory)
+        B, T, C = x.shape
+        q = _heads(self.q(x), self.num_heads, self.head_dim)
+        out = ops.scaled_dot_product_attention(
+            q, memory_kv[0], memory_kv[1], attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, T, C)))

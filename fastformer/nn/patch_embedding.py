@@ -35,6 +35,8 @@ class PatchEmbedding(nn.Module):
         in_chans: image channels ``C``.
         embed_dim: embedding size ``E``.
         bias: learn ``proj.bias``.
+        dynamic_img_size: accept any ``H, W`` divisible by the patch size (timm's flag;
+            :meth:`grid` gives the patch grid of an input), not only ``img_size``.
 
     Forward: ``x`` ``(B, C, H, W)`` → ``(B, N, E)`` with ``N = (H/p)·(W/p)`` patches in
     row-major order (timm's ``PatchEmbed`` with ``flatten=True``).
@@ -47,6 +49,7 @@ class PatchEmbedding(nn.Module):
         in_chans: int = 3,
         embed_dim: int = 768,
         bias: bool = True,
+        dynamic_img_size: bool = False,
         device=None,
         dtype=None,
     ) -> None:
@@ -59,6 +62,7 @@ class PatchEmbedding(nn.Module):
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.in_chans = in_chans
         self.embed_dim = embed_dim
+        self.dynamic_img_size = dynamic_img_size
         self.proj = nn.Conv2d(
             in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias, device=device, dtype=dtype
         )
@@ -67,14 +71,24 @@ class PatchEmbedding(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"expected x of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
         b, c, h, w = x.shape
-        if (h, w) != self.img_size:
-            raise ValueError(f"input image size ({h}x{w}) doesn't match model ({self.img_size[0]}x{self.img_size[1]})")
+        gh, gw = self.grid(x)
         ph, pw = self.patch_size
-        gh, gw = self.grid_size
         # (B, C, gh, ph, gw, pw) → (B, gh, gw, C, ph, pw): one row of C·ph·pw pixels per patch,
         # in the order of the conv kernel's (C, ph, pw) so the weight is used as stored.
         patches = x.reshape(b, c, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c * ph * pw)
         return F.linear(patches, self.proj.weight.reshape(self.embed_dim, -1), self.proj.bias)
+
+    def grid(self, x: Tensor) -> Tuple[int, int]:
+        """The patch grid ``(H/p, W/p)`` of images ``x (B, C, H, W)``; ValueError for a size it cannot take."""
+        h, w = x.shape[-2], x.shape[-1]
+        if not self.dynamic_img_size:
+            if (h, w) != self.img_size:
+                raise ValueError(f"input image size ({h}x{w}) doesn't match model ({self.img_size[0]}x{self.img_size[1]})")
+            return self.grid_size
+        ph, pw = self.patch_size
+        if h % ph or w % pw:
+            raise ValueError(f"image size {h}x{w} must be divisible by the patch size {self.patch_size}")
+        return h // ph, w // pw
 
     def extra_repr(self) -> str:
         return f"img_size={self.img_size}, patch_size={self.patch_size}, in_chans={self.in_chans}, embed_dim={self.embed_dim}"

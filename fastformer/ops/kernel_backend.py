@@ -9,8 +9,9 @@ the torch-ops path.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Iterable
+from typing import Iterable, Iterator, List
 
 import torch
 
@@ -32,6 +33,23 @@ def triton_unavailable(device: torch.device) -> str | None:
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+_DEFAULT_STACK: List[str] = []
+
+
+@contextlib.contextmanager
+def use_kernel_backend(backend: str) -> Iterator[None]:
+    """Make ``backend`` (``"triton"`` or ``"torch"``) what ``backend="auto"`` means for the softmax,
+    norm, feed-forward and positional ops inside a ``with`` block (e.g. ``"triton"`` on CPU tensors
+    under ``TRITON_INTERPRET=1``, to run a whole model on the kernels). Blocks nest; process-wide."""
+    if backend not in ("triton", "torch"):
+        raise ValueError(f"use_kernel_backend: backend must be 'triton' or 'torch', got {backend!r}")
+    _DEFAULT_STACK.append(backend)
+    try:
+        yield
+    finally:
+        _DEFAULT_STACK.pop()
+
+
 def resolve_backend(backend: str, device: torch.device, op: str, choices: Iterable[str] = ("auto", "triton", "torch"),
                     dtype: torch.dtype | None = None) -> str:
     """The concrete backend (``"triton"``/``"torch"``/other forced name) for ``op`` on ``device``.
@@ -40,6 +58,8 @@ def resolve_backend(backend: str, device: torch.device, op: str, choices: Iterab
     ``"triton"`` is forced: valid input, just not the kernels' business.
     """
     choices = tuple(choices)
+    if backend == "auto" and _DEFAULT_STACK and _DEFAULT_STACK[-1] in choices:
+        backend = _DEFAULT_STACK[-1]
     if backend not in choices:
         raise ValueError(f"{op}: backend must be one of {choices}, got {backend!r}")
     if dtype is not None and dtype not in KERNEL_DTYPES and backend in ("auto", "triton"):

@@ -81,8 +81,10 @@ def dropout_keep_mask(rng_state: Tensor, shape, p: float, device=None) -> Tensor
     return C.attention_cpu_dropout_keep_mask(*shape, float(p), seed, offset)
 
 
+@torch.compiler.assume_constant_result
 def isa() -> str:
-    """The instruction-set variant the kernels run with on this machine (avx512_bf16 / avx512 / avx2 / generic)."""
+    """The instruction-set variant the kernels run with on this machine (avx512_bf16 / avx512 / avx2 / generic).
+    Constant for the process, so torch.compile evaluates it once while tracing (the pybind call is opaque to it)."""
     return C.attention_cpu_isa()
 
 
