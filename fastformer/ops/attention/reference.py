@@ -21,6 +21,11 @@ from .registry import AttentionBackend, register_backend
 
 def reference_attention(problem: AttentionProblem):
     q, k, v, mask, is_causal = problem.q, problem.k, problem.v, problem.mask, problem.is_causal
+    out_shape = (*q.shape[:-1], v.shape[-1])
+    if 0 in out_shape:
+        # Nothing to compute, and torch 2.11's CPU SDPA dies with SIGFPE on zero heads (the GPU
+        # image's torch; 2.13 is fixed): an empty output, still connected to q, k, v for autograd.
+        return q.new_zeros(out_shape) + (q.sum() + k.sum() + v.sum()).to(q.dtype) * 0
     if is_causal and problem.causal_bottom_right and problem.len_q != problem.len_k:
         # torch's is_causal is top-left aligned; build the bottom-right mask explicitly.
         mask, is_causal = causal_mask(problem.len_q, problem.len_k, True, q.device), False
