@@ -62,10 +62,6 @@ def device_unsupported(device: torch.device) -> Optional[str]:
     return f"Triton kernels need CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got {device.type}"
 
 
-def _block(d: int) -> int:
-    return max(16, 1 << (int(d) - 1).bit_length())  # kernels.attention_common.head_block, without importing triton
-
-
 def padded_tiles_unsupported(head_dim: int, head_dim_v: int, device: torch.device) -> Optional[str]:
     """Why Triton cannot take these head dims on this device, or None.
 
@@ -76,7 +72,10 @@ def padded_tiles_unsupported(head_dim: int, head_dim_v: int, device: torch.devic
     interpreter is unaffected. Other backends take these shapes."""
     if device.type != "cuda":
         return None
-    be, bv = _block(head_dim), _block(head_dim_v)
+    # Only reached once the backend is available (triton importable): selection checks that first.
+    from fastformer.kernels.attention_common import head_block
+
+    be, bv = head_block(head_dim), head_block(head_dim_v)
     if be != head_dim and bv != head_dim_v and be != bv:
         return (f"head dims E={head_dim} and Ev={head_dim_v} pad to different tiles ({be}, {bv}), which "
                 "faults in triton 3.6's sm_90 code (an invalid shared-memory read)")
