@@ -35,14 +35,19 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--only", nargs="*", help="run only these scripts")
+    p.add_argument("--only", nargs="*", help="run only these scripts, in the order given")
     p.add_argument("--budget", type=float, default=None, help="stop starting new entries after this many seconds")
     args = p.parse_args(argv)
     start = time.time()
     failures = []
-    for script, limit, extra in SUITE:
-        if args.only and script not in args.only:
-            continue
+    entries = SUITE
+    if args.only:  # the caller's order: bench/gpu.sh puts what has never run on a GPU first
+        by_name = {e[0]: e for e in SUITE}
+        unknown = [s for s in args.only if s not in by_name]
+        if unknown:
+            p.error(f"--only: unknown scripts {unknown}; known: {sorted(by_name)}")
+        entries = [by_name[s] for s in args.only]
+    for script, limit, extra in entries:
         path = BENCH / script
         if not path.exists():
             print(f"== {script}: missing, skipped", flush=True)

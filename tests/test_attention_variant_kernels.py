@@ -31,8 +31,11 @@ KERNEL_CASES = [
     ("long_window", 70, 70, (20, 0), False, False, False, 0.0, None, 1, 1, 0.0),
 ]
 
-KERNEL_BACKENDS = [("cpu", torch.float32), ("cpu", torch.bfloat16),
-                   ("triton", torch.float32), ("triton", torch.float16)]
+KERNEL_BACKENDS = [("cpu", torch.float32, "cpu"), ("cpu", torch.bfloat16, "cpu"),
+                   ("triton", torch.float32, "cpu"), ("triton", torch.float16, "cpu"),
+                   # compiled Triton on a GPU (bf16 only there: the interpreter's bf16 dot is wrong)
+                   pytest.param("triton", torch.float16, "cuda", marks=pytest.mark.cuda),
+                   pytest.param("triton", torch.bfloat16, "cuda", marks=pytest.mark.cuda)]
 
 
 def _kernels(backend):
@@ -42,7 +45,7 @@ def _kernels(backend):
         from fastformer.ops.attention.cpu import dropout_keep_mask
 
         def fwd(q, k, v, mask, rng, p, causal, br, scale, variant):
-            out, lse = q.new_empty(*q.shape[:-1], v.shape[-1]), torch.empty(q.shape[:-1])
+            out, lse = q.new_empty(*q.shape[:-1], v.shape[-1]), torch.empty(q.shape[:-1], device=q.device)
             seed, off = (int(x) for x in rng.tolist()) if rng is not None else (0, 0)
             C.attention_cpu_forward(q, k, v, mask, p, seed, off, causal, br, scale, out, lse, variant.window_left,
                                     variant.window_right, variant.alibi_slopes, variant.softcap)
@@ -60,7 +63,7 @@ def _kernels(backend):
     from fastformer.kernels.attention_fwd import attention_fwd
 
     def fwd(q, k, v, mask, rng, p, causal, br, scale, variant):
-        out, lse = q.new_empty(*q.shape[:-1], v.shape[-1]), torch.empty(q.shape[:-1])
+        out, lse = q.new_empty(*q.shape[:-1], v.shape[-1]), torch.empty(q.shape[:-1], device=q.device)
         attention_fwd(q, k, v, mask, out, lse, rng, scale=scale, dropout_p=p, is_causal=causal,
                       causal_bottom_right=br, variant=variant)
         return out, lse
@@ -74,8 +77,8 @@ def _kernels(backend):
 
 
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: c[0])
-@pytest.mark.parametrize("backend,dtype", KERNEL_BACKENDS, ids=lambda x: str(x).split(".")[-1])
-def test_variant_kernel_forward_backward(backend, dtype, case):
+@pytest.mark.parametrize("backend,dtype,device", KERNEL_BACKENDS, ids=lambda x: str(x).split(".")[-1])
+def test_variant_kernel_forward_backward(backend, dtype, device, case):
     require_backend(backend)
     _, L, S, window, causal, br, alibi, softcap, mask_kind, Hq, Hkv, p = case
     B, E = 2, 16
@@ -89,10 +92,14 @@ def test_variant_kernel_forward_backward(backend, dtype, case):
         mask = keep if mask_kind == "bool" else torch.randn(L, S).masked_fill(~keep, float("-inf")).to(dtype)
     mask4 = None if mask is None else mask.expand(B, Hq, L, S)
     rng = torch.tensor([1234, 5], dtype=torch.int64) if p > 0 else None
-    keep = keep_fn(rng, (B, Hq, L, S), p, q.device) if p > 0 else None
-    var = Variant(window[0], window[1], slopes, softcap)
+    dev = torch.device(device)  # inputs and the reference are drawn on the CPU; the kernel runs on `device`
+    var = Variant(window[0], window[1], None if slopes is None else slopes.to(dev), softcap)
     scale = E ** -0.5
-    out, lse = fwd(q, k, v, mask4, rng, p, causal, br, scale, variant=var)
+    qd, kd, vd = (t.to(dev) for t in (q, k, v))
+    mask4d = None if mask4 is None else mask4.to(dev)
+    rngd = None if rng is None else rng.to(dev)
+    out, lse = fwd(qd, kd, vd, mask4d, rngd, p, causal, br, scale, variant=var)
+    keep = keep_fn(rngd, (B, Hq, L, S), p, dev).cpu() if p > 0 else None
 
     kw = dict(is_causal=causal, bottom_right=br, window=window, alibi_slopes=slopes, softcap=softcap, keep=keep,
               dropout_p=p)
@@ -101,14 +108,16 @@ def test_variant_kernel_forward_backward(backend, dtype, case):
     m64 = None if mask is None else (mask if mask.dtype == torch.bool else mask.double())
     ref, ref_lse = reference_attention(*up, attn_mask=m64, **kw)
     ref_same, _ = reference_attention(*same, attn_mask=mask, **kw)
-    name = f"{backend}/{case[0]}"
+    name = f"{backend}-{device}/{case[0]}"
+    out, lse = out.cpu(), lse.cpu()
     assert_close_by_rule(out, ref, ref_same, name=f"{name}/out")
     assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse)), f"{name}: rows seeing no key differ"
     fin = torch.isfinite(ref_lse)
     torch.testing.assert_close(lse[fin].double(), ref_lse[fin], rtol=0, atol=2e-5 if dtype == torch.float32 else 2e-2)
 
     dout64 = torch.randn_like(ref)
-    dq, dk, dv = bwd(dout64.to(dtype), q, k, v, out, lse, mask4, rng, p, causal, br, scale, variant=var)
+    dq, dk, dv = (g.cpu() for g in bwd(dout64.to(dtype).to(dev), qd, kd, vd, out.to(dev), lse.to(dev), mask4d, rngd, p,
+                                       causal, br, scale, variant=var))
     g_ref = torch.autograd.grad(ref, up, dout64)
     g_same = torch.autograd.grad(ref_same, same, dout64.to(dtype))
     for gname, a, r, s in zip(("dq", "dk", "dv"), (dq, dk, dv), g_ref, g_same):
@@ -131,7 +140,8 @@ def _page(k, v, block_size, extra=3):
     ((-1, -1), True, False, 0.0), ((5, 0), True, False, 0.0), ((7, -1), True, True, 2.0), ((4, 3), False, True, 0.0),
     ((-1, -1), False, False, 1.5),
 ], ids=["causal", "window", "window_alibi_softcap", "window_noncausal_alibi", "softcap_noncausal"])
-def test_decode_kernel_variants(paged, window, causal, alibi, softcap):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_decode_kernel_variants(device, paged, window, causal, alibi, softcap):
     require_backend("triton")
     from fastformer.kernels.decode import decode_attention_fwd
 
@@ -143,8 +153,13 @@ def test_decode_kernel_variants(paged, window, causal, alibi, softcap):
     lse = torch.empty(B, Hq, Lq)
     o_part, lse_part = torch.empty(B, Hq, Lq, splits, D), torch.empty(B, Hq, Lq, splits)
     caches = _page(k, v, bs) if paged else (k, v, None)
-    decode_attention_fwd(q, caches[0], caches[1], lens, D ** -0.5, causal, out, lse, o_part, lse_part, splits,
-                         block_n=16, window=window, alibi_slopes=slopes, softcap=softcap, block_table=caches[2])
+    dev = torch.device(device)
+    on = (lambda t: None if t is None else t.to(dev))  # noqa: E731
+    out_d, lse_d = on(out), on(lse)
+    decode_attention_fwd(on(q), on(caches[0]), on(caches[1]), on(lens), D ** -0.5, causal, out_d, lse_d, on(o_part),
+                         on(lse_part), splits, block_n=16, window=window, alibi_slopes=on(slopes), softcap=softcap,
+                         block_table=on(caches[2]))
+    out, lse = out_d.cpu(), lse_d.cpu()
     for b in range(B):
         n = int(lens[b])
         # the new tokens are the last Lq of the n valid entries: bottom-right alignment
