@@ -83,11 +83,13 @@ _COMPILED: Dict[str, Callable] = {}
 
 def providers(kernel: str, device: str, quick: bool) -> Dict[str, Callable]:
     eager = {"softmax": eager_softmax, "layer_norm": eager_layer_norm, "ffn": eager_ffn, "swiglu": eager_swiglu}[kernel]
+    # "ff" is the Triton kernel itself on CUDA ("auto" may hand a shape to torch: ops.kernel_backend)
+    be = "triton" if device == "cuda" else "auto"
     ours = {
-        "softmax": lambda x: ops.softmax(x, scale=0.125),
-        "layer_norm": lambda x, w, b: ops.layer_norm(x, (x.shape[-1],), w, b, 1e-5),
-        "ffn": lambda x, w1, b1, w2, b2: ops.feed_forward(x, w1, b1, w2, b2, "gelu"),
-        "swiglu": lambda x, w1, b1, w2, b2: ops.feed_forward(x, w1, b1, w2, b2, "silu", gated=True),
+        "softmax": lambda x: ops.softmax(x, scale=0.125, backend=be),
+        "layer_norm": lambda x, w, b: ops.layer_norm(x, (x.shape[-1],), w, b, 1e-5, backend=be),
+        "ffn": lambda x, w1, b1, w2, b2: ops.feed_forward(x, w1, b1, w2, b2, "gelu", backend=be),
+        "swiglu": lambda x, w1, b1, w2, b2: ops.feed_forward(x, w1, b1, w2, b2, "silu", gated=True, backend=be),
     }[kernel]
     out = {"ff": ours, "torch-eager": eager}
     if kernel == "softmax" and device == "cuda":

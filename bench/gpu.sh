@@ -3,6 +3,9 @@
 #
 #   bash bench/gpu.sh            # on a lent GPU (device tool: timeout_s 540); < 8 minutes
 #   bash bench/gpu.sh --dry-run  # on a CPU machine: exercises every step's plumbing
+#   GPU_TOTAL=300 GPU_TEST_S=110 GPU_WORKERS=16 GPU_BENCH="bench_nn.py bench_models.py" GPU_CHECKS=0 bash bench/gpu.sh
+#                                # a short follow-up call: its own time, test time and workers,
+#                                # benchmark list, and no sanitizers/fuzzer (GPU_CHECKS=0)
 #
 # Writes to $OUT when set (the device tool's return folder), else bench/results/gpu-run/:
 #   summary.txt       the step table and the key numbers (also printed last)
@@ -74,7 +77,10 @@ if [ "$DRY_RUN" = 1 ]; then
   step "benchmarks (cpu, quick)" 300 "$PY" bench/suite.py --device cpu --quick
 else
   # One device call: ~500 s in all. Later steps get what is left (left N = min(N, time remaining)).
-  TOTAL=500
+  TOTAL=${GPU_TOTAL:-500}
+  BENCH_LIST=${GPU_BENCH:-bench_kernels.py bench_nn.py bench_models.py attention.py bench_cuda_kernels.py bench_pytest.py}
+  CHECKS=${GPU_CHECKS:-1}
+  RESERVE=$(( CHECKS == 1 ? 90 : 0 ))
   left() { local r=$(( TOTAL - ($(date +%s) - T0) )); [ "$r" -lt "$1" ] && echo $(( r > 10 ? r : 10 )) || echo "$1"; }
   peers=$(ls .whl/*.whl 2>/dev/null | grep -v '/fastformer-' || true)
   if [ -n "$peers" ]; then
@@ -99,15 +105,17 @@ else
   # Backends that must be present on a GPU: their tests fail instead of skipping if the build lost them.
   # Under pytest-xdist a test that leaves a sticky CUDA fault ends only its worker (tests/conftest.py);
   # in one process it turned 297 later tests into errors (GPU run 1). 8 workers: 142 s for 359 tests.
-  xdist=(); "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8)
-  step "cuda tests" "$(left 160)" env FASTFORMER_EXPECT_BACKENDS=cuda,triton FASTFORMER_TRITON_AUTOTUNE=off "$PY" -m pytest -q -m cuda "${xdist[@]}" -p no:cacheprovider --junitxml="$WORK/junit.xml" tests
+  xdist=(); "$PY" -c "import xdist" 2>/dev/null && xdist=(-n "${GPU_WORKERS:-8}")
+  step "cuda tests" "$(left "${GPU_TEST_S:-160}")" env FASTFORMER_EXPECT_BACKENDS=cuda,triton FASTFORMER_TRITON_AUTOTUNE=off "$PY" -m pytest -q -m cuda "${xdist[@]}" -p no:cacheprovider --junitxml="$WORK/junit.xml" tests
   # Benchmarks get what is left after reserving ~90 s for the Triton sanitizer and the fuzzer.
   # Order = priority (suite.py --only keeps it): what has never run on a GPU first (kernels, nn,
   # models: GPU run 1's budget ended inside attention.py), then the attention sets again.
-  bench_s=$(( TOTAL - ($(date +%s) - T0) - 90 ))
+  bench_s=$(( TOTAL - ($(date +%s) - T0) - RESERVE ))
   [ $bench_s -lt 60 ] && bench_s=60
-  step "benchmarks" "$bench_s" "$PY" bench/suite.py --device cuda --budget $(( bench_s - 20 )) \
-    --only bench_kernels.py bench_nn.py bench_models.py attention.py bench_cuda_kernels.py bench_pytest.py
+  step "benchmarks" "$bench_s" "$PY" bench/suite.py --device cuda --budget $(( bench_s - 20 )) --only $BENCH_LIST
+  if [ "$CHECKS" != 1 ]; then
+    printf '%-28s %-16s\n' "sanitizers, fuzz" "skipped (GPU_CHECKS=0)" | tee -a "$SUMMARY"
+  else
   step "compute-sanitizer (triton)" "$(left 60)" env PYTHON="$PY" bash bench/sanitize_triton.sh
   step "fuzz (gpu profile)" "$(left 30)" env FASTFORMER_FUZZ_PROFILE=gpu "$PY" -m pytest -q -x -p no:cacheprovider tests/test_fuzz.py
   # The CUDA kernels' sanitizer was clean in GPU run 1 and their sources have not changed since:
@@ -116,6 +124,7 @@ else
     step "compute-sanitizer (cuda)" "$(left 80)" env PYTHON="$PY" bash bench/sanitize_cuda.sh
   else
     printf '%-28s %-16s\n' "compute-sanitizer (cuda)" "skipped (no time)" | tee -a "$SUMMARY"
+  fi
   fi
 fi
 
@@ -130,7 +139,9 @@ for path in sorted(root.glob("*/*.json")):
     if "ceilings" in data:
         print("  ceilings: " + ", ".join(f"{k} {v:.4g}" for k, v in data["ceilings"].items()))
     for r in data.get("results", []):
-        if "speedup_vs_best_peer" in r and r.get("provider", "").startswith("ff-") and r["provider"] != "ff-naive":
+        keys = ("mode", "dtype", "seqlen", "head_dim", "causal", "tflops", "best_peer")  # attention rows only
+        if "speedup_vs_best_peer" in r and r.get("provider", "").startswith("ff-") and r["provider"] != "ff-naive" \
+                and all(k in r for k in keys):
             print(f"  {r['provider']:<12} {r['mode']:<7} {r['dtype']:<8} L{r['seqlen']:<6} d{r['head_dim']:<4}"
                   f" {'causal' if r['causal'] else 'full  '} {r['tflops']:8.3f} TFLOP/s"
                   f" x{r['speedup_vs_best_peer']:.2f} vs {r['best_peer']}")

@@ -126,3 +126,18 @@ def test_auto_uses_torch_for_cuda_tensors():
 
 def test_auto_never_picks_a_fused_backend_for_cuda_tensors():
     assert dispatch.AUTO_ORDER["cuda"] == []
+
+
+def test_kernel_ops_auto_on_cuda_follows_the_measured_table():
+    """softmax/norm/FFN "auto" on CUDA takes the Triton kernel only where GPU run 3 measured it faster
+    than torch (ops.kernel_backend.CUDA_AUTO_MIN_ROW); resolved without a GPU (no tensor needed)."""
+    from fastformer.ops.kernel_backend import CUDA_AUTO_MIN_ROW, resolve_backend
+
+    cuda = torch.device("cuda")
+    assert CUDA_AUTO_MIN_ROW == {"softmax": 4096}
+    assert resolve_backend("auto", cuda, "softmax", ("auto", "triton", "torch", "cuda"), row=8192) == "triton"
+    assert resolve_backend("auto", cuda, "softmax", ("auto", "triton", "torch", "cuda"), row=1024) == "torch"
+    for op in ("layer_norm", "rms_norm", "linear_act", "gated_linear", "apply_rotary", "add_sinusoidal_positions"):
+        assert resolve_backend("auto", cuda, op, row=1 << 16) == "torch", op
+    assert resolve_backend("triton", cuda, "layer_norm") == "triton"  # forcing still forces
+    assert resolve_backend("auto", torch.device("cpu"), "softmax", ("auto", "triton", "torch", "cuda"), row=8192) == "torch"

@@ -1,7 +1,8 @@
 """Backend choice shared by the elementwise / row-wise / GEMM ops (softmax,
 norms, feed-forward, positional encodings).
 
-``"auto"`` runs the Triton kernels on CUDA tensors and plain torch ops
+``"auto"`` runs the Triton kernels on CUDA tensors only where they measured
+faster than torch's own kernels (:data:`CUDA_AUTO_MIN_ROW`), and plain torch ops
 everywhere else; ``"triton"`` forces the kernels (on CPU tensors this needs
 ``TRITON_INTERPRET=1``, which is how the tests run them); ``"torch"`` forces
 the torch-ops path.
@@ -35,6 +36,15 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _DEFAULT_STACK: List[str] = []
 
+# What "auto" picks on CUDA: the Triton kernel for ``op`` when the row (the reduced, last dim) is at
+# least this long, else torch; ops not listed always take torch. From GPU run 3 (H200, bf16,
+# forward + backward, paired with torch eager in one run; bench/results/nvidia-h200/kernels.json):
+#   softmax    n=768 0.16x, 1024 0.74x, 4096 1.43x, 8192 2.60x torch eager    -> Triton from 4096
+#   layer_norm n=768...8192: 0.14x-0.91x                                      -> torch
+#   linear_act (fused bias + GELU FFN) 0.31x-0.42x, gated_linear (SwiGLU) 0.89x -> torch
+# rms_norm, rotary and sinusoidal positions have not been measured on a GPU: torch until they are.
+CUDA_AUTO_MIN_ROW = {"softmax": 4096}
+
 
 @contextlib.contextmanager
 def use_kernel_backend(backend: str) -> Iterator[None]:
@@ -51,11 +61,12 @@ def use_kernel_backend(backend: str) -> Iterator[None]:
 
 
 def resolve_backend(backend: str, device: torch.device, op: str, choices: Iterable[str] = ("auto", "triton", "torch"),
-                    dtype: torch.dtype | None = None) -> str:
+                    dtype: torch.dtype | None = None, row: int | None = None) -> str:
     """The concrete backend (``"triton"``/``"torch"``/other forced name) for ``op`` on ``device``.
 
     A dtype the kernels do not cover (float64) goes to ``"torch"`` even when
-    ``"triton"`` is forced: valid input, just not the kernels' business.
+    ``"triton"`` is forced: valid input, just not the kernels' business. ``row``: the
+    length of the reduced dim, for the measured CUDA rule (:data:`CUDA_AUTO_MIN_ROW`).
     """
     choices = tuple(choices)
     if backend == "auto" and _DEFAULT_STACK and _DEFAULT_STACK[-1] in choices:
@@ -65,7 +76,10 @@ def resolve_backend(backend: str, device: torch.device, op: str, choices: Iterab
     if dtype is not None and dtype not in KERNEL_DTYPES and backend in ("auto", "triton"):
         return "torch"
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_unavailable(device) is None else "torch"
+        min_row = CUDA_AUTO_MIN_ROW.get(op)
+        if device.type != "cuda" or min_row is None or (row or 0) < min_row:
+            return "torch"
+        return "triton" if triton_unavailable(device) is None else "torch"
     if backend == "triton":
         reason = triton_unavailable(device)
         if reason is not None:

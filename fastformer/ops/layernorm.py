@@ -204,7 +204,7 @@ def layer_norm(
         residual: None or shaped like ``x``; dropout (``dropout_p``, always applied
             when > 0 — pass 0 in eval) acts on it before the add.
         return_residual: also return ``x + dropout(residual)`` (``x`` itself without a residual).
-        backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"triton"`` or ``"torch"``.
+        backend: ``"auto"`` (torch: the Triton kernel measured slower on an H200, see ``ops.kernel_backend``), ``"triton"`` or ``"torch"``.
 
     Returns:
         ``y`` shaped like ``x``, or ``(y, sum)`` with ``return_residual``.

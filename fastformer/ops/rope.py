@@ -82,7 +82,7 @@ def apply_rotary(q: Tensor, k: Tensor, positions: Optional[Tensor] = None, base:
         positions: None (``0..L-1``) or integer/float ``(L,)`` or ``(B, L)``.
         base: the frequency base (``theta_i = pos * base^(-2i/D)``).
         interleaved: pair dims ``(2i, 2i+1)`` (GPT-J) instead of ``(i, i + D/2)`` (HF Llama rotate-half).
-        backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"triton"`` or ``"torch"``.
+        backend: ``"auto"`` (torch until the kernel is measured on a GPU: ``ops.kernel_backend``), ``"triton"`` or ``"torch"``.
 
     Returns:
         ``(q_rot, k_rot)`` shaped like the inputs (new tensors).

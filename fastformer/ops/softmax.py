@@ -4,7 +4,7 @@ Backends: ``"triton"`` (kernels/softmax.py, the ``fastformer::softmax_fwd`` /
 ``softmax_bwd`` custom ops with fake impls and autograd), ``"torch"`` (plain
 torch ops, any device), ``"cuda"`` (the C++/CUDA twin in
 ``fastformer.ops.softmax_cuda``, imported lazily) and ``"auto"`` (Triton on CUDA
-tensors, torch elsewhere).
+tensors where it measured faster than torch, torch elsewhere: ``ops.kernel_backend``).
 """
 
 from __future__ import annotations
@@ -180,14 +180,16 @@ def softmax(
             No gradient flows to a float mask.
         is_causal: top-left causal mask over the last two dims (column ``j`` of row
             ``i`` kept when ``j <= i``); needs ``dim=-1``.
-        backend: ``"auto"`` (Triton on CUDA tensors, torch elsewhere), ``"triton"``,
+        backend: ``"auto"`` (Triton on CUDA tensors with rows of 4096 or more, where it
+            measured faster than torch; torch elsewhere), ``"triton"``,
             ``"torch"`` or ``"cuda"`` (the C++/CUDA twin; RuntimeError when not built).
 
     Returns:
         a tensor shaped and typed like ``x``. Rows with every column masked are 0.
     """
     dim, mask = _check(x, dim, mask, is_causal)
-    chosen = resolve_backend(backend, x.device, "softmax", SOFTMAX_BACKENDS, dtype=x.dtype)
+    chosen = resolve_backend(backend, x.device, "softmax", SOFTMAX_BACKENDS, dtype=x.dtype,
+                             row=x.shape[dim] if x.dim() else 1)
     if chosen == "torch" or x.numel() == 0:
         return _softmax_torch(x, dim, scale, mask, is_causal)
 
