@@ -51,16 +51,18 @@ static inline vf vsplat(float s) { return vf{} + s; }
 static inline vf vselect(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
 
 // 2^x for x <= 0 (attention weights): exact 0 below -126 (and for -inf), NaN stays NaN.
-// Range reduction x = n + f, |f| <= 1/2, then a degree-7 Taylor polynomial
-// (relative error < 1e-8, under fp32 rounding).
+// Range reduction x = n + f with n = round(x), |f| <= 1/2, by the "magic number"
+// rounding (x + 1.5 * 2^23 leaves round(x) in the low mantissa bits, round-to-nearest
+// mode; no floor/convert round trip), then a degree-7 polynomial (relative error
+// < 1e-8, under fp32 rounding) and 2^n built from n's bits. 17 vector operations;
+// the softmax of every tile runs this once per score.
 static inline vf vexp2(vf x) {
   const vi tiny = x < vsplat(-126.f);
-  vf xc = vselect(tiny, vsplat(-126.f), x);
-  xc = vselect(xc > vsplat(127.f), vsplat(127.f), xc);
-  const vf t = xc + 0.5f;
-  vi n = __builtin_convertvector(t, vi);  // truncation; fix to floor below
-  n += (vi)(__builtin_convertvector(n, vf) > t);  // true is -1
-  const vf f = xc - __builtin_convertvector(n, vf);
+  vf xc = x < vsplat(-126.f) ? vsplat(-126.f) : x;
+  xc = xc > vsplat(127.f) ? vsplat(127.f) : xc;
+  const vf magic = vsplat(12582912.f);  // 1.5 * 2^23
+  const vf t = xc + magic;              // round(xc) in the low mantissa bits
+  const vf f = xc - (t - magic);
   vf p = vsplat(1.525273380405984e-05f);
   p = p * f + 1.5403530393381606e-04f;
   p = p * f + 1.3333558146428443e-03f;
@@ -69,8 +71,31 @@ static inline vf vexp2(vf x) {
   p = p * f + 2.402265069591007e-01f;
   p = p * f + 6.931471805599453e-01f;
   p = p * f + 1.f;
-  const vf r = p * (vf)((n + 127) << 23);
+  // (bits(t) + 127) << 23: the low 9 bits of bits(t) are n (two's complement), so this is
+  // (n + 127) << 23, the exponent field of 2^n, for n in [-126, 127].
+  const vf r = p * (vf)(((vi)t + 127) << 23);
   return (vf)((vi)r & ~tiny);
+}
+
+// Horizontal max / sum of one vector: a tree (log2 W dependent steps, not W).
+static inline float hmax(vf v) {
+  float a[W];
+  std::memcpy(a, &v, sizeof(v));
+#pragma GCC unroll 8
+  for (int w = W / 2; w >= 1; w /= 2)
+#pragma GCC unroll 16
+    for (int t = 0; t < w; ++t) a[t] = a[t + w] > a[t] ? a[t + w] : a[t];
+  return a[0];
+}
+
+static inline float hsum(vf v) {
+  float a[W];
+  std::memcpy(a, &v, sizeof(v));
+#pragma GCC unroll 8
+  for (int w = W / 2; w >= 1; w /= 2)
+#pragma GCC unroll 16
+    for (int t = 0; t < w; ++t) a[t] += a[t + w];
+  return a[0];
 }
 
 // tanh: odd Taylor series below |x| < 0.25 (truncation < 3e-9), else (1 - e) / (1 + e)
@@ -226,28 +251,39 @@ static inline void mask_row(const Problem& p, int64_t b, int64_t h, int64_t i, i
 }
 
 static inline float row_max(const float* s, int64_t npad) {
-  vf m = vsplat(kNegInf);
-  for (int64_t j = 0; j < npad; j += W) {
-    const vf x = vload(s + j);
-    m = vselect(x > m, x, m);
+  vf m0 = vsplat(kNegInf), m1 = m0;  // two chains: the max's latency, not its throughput, bound one
+  int64_t j = 0;
+  for (; j + 2 * W <= npad; j += 2 * W) {
+    const vf x0 = vload(s + j), x1 = vload(s + j + W);
+    m0 = x0 > m0 ? x0 : m0;  // NaN never wins (as torch's max over finite scores)
+    m1 = x1 > m1 ? x1 : m1;
   }
-  float r = kNegInf;
-  for (int t = 0; t < W; ++t) r = std::max(r, m[t]);
-  return r;
+  if (j < npad) {
+    const vf x = vload(s + j);
+    m0 = x > m0 ? x : m0;
+  }
+  return hmax(m1 > m0 ? m1 : m0);
 }
 
-// s = 2^(s - shift) in place; returns the row sum.
+// s = 2^(s - shift) in place; returns the row sum. Unrolled by two vectors (two
+// independent exp2 chains and sums in flight).
 static inline float exp2_row(float* s, int64_t npad, float shift) {
-  vf sum{};
+  vf sum0{}, sum1{};
   const vf sh = vsplat(shift);
-  for (int64_t j = 0; j < npad; j += W) {
+  int64_t j = 0;
+  for (; j + 2 * W <= npad; j += 2 * W) {
+    const vf e0 = vexp2(vload(s + j) - sh), e1 = vexp2(vload(s + j + W) - sh);
+    vstore(s + j, e0);
+    vstore(s + j + W, e1);
+    sum0 += e0;
+    sum1 += e1;
+  }
+  if (j < npad) {
     const vf e = vexp2(vload(s + j) - sh);
     vstore(s + j, e);
-    sum += e;
+    sum0 += e;
   }
-  float r = 0.f;
-  for (int t = 0; t < W; ++t) r += sum[t];
-  return r;
+  return hsum(sum0 + sum1);
 }
 
 static inline void scale_vec(float* x, int64_t npad, float a) {
