@@ -1,4 +1,4 @@
-"""Per-tile bf16 GEMM on the CPU: our vdpbf16ps micro-kernel against torch's own tile GEMMs.
+"""Per-tile bf16 (and fp32) GEMM on the CPU: our vdpbf16ps micro-kernel against torch's own tile GEMMs.
 
 Issue 20 asks whether a well-kept library does the attention kernel's small bf16 GEMMs faster
 than our micro-kernel. Torch's CPU flash attention calls one of two per tile:
@@ -102,6 +102,43 @@ std::vector<double> compare(int64_t M, int64_t N, int64_t K, int64_t reps, int64
   }
   return {best[0], have_brgemm ? best[1] : -1.0, d0, d1};
 }
+
+// The same for fp32 (the kernels' fp32 path, AVX-512 FMAs; B in NR-column panels).
+std::vector<double> compare_f32(int64_t M, int64_t N, int64_t K, int64_t reps, int64_t rounds) {
+  constexpr int64_t NR = avx512bf16::NR;
+  const int64_t Npad = (N + NR - 1) / NR * NR;
+  std::mt19937 gen(0);
+  std::normal_distribution<float> dist;
+  std::vector<float> A(M * K), B(K * N), Bp(K * Npad, 0.f), C0(M * Npad), C1(M * N);
+  for (auto& x : A) x = dist(gen);
+  for (auto& x : B) x = dist(gen);
+  for (int64_t k = 0; k < K; ++k) for (int64_t n = 0; n < N; ++n) Bp[(n / NR) * K * NR + k * NR + n % NR] = B[k * N + n];
+  std::vector<double> C2(M * N, 0.0);
+  for (int64_t i = 0; i < M; ++i) for (int64_t k = 0; k < K; ++k) for (int64_t n = 0; n < N; ++n)
+    C2[i * N + n] += (double)A[i * K + k] * (double)B[k * N + n];
+  auto ours = [&] { avx512bf16::gemm(M, N, K, A.data(), K, 1, Bp.data(), K * NR, C0.data(), Npad, false); };
+  bool have_brgemm = true;
+  auto brg = [&] { blas::brgemm(M, N, K, K, N, N, false, A.data(), B.data(), C1.data(), false); };
+  try { brg(); } catch (const std::exception&) { have_brgemm = false; }
+  auto time = [&](auto&& fn) {
+    auto t0 = std::chrono::steady_clock::now();
+    for (int64_t r = 0; r < reps; ++r) fn();
+    return std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0).count() / reps;
+  };
+  double best[2] = {1e30, 1e30};
+  for (int64_t round = 0; round < rounds; ++round) {
+    best[0] = std::min(best[0], time(ours));
+    if (have_brgemm) best[1] = std::min(best[1], time(brg));
+  }
+  if (have_brgemm) blas::brgemm_release(false);
+  ours();
+  double d0 = 0, d1 = 0;
+  for (int64_t i = 0; i < M; ++i) for (int64_t n = 0; n < N; ++n) {
+    d0 = std::max(d0, std::abs(C0[i * Npad + n] - C2[i * N + n]));
+    if (have_brgemm) d1 = std::max(d1, std::abs(C1[i * N + n] - C2[i * N + n]));
+  }
+  return {best[0], have_brgemm ? best[1] : -1.0, d0, d1};
+}
 """
 
 
@@ -109,7 +146,7 @@ def build():
     from torch.utils.cpp_extension import load_inline
 
     return load_inline(
-        "ff_tile_gemm", cpp_sources=HARNESS, functions=["compare"],
+        "ff_tile_gemm", cpp_sources=HARNESS, functions=["compare", "compare_f32"],
         extra_include_paths=[str(REPO / "csrc" / "cpu")], extra_cflags=["-O3", "-std=c++17"], verbose=False)
 
 
@@ -141,17 +178,17 @@ def main(argv=None) -> int:
     print(f"# per-tile bf16 GEMM, 1 thread, {rounds} interleaved rounds x {reps} calls, min per routine; "
           f"{common.cpu_model()}")
     rows = []
-    for name, M, N, K in shapes(args.quick):
-        ours, brg, d_ours, d_brg = mod.compare(M, N, K, reps, rounds)
+    for dtype, (name, M, N, K) in [(dt, sh) for dt in ("bfloat16", "float32") for sh in shapes(args.quick)]:
+        ours, brg, d_ours, d_brg = (mod.compare if dtype == "bfloat16" else mod.compare_f32)(M, N, K, reps, rounds)
         flop = 2.0 * M * N * K
-        cfg = f"{name} M{M} N{N} K{K}"
+        cfg = f"{dtype} {name} M{M} N{N} K{K}"
         rows.append(dict(provider="ff-microkernel", config=cfg, M=M, N=N, K=K, time_ns=ours, gflops=flop / ours,
                          max_abs_err=d_ours, **(dict(speedup_vs_best_peer=brg / ours, best_peer="torch-brgemm")
                                                if brg > 0 else {})))
         if brg > 0:
             rows.append(dict(provider="torch-brgemm", config=cfg, M=M, N=N, K=K, time_ns=brg, gflops=flop / brg,
                              max_abs_err=d_brg))
-        print(f"{cfg:<22} ours {flop / ours:6.1f} GFLOP/s  brgemm "
+        print(f"{cfg:<31} ours {flop / ours:6.1f} GFLOP/s  brgemm "
               f"{(flop / brg if brg > 0 else float('nan')):6.1f}  "
               + (f"ours ÷ brgemm time x{ours / brg:.2f}" if brg > 0 else "brgemm unavailable")
               + f"  max|err| vs exact: ours {d_ours:.1e}, brgemm {d_brg:.1e}")
