@@ -20,6 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fastformer
 from error_rule import assert_close_by_rule
+from variant_reference import reference_attention
 
 
 @dataclass(frozen=True)
@@ -40,11 +41,19 @@ class Case:
     dead_rows: bool = False  # some query rows have every key masked
     fill: Optional[float] = None  # float masks: masked keys get this finite fill (e.g. finfo.min), not -inf
     magnitude: float = 1.0  # q and k drawn with this standard deviation (large logits)
+    window: Tuple[int, int] = (-1, -1)  # window_size (left, right); -1 = unlimited
+    alibi: Optional[str] = None  # None / "H" / "BH": alibi_slopes of shape (Hq,) / (*batch, Hq)
+    softcap: float = 0.0
     extra: dict = field(default_factory=dict)
 
     @property
     def gqa(self) -> bool:
         return self.hkv is not None and self.hkv != self.hq
+
+    @property
+    def variant(self) -> bool:
+        """Uses a window, ALiBi or a soft-cap (checked against the explicit reference)."""
+        return self.window != (-1, -1) or self.alibi is not None or self.softcap > 0.0
 
 
 CASES = [
@@ -75,6 +84,29 @@ CASES = [
     Case("mqa_causal", hq=4, hkv=1, is_causal=True),
     Case("gqa_mask", hq=6, hkv=3, mask="bool", mask_shape="B11S"),
     Case("5d_input", batch=(2, 2), hq=2, L=11),
+]
+
+# Attention variants (issue 18): window, ALiBi, soft-cap, alone and combined with causal
+# (both alignments), masks, GQA and odd shapes; small, as the interpreter runs them all.
+VARIANT_CASES = [
+    Case("window_causal", is_causal=True, window=(5, -1), L=40, S=40, batch=(1,)),
+    Case("window_causal_br", is_causal=True, bottom_right=True, window=(6, -1), L=21, S=45, batch=(1,)),
+    Case("window_sym", window=(4, 4), L=37, S=37, batch=(1,)),
+    Case("window_right_only", window=(-1, 3), L=30, S=22, batch=(1,)),
+    Case("window_br_Lq>Lk", window=(3, 2), bottom_right=True, L=33, S=15, batch=(1,)),
+    Case("window_zero", window=(0, 0), L=19, S=19),  # one key per row: dS must be exactly 0
+    Case("window_one_token", window=(2, 0), is_causal=True, L=1, S=1),
+    Case("window_long", is_causal=True, window=(20, -1), L=90, S=90, batch=(1,), hq=2),
+    Case("alibi_H", alibi="H", L=19, S=27),
+    Case("alibi_BH_causal", alibi="BH", is_causal=True, L=23),
+    Case("softcap", softcap=2.0, L=21, S=26),
+    Case("softcap_causal_gqa", softcap=1.5, is_causal=True, hq=4, hkv=2),
+    Case("window_alibi_softcap", window=(7, 0), alibi="H", softcap=3.0, L=41, S=41, batch=(1,)),
+    Case("variants_float_mask", window=(6, 2), alibi="BH", softcap=2.5, mask="float", mask_shape="B11S", L=25),
+    Case("variants_bool_mask_gqa", window=(5, 5), softcap=4.0, mask="bool", mask_shape="BHLS", hq=4, hkv=2),
+    Case("variants_dead_rows", window=(2, 2), alibi="H", mask="bool", mask_shape="BHLS", dead_rows=True),
+    Case("variants_3d", batch=(), window=(3, -1), alibi="H", softcap=1.0),
+    Case("variants_5d", batch=(2, 2), hq=2, L=11, window=(2, 1), alibi="BH", softcap=2.0),
 ]
 
 
@@ -118,8 +150,38 @@ def make_inputs(case: Case, dtype: torch.dtype, device, requires_grad: bool = Tr
     return (*tensors, mask)
 
 
-def torch_attention(case: Case, q, k, v, mask):
-    """PyTorch's SDPA on the given tensors (bottom-right causal as an explicit mask)."""
+def make_slopes(case: Case, device):
+    """ALiBi slopes for ``case`` (float32, as the API requires), or None."""
+    if case.alibi is None:
+        return None
+    shape = (case.hq,) if case.alibi == "H" else (*case.batch, case.hq)
+    return (torch.rand(shape, dtype=torch.float32) * 0.5 + 0.02).to(device)
+
+
+def _flat4(t):
+    """(..., H, N, D) -> (B, H, N, D) (the reference works on 4-D tensors)."""
+    return t.reshape(-1, *t.shape[-3:]) if t.dim() >= 3 else t.reshape(1, 1, *t.shape)
+
+
+def variant_attention(case: Case, q, k, v, mask, slopes):
+    """The explicit mask/bias reference (tests/variant_reference.py) in the tensors' dtype, shaped like q."""
+    q4, k4, v4 = _flat4(q), _flat4(k), _flat4(v)
+    m4 = None
+    if mask is not None:
+        full = (*q.shape[:-1], k.shape[-2])
+        m4 = mask.expand(full).reshape(q4.shape[0], q4.shape[1], q4.shape[2], k4.shape[2])
+    if slopes is not None:
+        slopes = slopes.reshape(-1, slopes.shape[-1]) if slopes.dim() > 1 else slopes[None].expand(q4.shape[0], -1)
+    out, _ = reference_attention(q4, k4, v4, attn_mask=m4, is_causal=case.is_causal, bottom_right=case.bottom_right,
+                                 scale=case.scale, window=case.window, alibi_slopes=slopes, softcap=case.softcap)
+    return out.reshape(*q.shape[:-1], v.shape[-1])
+
+
+def torch_attention(case: Case, q, k, v, mask, slopes=None):
+    """PyTorch's SDPA on the given tensors (bottom-right causal as an explicit mask); for the
+    variants, the explicit-mask/bias reference in the same dtype."""
+    if case.variant:
+        return variant_attention(case, q, k, v, mask, slopes)
     is_causal = case.is_causal
     if case.bottom_right and case.is_causal:
         L, S = q.shape[-2], k.shape[-2]
@@ -140,17 +202,19 @@ def _upcast(t):
 def check_case(case: Case, backend: str, dtype: torch.dtype, device, grads: bool = True, mask_grad: bool = False):
     """Run ``case`` on ``backend`` and assert the error rule on output and gradients."""
     q, k, v, mask = make_inputs(case, dtype, device, requires_grad=grads)
+    slopes = make_slopes(case, device)
     if mask_grad and mask is not None and mask.is_floating_point():
         mask.requires_grad_(True)
+    variant = dict(window_size=case.window, alibi_slopes=slopes, softcap=case.softcap) if case.variant else {}
     ours = fastformer.attention(
         q, k, v, attn_mask=mask, is_causal=case.is_causal, scale=case.scale, enable_gqa=case.gqa,
-        causal_bottom_right=case.bottom_right, backend=backend,
+        causal_bottom_right=case.bottom_right, backend=backend, **variant,
     )
     same = torch_attention(case, *[_upcast(t).to(dtype) if t is not None and t.is_floating_point() else t
-                                   for t in (q, k, v)], _same_mask(mask, dtype))
+                                   for t in (q, k, v)], _same_mask(mask, dtype), slopes)
     ref_inputs = [_upcast(t) for t in (q, k, v, mask)]
     with sdpa_kernel(SDPBackend.MATH):  # torch's CPU flash backward is wrong in all-fill rows
-        ref = torch_attention(case, *ref_inputs)
+        ref = torch_attention(case, *ref_inputs, slopes)
     assert_close_by_rule(ours, ref, same, name=f"{backend}/{case.id}/out")
     if not grads:
         return
@@ -169,7 +233,7 @@ def check_case(case: Case, backend: str, dtype: torch.dtype, device, grads: bool
     same_mask = _same_mask(mask, dtype)
     if same_mask is not None and mask.requires_grad:
         same_mask.requires_grad_(True)
-    same = torch_attention(case, *same_inputs, same_mask)
+    same = torch_attention(case, *same_inputs, same_mask, slopes)
     diff_same = same_inputs + ([same_mask] if same_mask is not None and same_mask.requires_grad else [])
     g_same = torch.autograd.grad(same, diff_same, dout.to(dtype))
     for name, a, r, s in zip(("dq", "dk", "dv", "dmask"), g_ours, g_ref, g_same):

@@ -71,3 +71,30 @@ def test_fuzz_attention(case, pick, magnitude):
         # float16 inputs of large magnitude: q·kᵀ passes 65504 (torch's scores stay finite).
         case = dataclasses.replace(case, magnitude=magnitude)
     check_case(case, backend, dtype, DEVICE)
+
+
+@st.composite
+def variant_cases(draw):
+    """Cases with a window, ALiBi and/or a soft-cap (at least one), on top of the plain draws."""
+    case = draw(cases())
+    side = st.sampled_from([-1, 0, 1, 2, 5, 17])
+    window = (draw(side), draw(side))
+    alibi = draw(st.sampled_from([None, "H", "BH"]))
+    softcap = draw(st.sampled_from([0.0, 0.0, 0.5, 2.0, 30.0]))
+    if window == (-1, -1) and alibi is None and softcap == 0.0:
+        window = (draw(st.integers(0, 4)), -1)
+    if alibi == "BH" and not case.batch:
+        alibi = "H"  # 3-D inputs have no batch for (B, Hq) slopes
+    return dataclasses.replace(case, window=window, alibi=alibi, softcap=softcap, id="fuzz_variant")
+
+
+@pytest.mark.skipif(not AVAILABLE, reason="no backend to fuzz")
+@settings(max_examples=40 if PROFILE == "ci" else 400)
+@given(case=variant_cases(), pick=st.integers(0, 10**6), magnitude=st.sampled_from([1.0, 1.0, 8.0]))
+def test_fuzz_attention_variants(case, pick, magnitude):
+    """Window / ALiBi / soft-cap draws, with everything the plain fuzz draws (masks with finite
+    fills, dead rows, causal in both alignments, GQA, odd head dims, L or S = 1)."""
+    backend, dtype = AVAILABLE[pick % len(AVAILABLE)]
+    if dtype == torch.float16:
+        case = dataclasses.replace(case, magnitude=magnitude)
+    check_case(case, backend, dtype, DEVICE)

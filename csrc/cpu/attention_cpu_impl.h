@@ -427,12 +427,20 @@ static void forward_item(const ForwardArgs& a, int64_t item, float* scratch) {
 // exactly 0 where it should be (one visible key: O = v, dS = 0, as torch).
 static void row_dots(int64_t rows, int64_t n, const float* a, int64_t a_rs, const float* b, int64_t b_rs,
                      float* out) {
+  std::vector<float> panel(n * NR);
   for (int64_t r = 0; r < rows; ++r) {
     const float* x = a + r * a_rs;
     const float* y = b + r * b_rs;
-    float acc = 0.f;
-    for (int64_t e = 0; e < n; ++e) acc += x[e] * y[e];
-    out[r] = acc;
+    // Through the micro-kernel itself (y as column 0 of a one-panel B), so Delta is the
+    // very sum dP's gemm forms for a key equal to y: a scalar loop compiled apart rounded
+    // differently on AVX-512 and left single-key rows a ~1e-6 gradient (dP - Delta != 0).
+    for (int64_t e = 0; e < n; ++e) {
+      panel[e * NR] = y[e];
+      std::fill(panel.begin() + e * NR + 1, panel.begin() + (e + 1) * NR, 0.f);
+    }
+    alignas(64) float c[NR];
+    micro<1>(n, x, 0, 1, panel.data(), c, NR, false);
+    out[r] = c[0];
   }
 }
 

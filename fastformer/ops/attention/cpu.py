@@ -6,7 +6,8 @@ saved, parallel over batch x heads x query blocks on torch's thread pool
 (``torch.set_num_threads`` applies), float32 accumulation for float32 and
 bfloat16 inputs, and the widest vector ISA of the processor picked at run time
 (AVX-512 with AVX512_BF16 — bf16 inputs then run as bf16 dot products with
-fp32 accumulation —, AVX-512, AVX2+FMA, or a portable fallback). ``auto`` runs
+fp32 accumulation —, AVX-512, AVX2+FMA, or a portable fallback). The variants
+(local window with tile skipping, ALiBi, soft-cap) run natively, forward and backward. ``auto`` runs
 these kernels only on the shape classes where committed benchmarks measured
 them faster than torch's SDPA on this variant (:func:`auto_prefers_cpu`). Causal tiles above the diagonal
 are skipped; masks are read through their (broadcast) strides; GQA reads the
@@ -54,7 +55,8 @@ def cpu_forward(q, k, v, mask, rng_state, opts):
         return out.zero_(), lse.fill_(float("-inf"))
     seed, offset = _seed_offset(rng_state)
     C.attention_cpu_forward(q, k, v, mask, float(opts.dropout_p), seed, offset, bool(opts.is_causal),
-                            bool(opts.causal_bottom_right), float(opts.scale), out, lse)
+                            bool(opts.causal_bottom_right), float(opts.scale), out, lse, int(opts.window_left),
+                            int(opts.window_right), opts.alibi_slopes, float(opts.softcap))
     return out, lse
 
 
@@ -67,7 +69,8 @@ def cpu_backward(dout, q, k, v, out, lse, mask, rng_state, opts):
         return dq.zero_(), dk.zero_(), dv.zero_()
     seed, offset = _seed_offset(rng_state)
     C.attention_cpu_backward(dout, q, k, v, out, lse, mask, float(opts.dropout_p), seed, offset,
-                             bool(opts.is_causal), bool(opts.causal_bottom_right), float(opts.scale), dq, dk, dv)
+                             bool(opts.is_causal), bool(opts.causal_bottom_right), float(opts.scale), dq, dk, dv,
+                             int(opts.window_left), int(opts.window_right), opts.alibi_slopes, float(opts.softcap))
     return dq, dk, dv
 
 
@@ -122,7 +125,11 @@ def auto_prefers_cpu(problem) -> bool:
     (``needs_grad``), causal or not, nearest measured head dim (max of E, Ev) and
     nearest measured length (geometric mean of L and S). A class or variant never
     measured goes to torch. ``FASTFORMER_CPU_AUTO=always`` (or ``never``) overrides.
+    A window, ALiBi or a soft-cap always runs here: torch's SDPA has none of them (the
+    alternative is the reference backend's explicit math, memory ~ L·S, no tile skipping).
     """
+    if problem.options.variant_active:
+        return True
     if _AUTO_OVERRIDE is not None:
         return _AUTO_OVERRIDE
     # Plain Python over the table read at import (no extension call, no generators),
@@ -189,7 +196,7 @@ _CLASSES_HERE = _policy_classes(isa()) if _available() is None else {}
 register_backend(
     AttentionBackend(
         name="cpu",
-        description="C++ flash-style attention for CPU tensors (float32/bfloat16; AVX-512 with bf16 dot products, AVX-512, AVX2 at run time)",
+        description="C++ flash-style attention for CPU tensors (float32/bfloat16; AVX-512 with bf16 dot products, AVX-512, AVX2 at run time; window/ALiBi/soft-cap)",
         availability=_available,
         unsupported=_unsupported,
         forward=cpu_forward,

@@ -6,7 +6,7 @@ The kernels exist for head dims 64 and 128 in float16/bfloat16. Other head dims
 up to 128 (and Ev != E) run by zero-padding q, k and v to the next of the two
 inside the fused kernels' forward/backward, which leaves the scores and the first
 Ev output columns unchanged (at the cost of a padded copy); larger head
-dims, float32, dropout and masks that need a gradient are unsupported here, so
+dims, float32, dropout, the variants (window, ALiBi, soft-cap) and masks that need a gradient are unsupported here, so
 ``"auto"`` moves on and a forced ``backend="cuda"`` raises a ValueError saying why.
 """
 
@@ -127,6 +127,8 @@ def _unsupported(problem: AttentionProblem) -> Optional[str]:
         return f"dtype {problem.q.dtype} is not supported (float16 and bfloat16 only)"
     if problem.dropout_p > 0.0:
         return "dropout is not implemented in the cuda kernels"
+    if problem.options.variant_active:
+        return "window_size / alibi_slopes / softcap are not implemented in the cuda kernels (the triton backend runs them)"
     if problem.mask_needs_grad:
         return "attn_mask requires grad (use the reference backend)"
     mask = problem.mask
@@ -156,7 +158,8 @@ def _launch_plan_refusal(dtype: str, d: int, batch: int, heads_q: int, heads_kv:
 register_backend(
     AttentionBackend(
         name="cuda",
-        description="hand-written CUDA flash attention (mma.sync/ldmatrix/cp.async; head dims <= 128, fp16/bf16)",
+        description="hand-written CUDA flash attention (mma.sync/ldmatrix/cp.async; head dims <= 128, fp16/bf16; "
+                    "no dropout or window/ALiBi/soft-cap: those fall back)",
         availability=cuda_extension_unavailable,
         unsupported=_unsupported,
         auto=CUDA_VALIDATED_ON_GPU,

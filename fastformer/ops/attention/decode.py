@@ -9,7 +9,7 @@ them), else the ``"reference"`` PyTorch path.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 from torch import Tensor
 
@@ -28,6 +28,10 @@ def decode_attention(
     scale: Optional[float] = None,
     *,
     causal: bool = True,
+    window_size: Tuple[int, int] = (-1, -1),
+    alibi_slopes: Optional[Tensor] = None,
+    softcap: float = 0.0,
+    block_table: Optional[Tensor] = None,
     num_splits: Optional[int] = None,
     backend: str = "auto",
 ) -> Tensor:
@@ -47,6 +51,20 @@ def decode_attention(
         causal: bottom-right causal alignment: query ``i`` sees keys
             ``j <= cache_seqlens - Lq + i`` (the new tokens are the cache's last ones).
             ``False`` attends to every valid entry (e.g. cached cross-attention).
+        window_size: ``(left, right)``, FlashAttention's convention: the query at cache
+            position ``pos = cache_seqlens - Lq + i`` sees keys ``pos - left <= j <= pos + right``
+            (-1 = unlimited; ``causal`` means ``right = 0``). The kernel reads only the window.
+        alibi_slopes: ``None`` or float32 ``(Hq,)`` / ``(B, Hq)``: adds ``-slope * |pos - j|``.
+        softcap: ``> 0``: scores become ``softcap * tanh(score / softcap)`` (Gemma 2); 0 = off.
+        block_table: paged KV cache (vLLM / ``flash_attn_with_kvcache``): int32
+            ``(B, max_blocks)`` on q's device; ``k_cache`` / ``v_cache`` are then pools of
+            blocks ``(num_blocks, block_size, Hkv, D)`` / ``(..., Dv)``, and sequence ``b``'s
+            position ``j`` lives in block ``block_table[b, j // block_size]``, row
+            ``j % block_size``. Lengths must lie in ``[0, max_blocks * block_size]`` and
+            the ids a sequence uses (its first ``ceil(len / block_size)`` entries) in
+            ``[0, num_blocks)``; both are checked on the host (one device sync per call,
+            also for lengths on the GPU) and violations raise ``ValueError`` naming the
+            entry. The remaining entries of a row are never read (e.g. -1 padding).
         num_splits: chunks of the cache per sequence for the split-K kernel
             (default: a heuristic from the GPU's SM count).
         backend: ``"auto"`` (Triton on CUDA, or on CPU under ``TRITON_INTERPRET=1``;
@@ -55,6 +73,13 @@ def decode_attention(
 
     Returns:
         ``(B, Hq, Lq, Dv)`` in q's dtype. Rows that see no key are 0. Not differentiable.
+
+    Raises:
+        ``TypeError`` / ``ValueError`` / ``RuntimeError`` naming the argument: shapes,
+        dtypes and devices of the tensors, ``cache_seqlens`` out of range, ``block_table``
+        (not int32 ``(B, max_blocks)``, an id in use outside ``[0, num_blocks)``),
+        ``window_size``, ``alibi_slopes``, ``softcap``, ``num_splits``.
     """
-    problem = validate_decode_inputs(q, k_cache, v_cache, cache_seqlens, scale, causal, num_splits)
+    problem = validate_decode_inputs(q, k_cache, v_cache, cache_seqlens, scale, causal, num_splits, window_size,
+                                     alibi_slopes, softcap, block_table)
     return run_problem(problem, select_backend(problem, "reference" if backend == "torch" else backend))

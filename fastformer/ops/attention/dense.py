@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -105,6 +105,9 @@ def attention(
     enable_gqa: bool = False,
     *,
     causal_bottom_right: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    alibi_slopes: Optional[Tensor] = None,
+    softcap: float = 0.0,
     return_lse: bool = False,
     backend: str = "auto",
 ):
@@ -114,6 +117,37 @@ def attention(
         causal_bottom_right: align the causal mask bottom-right (query i sees keys
             ``j <= i + S - L``), as when decoding new tokens against a KV cache.
             ``attn_mask=causal_lower_right(L, S)`` says the same.
+        window_size: ``(left, right)`` local (sliding) window, FlashAttention's
+            convention: query ``i`` sees key ``j`` only when
+            ``i + off - left <= j <= i + off + right``, with ``off`` the causal alignment
+            in use (0, or ``S - L`` with ``causal_bottom_right``); ``-1`` = that side
+            unlimited, ``(-1, -1)`` (default) = no window; ``is_causal`` means
+            ``right = 0``. E.g. L = S = 6, ``is_causal=True, window_size=(2, 0)``
+            (each query sees itself and the 2 keys before it)::
+
+                keys j ->  0 1 2 3 4 5
+                query 0    x . . . . .
+                query 1    x x . . . .
+                query 2    x x x . . .
+                query 3    . x x x . .
+                query 4    . . x x x .
+                query 5    . . . x x x
+
+            Bottom-right (``causal_bottom_right=True``), L = 2, S = 6, ``(2, 0)``:
+            query 0 sees keys 2..4, query 1 keys 3..5. The fused kernels skip the tiles
+            outside the window: the cost grows as L·W, not L·S. Combines with
+            ``attn_mask`` (a key must pass both).
+        alibi_slopes: ``None`` or float32 ``(Hq,)`` / ``(*batch, Hq)`` on query's device:
+            adds ``-slope * |i + S - L - j|`` to the scores (ALiBi; the distance is
+            bottom-right aligned whatever the causal alignment, as FlashAttention).
+            Not differentiated.
+        softcap: ``> 0``: scores (``scale * q·k``) become ``softcap * tanh(score / softcap)``
+            before ALiBi, ``attn_mask`` and masking (Gemma 2's logit soft-capping); 0 = off.
+
+        Every backend but ``"cuda"`` runs the three variants, forward and backward, with
+        masks, GQA, dropout and ``return_lse``. ``"auto"`` runs them on the fused kernels
+        that do so natively (``"triton"`` for CUDA tensors, ``"cpu"`` for CPU ones),
+        else on ``"reference"``, as exact explicit math (memory ~ L·S).
         return_lse: also return the float32 log-sum-exp of each row of scaled,
             masked scores, shaped ``query.shape[:-1]`` (``-inf`` for fully masked
             rows). Only fused backends produce it; ``"auto"`` then falls back to the
@@ -122,10 +156,17 @@ def attention(
 
     Returns:
         ``out`` or ``(out, lse)``.
+
+    Raises:
+        As :func:`scaled_dot_product_attention`, and ``TypeError`` / ``ValueError`` /
+        ``RuntimeError`` naming ``window_size`` (not two ints, an entry < -1),
+        ``alibi_slopes`` (not float32, not ``(Hq,)`` / ``(*batch, Hq)``, another device)
+        or ``softcap`` (negative, NaN or infinite).
     """
     query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
     problem = validate_attention_inputs(
-        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, causal_bottom_right
+        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, causal_bottom_right,
+        window_size, alibi_slopes, softcap,
     )
     if not return_lse:
         return _run(problem, backend).reshape(problem.out_shape)

@@ -10,8 +10,11 @@ through any fused backend without graph breaks:
 
 Their ``backend`` string argument picks the kernels a backend registered
 (``registry.AttentionBackend``); the :class:`~.problem.AttentionOptions` travel
-as scalar arguments in field order (``options.op_args()``) and are rebuilt with
-``AttentionOptions(*args)`` before the kernels see them.
+as scalar arguments in field order (``options.op_args()``) plus the one tensor
+option, ``alibi_slopes`` (``Optional[Tensor]``, right after ``rng_state``), and are
+rebuilt with ``AttentionOptions(*args, alibi_slopes=...)`` before the kernels see
+them. Kernels read the variants (window, ALiBi, soft-cap) from the options; a
+backend is only handed a problem whose options its ``unsupported()`` accepted.
 
 Kernel contracts (plain functions; they allocate their outputs with
 ``ops.buffers.new_output`` and launch):
@@ -24,8 +27,9 @@ Kernel contracts (plain functions; they allocate their outputs with
 ``varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, rng_state, options)`` → packed
     ``out (Tq, Hq, Ev)``, ``lse (Hq, Tq)``; ``varlen_backward(dout, q, k, v, out, lse,
     cu_q, cu_k, max_q, max_k, rng_state, options)`` → ``dq, dk, dv``.
-``decode_forward(q, k_cache, v_cache, cache_seqlens, options, num_splits)`` →
+``decode_forward(q, k_cache, v_cache, cache_seqlens, block_table, options, num_splits)`` →
     ``out (B, Hq, Lq, Dv)``, ``lse (B, Hq, Lq)``; ``cache_seqlens`` int32 ``(B,)``,
+    ``block_table`` None or int32 ``(B, max_blocks)`` over a paged cache (validated),
     ``num_splits`` 0 for the kernel's own choice.
 
 ``rng_state`` is ``None`` without dropout, else an int64 tensor ``[seed, offset]``
@@ -62,13 +66,18 @@ def attention_fwd(
     v: Tensor,
     mask: Optional[Tensor],
     rng_state: Optional[Tensor],
+    alibi_slopes: Optional[Tensor],
     dropout_p: float,
     is_causal: bool,
     causal_bottom_right: bool,
     scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    options = AttentionOptions(dropout_p, is_causal, causal_bottom_right, scale)
+    options = AttentionOptions(dropout_p, is_causal, causal_bottom_right, scale, window_left, window_right, softcap,
+                               alibi_slopes)
     out, lse = _kernels(backend, "forward")(q, k, v, mask, rng_state, options)
     # Outputs are contiguous whatever the kernel did: the fake implementation promises it to compile.
     return out.contiguous(), lse.contiguous()
@@ -90,13 +99,18 @@ def attention_bwd(
     lse: Tensor,
     mask: Optional[Tensor],
     rng_state: Optional[Tensor],
+    alibi_slopes: Optional[Tensor],
     dropout_p: float,
     is_causal: bool,
     causal_bottom_right: bool,
     scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    options = AttentionOptions(dropout_p, is_causal, causal_bottom_right, scale)
+    options = AttentionOptions(dropout_p, is_causal, causal_bottom_right, scale, window_left, window_right, softcap,
+                               alibi_slopes)
     dq, dk, dv = _kernels(backend, "backward")(dout, q, k, v, out, lse, mask, rng_state, options)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
@@ -108,18 +122,18 @@ def _attention_bwd_fake(dout, q, k, v, *rest):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, rng_state, *options, backend = inputs
+    q, k, v, mask, rng_state, alibi_slopes, *options, backend = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, mask, rng_state)
+    ctx.save_for_backward(q, k, v, out, lse, mask, rng_state, alibi_slopes)
     ctx.options = (*options, backend)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, mask, rng_state = ctx.saved_tensors
-    # Only the output is differentiable: the public API hands the log-sum-exp out
-    # detached, so dlse carries nothing and is ignored.
-    dq, dk, dv = attention_bwd(dout.contiguous(), q, k, v, out, lse, mask, rng_state, *ctx.options)
-    return (dq, dk, dv) + (None,) * (2 + len(ctx.options))
+    q, k, v, out, lse, mask, rng_state, alibi_slopes = ctx.saved_tensors
+    # Only the output is differentiable (not the mask, the slopes or the log-sum-exp, which
+    # the public API hands out detached, so dlse carries nothing and is ignored).
+    dq, dk, dv = attention_bwd(dout.contiguous(), q, k, v, out, lse, mask, rng_state, alibi_slopes, *ctx.options)
+    return (dq, dk, dv) + (None,) * (3 + len(ctx.options))
 
 
 torch.library.register_autograd("fastformer::attention_fwd", _backward, setup_context=_setup_context)
@@ -136,15 +150,20 @@ def varlen_attention_fwd(
     cu_seqlens_q: Tensor,
     cu_seqlens_k: Tensor,
     rng_state: Optional[Tensor],
+    alibi_slopes: Optional[Tensor],
     max_seqlen_q: int,
     max_seqlen_k: int,
     dropout_p: float,
     is_causal: bool,
     causal_bottom_right: bool,
     scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    options = AttentionOptions(dropout_p, is_causal, causal_bottom_right, scale)
+    options = AttentionOptions(dropout_p, is_causal, causal_bottom_right, scale, window_left, window_right, softcap,
+                               alibi_slopes)
     out, lse = _kernels(backend, "varlen_forward")(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, rng_state, options
     )
@@ -169,15 +188,20 @@ def varlen_attention_bwd(
     cu_seqlens_q: Tensor,
     cu_seqlens_k: Tensor,
     rng_state: Optional[Tensor],
+    alibi_slopes: Optional[Tensor],
     max_seqlen_q: int,
     max_seqlen_k: int,
     dropout_p: float,
     is_causal: bool,
     causal_bottom_right: bool,
     scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    options = AttentionOptions(dropout_p, is_causal, causal_bottom_right, scale)
+    options = AttentionOptions(dropout_p, is_causal, causal_bottom_right, scale, window_left, window_right, softcap,
+                               alibi_slopes)
     dq, dk, dv = _kernels(backend, "varlen_backward")(
         dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, rng_state, options
     )
@@ -190,18 +214,18 @@ def _varlen_bwd_fake(dout, q, k, v, *rest):
 
 
 def _varlen_setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, rng_state, max_q, max_k, *options, backend = inputs
+    q, k, v, cu_q, cu_k, rng_state, alibi_slopes, max_q, max_k, *options, backend = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, rng_state)
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, rng_state, alibi_slopes)
     ctx.options = (max_q, max_k, *options, backend)
 
 
 def _varlen_backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu_q, cu_k, rng_state = ctx.saved_tensors
+    q, k, v, out, lse, cu_q, cu_k, rng_state, alibi_slopes = ctx.saved_tensors
     max_q, max_k, *options = ctx.options
-    dq, dk, dv = varlen_attention_bwd(dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, rng_state, max_q, max_k,
-                                      *options)
-    return (dq, dk, dv) + (None,) * (3 + len(ctx.options))
+    dq, dk, dv = varlen_attention_bwd(dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, rng_state, alibi_slopes,
+                                      max_q, max_k, *options)
+    return (dq, dk, dv) + (None,) * (4 + len(ctx.options))
 
 
 torch.library.register_autograd(
@@ -218,15 +242,21 @@ def decode_attention_op(
     k_cache: Tensor,
     v_cache: Tensor,
     cache_seqlens: Tensor,
+    block_table: Optional[Tensor],
+    alibi_slopes: Optional[Tensor],
     dropout_p: float,
     is_causal: bool,
     causal_bottom_right: bool,
     scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
     num_splits: int,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    options = AttentionOptions(dropout_p, is_causal, causal_bottom_right, scale)
-    return _kernels(backend, "decode_forward")(q, k_cache, v_cache, cache_seqlens, options, num_splits)
+    options = AttentionOptions(dropout_p, is_causal, causal_bottom_right, scale, window_left, window_right, softcap,
+                               alibi_slopes)
+    return _kernels(backend, "decode_forward")(q, k_cache, v_cache, cache_seqlens, block_table, options, num_splits)
 
 
 @decode_attention_op.register_fake
@@ -262,18 +292,19 @@ def run_problem(problem, backend, return_lse: bool = False):
             # Head dim 0: every score is 0 and torch attends uniformly (mean of V). One zero
             # column gives any kernel those scores; the pad's gradient slices dq, dk back to 0 wide.
             q, k = F.pad(q, (0, 1)), F.pad(k, (0, 1))
-        out, lse = attention_fwd(q, k, problem.v, problem.mask, rng_state, *opts.op_args(), backend.name)
+        out, lse = attention_fwd(q, k, problem.v, problem.mask, rng_state, opts.alibi_slopes, *opts.op_args(),
+                                 backend.name)
     elif kind == "varlen":
         rng_state = draw_rng_state(opts.dropout_p, problem.q.device)
         out, lse = varlen_attention_fwd(
-            problem.q, problem.k, problem.v, problem.cu_seqlens_q, problem.cu_seqlens_k, rng_state,
+            problem.q, problem.k, problem.v, problem.cu_seqlens_q, problem.cu_seqlens_k, rng_state, opts.alibi_slopes,
             problem.max_seqlen_q, problem.max_seqlen_k, *opts.op_args(), backend.name,
         )
     else:
         q, lens = problem.q, problem.cache_seqlens
         if isinstance(lens, int):
             lens = torch.full((q.shape[0],), lens, dtype=torch.int32, device=q.device)
-        out, lse = decode_attention_op(q, problem.k_cache, problem.v_cache, lens.to(q.device), *opts.op_args(),
-                                       problem.num_splits or 0, backend.name)
+        out, lse = decode_attention_op(q, problem.k_cache, problem.v_cache, lens.to(q.device), problem.block_table,
+                                       opts.alibi_slopes, *opts.op_args(), problem.num_splits or 0, backend.name)
     # lse is returned detached: the kernels' backward differentiates the output only.
     return (out, lse.detach()) if return_lse else out

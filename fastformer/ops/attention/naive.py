@@ -14,8 +14,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .problem import causal_mask
 from .registry import AttentionBackend, register_backend
+from .variants import alibi_bias, visible_mask
 
 
 def _expand_kv(t: Tensor, heads_q: int) -> Tensor:
@@ -37,17 +37,29 @@ def dropout_keep_mask(rng_state: Tensor, shape, p: float, device) -> Tensor:
     return torch.rand(shape, generator=gen, device=device) >= p
 
 
-def _scores(q, k, mask, opts) -> Tensor:
-    """Scaled, masked scores in float32, (B, Hq, L, S)."""
+def _scores(q, k, mask, opts):
+    """Scaled (soft-capped, ALiBi-biased), masked scores in float32, (B, Hq, L, S), and the
+    soft-cap's ``tanh`` (None without one) for the backward."""
     if q.dtype == torch.float16:
         # q·kᵀ can pass float16's 65504 where torch's (float32) scores are finite.
         q, k = q.float(), k.float()
-    s = torch.matmul(q, _expand_kv(k, q.shape[1]).transpose(-2, -1)).float() * opts.scale
-    if opts.is_causal:
-        s = s.masked_fill(~causal_mask(q.shape[2], k.shape[2], opts.causal_bottom_right, q.device), float("-inf"))
+    s = torch.matmul(q, _expand_kv(k, q.shape[1]).transpose(-2, -1)).float()
+    cap = None
+    if opts.softcap > 0:
+        cap = torch.tanh(s * (opts.scale / opts.softcap))
+        s = cap * opts.softcap
+    else:
+        s = s * opts.scale
+    L, S = q.shape[2], k.shape[2]
+    if opts.alibi_slopes is not None:
+        s = s + alibi_bias(opts.alibi_slopes, L, S)
+    if opts.is_causal or opts.window_left >= 0 or opts.window_right >= 0:
+        vis = visible_mask(L, S, opts.is_causal, opts.causal_bottom_right, opts.window_left, opts.window_right,
+                           q.device)
+        s = s.masked_fill(~vis, float("-inf"))
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.float()
-    return s
+    return s, cap
 
 
 def _softmax(s: Tensor):
@@ -75,7 +87,7 @@ def _keep_scale(p: float) -> float:
 def naive_forward(q, k, v, mask, rng_state, opts):
     """Kernel contract of fused.py."""
     dropout_p = opts.dropout_p
-    p, lse = _softmax(_scores(q, k, mask, opts))
+    p, lse = _softmax(_scores(q, k, mask, opts)[0])
     if dropout_p > 0.0:
         p = p * dropout_keep_mask(rng_state, p.shape, dropout_p, q.device) * _keep_scale(dropout_p)
     out = torch.matmul(p.to(v.dtype), _expand_kv(v, q.shape[1]))
@@ -87,7 +99,8 @@ def naive_backward(dout, q, k, v, out, lse, mask, rng_state, opts):
     dropout_p, scale = opts.dropout_p, opts.scale
     Hkv = k.shape[1]
     k_full, v_full = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
-    p, _ = _softmax(_scores(q, k, mask, opts))
+    s, cap = _scores(q, k, mask, opts)
+    p, _ = _softmax(s)
     dp = torch.matmul(dout.float(), v_full.float().transpose(-2, -1))
     p_used = p
     if dropout_p > 0.0:
@@ -99,6 +112,8 @@ def naive_backward(dout, q, k, v, out, lse, mask, rng_state, opts):
     # sits on one key gets an exactly zero score gradient.
     delta = (p * dp).sum(-1, keepdim=True)
     ds = p * (dp - delta) * scale
+    if cap is not None:  # d(softcap * tanh(x / softcap)) / dx = 1 - tanh^2
+        ds = ds * (1.0 - cap * cap)
     dq = torch.matmul(ds, k_full.float())
     dk = torch.matmul(ds.transpose(-2, -1), q.float())
     return dq.to(q.dtype), _reduce_kv(dk, Hkv).to(k.dtype), _reduce_kv(dv, Hkv).to(v.dtype)
@@ -117,7 +132,7 @@ def _naive_unsupported(problem) -> Optional[str]:
 register_backend(
     AttentionBackend(
         name="naive",
-        description="textbook baseline: materialises Q·Kᵀ (memory grows as L·S)",
+        description="textbook baseline: materialises Q·Kᵀ (memory grows as L·S; window/ALiBi/soft-cap)",
         availability=_always_available,
         unsupported=_naive_unsupported,
         auto=False,

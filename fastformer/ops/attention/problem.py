@@ -14,20 +14,22 @@ hands the backends one problem object:
   preallocated KV cache and its valid lengths.
 
 Whatever changes the attention weights travels in one :class:`AttentionOptions`
-(dropout, causal alignment, scale); a new variant (a window, a bias, a soft cap)
-is one more field there, checked beside the others below.
+(dropout, causal alignment, scale, and the variants of issue 18: local window,
+ALiBi slopes, logit soft-cap); a new variant is one more field there, checked
+beside the others below (:func:`check_variant`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from ..errors import AttentionDtypeError, AttentionInputError
+from .variants import check_slopes, check_softcap, check_window
 
 try:  # torch >= 2.3
     from torch.nn.attention.bias import CausalBias, CausalVariant
@@ -47,20 +49,57 @@ class AttentionOptions:
         causal_bottom_right: align it bottom-right (query ``i`` sees keys
             ``j <= i + S - L``; decoding against a cache) instead of top-left (torch).
         scale: the score scale, already resolved (``1 / sqrt(E)`` by default).
+        window_left, window_right: local window sides (``window_size``; -1 = unlimited;
+            see ``variants.py`` for the picture). ``is_causal`` implies ``right = 0``.
+        softcap: logit soft-cap (0 = off): scores become ``softcap * tanh(score / softcap)``.
+        alibi_slopes: ``None`` or a float32 ``(B, Hq)`` view (stride 0 where broadcast):
+            ALiBi adds ``-slope * |i + S - L - j|``.
 
-    The fused custom ops carry these as scalar arguments in this field order
-    (:meth:`op_args` / ``AttentionOptions(*args)``), so adding an option is one field
-    here plus one argument in each op schema of ``fused.py``.
+    The fused custom ops carry the scalar fields as scalar arguments in this field
+    order (:meth:`op_args` / ``AttentionOptions(*args, alibi_slopes)``), and the one
+    tensor field, ``alibi_slopes`` (last), as an ``Optional[Tensor]`` argument of each
+    op (saved for the backward, never differentiated). Adding a scalar option is one
+    field here (before ``alibi_slopes``) plus one argument in each op schema of ``fused.py``.
+    The options also serve as the kernels' ``variant`` (``window_left``,
+    ``window_right``, ``alibi_slopes``, ``softcap``).
     """
 
     dropout_p: float = 0.0
     is_causal: bool = False
     causal_bottom_right: bool = False
     scale: float = 1.0
+    window_left: int = -1
+    window_right: int = -1
+    softcap: float = 0.0
+    alibi_slopes: Optional[Tensor] = field(default=None, compare=False)
 
     def op_args(self) -> tuple:
-        """The options as the custom ops' scalar arguments, in field order."""
-        return (self.dropout_p, self.is_causal, self.causal_bottom_right, self.scale)
+        """The scalar options as the custom ops' scalar arguments, in field order
+        (``alibi_slopes``, a tensor, travels separately)."""
+        return (self.dropout_p, self.is_causal, self.causal_bottom_right, self.scale, self.window_left,
+                self.window_right, self.softcap)
+
+    @property
+    def variant_active(self) -> bool:
+        """True when a window, ALiBi or a soft-cap is in use (torch's SDPA runs none of them)."""
+        return self.window_left >= 0 or self.window_right >= 0 or self.softcap > 0.0 or self.alibi_slopes is not None
+
+
+def check_variant(window_size, alibi_slopes, softcap, batch_dims: tuple, heads: int, device) -> dict:
+    """Validate the variant options (FlashAttention's names) into ``AttentionOptions`` keyword
+    arguments: ``window_left``, ``window_right``, ``softcap``, ``alibi_slopes`` (``(H,)`` or
+    ``(*batch_dims, H)`` float32 on ``device`` -> a ``(prod(batch_dims), H)`` view).
+
+    Raises ``TypeError`` (window entries not ints, slopes not a float32 tensor, softcap not
+    a number), ``ValueError`` (window entries < -1, slopes of the wrong shape, a negative or
+    non-finite softcap) or ``RuntimeError`` (slopes on another device), naming the argument.
+    """
+    if (alibi_slopes is None and type(softcap) in (float, int) and softcap == 0
+            and type(window_size) is tuple and window_size == (-1, -1)):
+        return {}  # the plain problem: no checks to run (µs per call)
+    left, right = check_window(window_size)
+    return dict(window_left=left, window_right=right, softcap=check_softcap(softcap),
+                alibi_slopes=check_slopes(alibi_slopes, batch_dims, heads, device))
 
 
 def check_dropout(dropout_p) -> float:
@@ -280,12 +319,17 @@ def validate_attention_inputs(
     scale: Optional[float] = None,
     enable_gqa: bool = False,
     causal_bottom_right: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    alibi_slopes: Optional[Tensor] = None,
+    softcap: float = 0.0,
 ) -> AttentionProblem:
     """Check the arguments of ``scaled_dot_product_attention`` as torch does and
     return the canonical :class:`AttentionProblem`.
 
     ``attn_mask`` may be a :class:`torch.nn.attention.bias.CausalBias`: it becomes
     ``is_causal=True`` with its alignment (``causal_lower_right`` = bottom-right), no mask.
+    ``window_size``, ``alibi_slopes`` (``(Hq,)`` or ``(*batch, Hq)``) and ``softcap``:
+    see :func:`check_variant`.
 
     Errors name the offending argument. Each is an instance of torch's type
     (``RuntimeError``, as from torch's SDPA) and of the Pythonic one:
@@ -330,6 +374,7 @@ def validate_attention_inputs(
     L, E = query.shape[-2], query.shape[-1]
     S, Ev = key.shape[-2], value.shape[-1]
     batch_dims, hq = lead[:-1], lead[-1]
+    variant = check_variant(window_size, alibi_slopes, softcap, batch_dims, hq, query.device)
     B = math.prod(batch_dims)
     canonical = query.dim() == key.dim() == value.dim() == 4 and query.shape[0] == key.shape[0] == value.shape[0]
     if canonical and key.shape[1] == value.shape[1] == heads_kv and query.shape[1] == hq:
@@ -385,7 +430,7 @@ def validate_attention_inputs(
         k=k4,
         v=v4,
         mask=mask4,
-        options=AttentionOptions(dropout_p, bool(is_causal), bool(causal_bottom_right), scale),
+        options=AttentionOptions(dropout_p, bool(is_causal), bool(causal_bottom_right), scale, **variant),
         out_shape=(*out_lead, L, Ev),
     )
 
@@ -416,12 +461,24 @@ class DecodeProblem:
     """A validated decoding call: ``Lq`` new tokens over the valid part of a KV cache."""
 
     q: Tensor  # (B, Hq, Lq, D)
-    k_cache: Tensor  # (B, Hkv, Smax, D)
-    v_cache: Tensor  # (B, Hkv, Smax, Dv)
+    k_cache: Tensor  # (B, Hkv, Smax, D); paged: (num_blocks, block_size, Hkv, D)
+    v_cache: Tensor  # (B, Hkv, Smax, Dv); paged: (num_blocks, block_size, Hkv, Dv)
     cache_seqlens: object  # int (one length for all) or int32/int64 tensor (B,)
     options: AttentionOptions  # is_causal with bottom-right alignment, or attend to every valid entry
     num_splits: Optional[int]
+    block_table: Optional[Tensor] = None  # paged cache: int32 (B, max_blocks), every id in use checked
     kind = "decode"
+
+    @property
+    def heads_kv(self) -> int:
+        return self.k_cache.shape[2] if self.block_table is not None else self.k_cache.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        """The longest sequence the cache holds (Smax, or max_blocks * block_size when paged)."""
+        if self.block_table is not None:
+            return self.block_table.shape[1] * self.k_cache.shape[1]
+        return self.k_cache.shape[2]
 
 
 def _check_cu_seqlens(name: str, cu, total: int, device: torch.device) -> list:
@@ -453,8 +510,10 @@ def _check_max(name: str, given, lengths: list) -> int:
 
 
 def validate_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                           softmax_scale=None, causal=False) -> VarlenProblem:
-    """Check ``varlen_attention``'s arguments (errors name the argument) and build the problem."""
+                           softmax_scale=None, causal=False, window_size=(-1, -1), alibi_slopes=None,
+                           softcap=0.0) -> VarlenProblem:
+    """Check ``varlen_attention``'s arguments (errors name the argument) and build the problem.
+    ``alibi_slopes``: ``(Hq,)`` or ``(B, Hq)`` with B the number of sequences."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -481,7 +540,8 @@ def validate_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1], got {dropout_p!r}")
     scale = resolve_scale(softmax_scale, q.shape[2], "softmax_scale")
-    options = AttentionOptions(float(dropout_p), bool(causal), True, scale)
+    variant = check_variant(window_size, alibi_slopes, softcap, (len(cq) - 1,), q.shape[1], q.device)
+    options = AttentionOptions(float(dropout_p), bool(causal), True, scale, **variant)
     return VarlenProblem(q, k, v, cu_seqlens_q, cu_seqlens_k, cq, ck, int(max_seqlen_q), int(max_seqlen_k), options)
 
 
@@ -499,9 +559,67 @@ def checked_max_length(lens: Tensor, cache_len: int) -> int:
     return hi
 
 
-def validate_decode_inputs(q, k_cache, v_cache, cache_seqlens, scale=None, causal=True,
-                           num_splits=None) -> DecodeProblem:
-    """Check ``decode_attention``'s arguments (errors name the argument) and build the problem."""
+def _check_paged(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens, block_table) -> None:
+    """A paged cache (vLLM / ``flash_attn_with_kvcache``): ``k_cache (num_blocks, block_size, Hkv, D)``,
+    ``v_cache (num_blocks, block_size, Hkv, Dv)``, ``block_table (B, max_blocks)`` int32.
+
+    Every length must lie in ``[0, max_blocks * block_size]`` and every id a sequence uses
+    (its first ``ceil(len / block_size)`` entries) in ``[0, num_blocks)``; the rest of a row may
+    hold anything (e.g. -1 padding). All of it is checked on the host with one device read,
+    so a bad id or length is a ``ValueError`` naming the entry, never an out-of-bounds read.
+    """
+    if not isinstance(block_table, Tensor):
+        raise TypeError(f"block_table must be a torch.Tensor or None, got {type(block_table).__name__}")
+    if block_table.dtype != torch.int32:
+        raise TypeError(f"block_table must be int32 (as flash_attn_with_kvcache), got {block_table.dtype}")
+    B, Hq, _, D = q.shape
+    if block_table.dim() != 2 or block_table.shape[0] != B:
+        raise ValueError(f"block_table must have shape (B={B}, max_blocks), got {tuple(block_table.shape)}")
+    if block_table.device != q.device:
+        raise RuntimeError(f"block_table must be on q's device ({q.device}), got {block_table.device}")
+    num_blocks, block_size, hkv, d = k_cache.shape
+    if v_cache.shape[:3] != k_cache.shape[:3]:
+        raise ValueError(f"paged k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must agree on "
+                         "(num_blocks, block_size, Hkv)")
+    if d != D:
+        raise ValueError(f"paged k_cache head dim {d} (dim 3 of (num_blocks, block_size, Hkv, D)) must equal q's {D}")
+    if block_size < 1:
+        raise ValueError(f"paged k_cache block_size (dim 1 of (num_blocks, block_size, Hkv, D)) must be >= 1, "
+                         f"got shape {tuple(k_cache.shape)}")
+    if hkv < 1 or Hq % hkv:
+        raise ValueError(f"q's heads ({Hq}) must be a multiple of the paged cache's heads (dim 2 of "
+                         f"(num_blocks, block_size, Hkv, D) = {tuple(k_cache.shape)})")
+    capacity = block_table.shape[1] * block_size
+    if isinstance(cache_seqlens, int):
+        if not 0 <= cache_seqlens <= capacity:
+            raise ValueError(f"cache_seqlens={cache_seqlens} must lie in [0, {capacity}] (block_table's "
+                             f"{block_table.shape[1]} blocks x block_size {block_size})")
+        lens = torch.full((B,), cache_seqlens, dtype=torch.int64, device=q.device)
+    else:
+        lens = cache_seqlens.to(device=q.device, dtype=torch.int64)
+    if B == 0 or torch.compiler.is_compiling():
+        return  # nothing to check / data-dependent checks cannot run inside a compiled graph
+    # One device read for all of it: the bad lengths and the bad ids among the blocks in use.
+    bad_len = (lens < 0) | (lens > capacity)
+    n_used = (lens.clamp(min=0) + block_size - 1) // block_size
+    used = torch.arange(block_table.shape[1], device=q.device)[None, :] < n_used[:, None]
+    bad_id = used & ((block_table < 0) | (block_table >= num_blocks))
+    if bool(bad_len.any() | bad_id.any()):
+        if bool(bad_len.any()):
+            b = int(bad_len.nonzero()[0, 0])
+            raise ValueError(f"cache_seqlens[{b}] = {int(lens[b])} must lie in [0, {capacity}] (block_table's "
+                             f"{block_table.shape[1]} blocks x block_size {block_size})")
+        b, i = (int(x) for x in bad_id.nonzero()[0])
+        raise ValueError(f"block_table[{b}, {i}] = {int(block_table[b, i])} is not a block of the cache: ids must lie "
+                         f"in [0, {num_blocks}) for the {int(n_used[b])} blocks that sequence {b}'s "
+                         f"{int(lens[b])} entries use")
+
+
+def validate_decode_inputs(q, k_cache, v_cache, cache_seqlens, scale=None, causal=True, num_splits=None,
+                           window_size=(-1, -1), alibi_slopes=None, softcap=0.0,
+                           block_table=None) -> DecodeProblem:
+    """Check ``decode_attention``'s arguments (errors name the argument) and build the problem.
+    ``alibi_slopes``: ``(Hq,)`` or ``(B, Hq)``; ``block_table``: see :func:`_check_paged`."""
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -514,34 +632,38 @@ def validate_decode_inputs(q, k_cache, v_cache, cache_seqlens, scale=None, causa
     if not (q.device == k_cache.device == v_cache.device):
         raise RuntimeError(f"q, k_cache and v_cache must be on one device, got {q.device}, {k_cache.device}, {v_cache.device}")
     B, Hq, Lq, D = q.shape
-    if k_cache.shape[0] != B or v_cache.shape[0] != B:
-        raise ValueError(f"k_cache/v_cache batch must equal q's {B}: {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
-    if k_cache.shape[3] != D:
-        raise ValueError(f"k_cache head dim {k_cache.shape[3]} must equal q's {D}")
-    if k_cache.shape[1:3] != v_cache.shape[1:3]:
-        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must agree on (Hkv, Smax)")
-    if Hq % k_cache.shape[1] != 0:
-        raise ValueError(f"q's heads ({Hq}) must be a multiple of the cache's heads ({k_cache.shape[1]})")
     if Lq < 1:
         raise ValueError("q must hold at least one query token (dim 2)")
     if isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, (int, Tensor)):
         raise TypeError(f"cache_seqlens must be an int or an int tensor of shape ({B},), got {type(cache_seqlens).__name__}")
-    if isinstance(cache_seqlens, int):
-        if not 0 <= cache_seqlens <= k_cache.shape[2]:
-            raise ValueError(f"cache_seqlens={cache_seqlens} must lie in [0, {k_cache.shape[2]}] (the cache length)")
-    else:
+    if isinstance(cache_seqlens, Tensor):
         if cache_seqlens.dtype not in (torch.int32, torch.int64) or tuple(cache_seqlens.shape) != (B,):
             raise TypeError(f"cache_seqlens must be an int32/int64 tensor of shape ({B},), got "
                             f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
         if cache_seqlens.device != q.device and cache_seqlens.device.type != "cpu":
             raise RuntimeError(f"cache_seqlens must be on q's device ({q.device}) or the CPU, "
                                f"got {cache_seqlens.device}")
-        if cache_seqlens.device.type == "cpu":
+    if block_table is not None:
+        _check_paged(q, k_cache, v_cache, cache_seqlens, block_table)
+    else:
+        if k_cache.shape[0] != B or v_cache.shape[0] != B:
+            raise ValueError(f"k_cache/v_cache batch must equal q's {B}: {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+        if k_cache.shape[3] != D:
+            raise ValueError(f"k_cache head dim {k_cache.shape[3]} must equal q's {D}")
+        if k_cache.shape[1:3] != v_cache.shape[1:3]:
+            raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must agree on (Hkv, Smax)")
+        if Hq % k_cache.shape[1] != 0:
+            raise ValueError(f"q's heads ({Hq}) must be a multiple of the cache's heads ({k_cache.shape[1]})")
+        if isinstance(cache_seqlens, int):
+            if not 0 <= cache_seqlens <= k_cache.shape[2]:
+                raise ValueError(f"cache_seqlens={cache_seqlens} must lie in [0, {k_cache.shape[2]}] (the cache length)")
+        elif cache_seqlens.device.type == "cpu":
             # Host-side lengths are checked here, free of any device sync. Lengths already on
             # the GPU are not (that would sync every decoding step): the kernels clamp them
             # to [0, Smax] instead, so they never read outside the cache.
             checked_max_length(cache_seqlens, k_cache.shape[2])
     if num_splits is not None and (not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 1):
         raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
-    options = AttentionOptions(0.0, bool(causal), True, resolve_scale(scale, D))
-    return DecodeProblem(q, k_cache, v_cache, cache_seqlens, options, num_splits)
+    variant = check_variant(window_size, alibi_slopes, softcap, (B,), Hq, q.device)
+    options = AttentionOptions(0.0, bool(causal), True, resolve_scale(scale, D), **variant)
+    return DecodeProblem(q, k_cache, v_cache, cache_seqlens, options, num_splits, block_table)

@@ -16,7 +16,8 @@ imported; the modules in ``_BACKEND_MODULES`` are imported lazily and all at
 once when fastformer is imported (:func:`load_all_backends`), so a missing
 Triton, extension or GPU never breaks ``import fastformer``.
 
-``"auto"`` tries :data:`AUTO_ORDER` (dense), :data:`VARLEN_AUTO_ORDER` or
+``"auto"`` tries :data:`AUTO_ORDER` (dense; :data:`VARIANT_AUTO_ORDER` for dense
+problems with a window, ALiBi or a soft-cap), :data:`VARLEN_AUTO_ORDER` or
 :data:`DECODE_AUTO_ORDER` for the device type and falls back to ``"reference"``,
 which handles every valid input. A backend that is not the fastest everywhere
 narrows where ``auto`` picks it with ``auto_policy``. A backend asked for by name raises a clear
@@ -40,6 +41,16 @@ AUTO_ORDER: Dict[str, List[str]] = {
     # our Triton kernels ran at 0.58-0.87x and the CUDA kernels at 0.33-0.61x of torch's best backend on
     # every bf16 row, and "auto" never picks a backend slower than torch's. Forced backends still run.
     "cuda": [],
+    "cpu": ["cpu"],
+}
+# Dense problems with a window, ALiBi or a soft-cap: torch's SDPA runs none of them (the
+# reference backend would run them as explicit math, memory ~ L·S, no tile skipping), so
+# "auto" takes the fused backends that run them natively: on CUDA the Triton kernels (their
+# variant tests passed compiled on an H200 in fp16/bf16, fwd + bwd, and under
+# compute-sanitizer: bench/NOTES.md, GPU runs 3+4); on CPU the C++ kernels, whatever the
+# plain-attention policy table says (cpu.auto_prefers_cpu). The "cuda" backend refuses them.
+VARIANT_AUTO_ORDER: Dict[str, List[str]] = {
+    "cuda": ["triton"],
     "cpu": ["cpu"],
 }
 VARLEN_AUTO_ORDER: Dict[str, List[str]] = {
@@ -181,7 +192,10 @@ def select_backend(problem, backend: str = "auto") -> AttentionBackend:
         return chosen
     if kind == "dense" and problem.is_empty:
         return _load("reference")  # nothing to compute: torch's shapes and zeros, no kernel launch
-    for name in _AUTO_ORDERS[kind].get(problem.q.device.type, []):
+    order = _AUTO_ORDERS[kind]
+    if kind == "dense" and problem.options.variant_active:
+        order = VARIANT_AUTO_ORDER
+    for name in order.get(problem.q.device.type, []):
         if _why_unavailable(name) is None:
             candidate = _REGISTRY[name]
             if candidate.auto and candidate.handles(kind) and candidate.unsupported(problem) is None and (

@@ -116,7 +116,8 @@ def _launch_forward(q, k, v, mask, rng_state, opts, varlen=False, cu_q=None, cu_
         return out.zero_(), lse.fill_(float("-inf"))
     attention_fwd(q, k, v, mask, out, lse, rng_state, scale=opts.scale, dropout_p=opts.dropout_p,
                   is_causal=opts.is_causal, causal_bottom_right=opts.causal_bottom_right,
-                  layout=PACKED if varlen else DENSE, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k)
+                  layout=PACKED if varlen else DENSE, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k,
+                  variant=opts if opts.variant_active else None)
     return out, lse
 
 
@@ -136,7 +137,8 @@ def _launch_backward(dout, q, k, v, out, lse, mask, rng_state, opts, varlen=Fals
     delta = new_output(lse.shape, torch.float32, q.device)
     attention_bwd(dout, q, k, v, out, lse, mask, rng_state, dq, dk, dv, delta, scale=opts.scale,
                   dropout_p=opts.dropout_p, is_causal=opts.is_causal, causal_bottom_right=opts.causal_bottom_right,
-                  layout=PACKED if varlen else DENSE, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k)
+                  layout=PACKED if varlen else DENSE, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k,
+                  variant=opts if opts.variant_active else None)
     return dq, dk, dv
 
 
@@ -168,20 +170,26 @@ def decode_num_splits(batch_heads_kv: int, max_len: int, device: torch.device) -
     return choose(batch_heads_kv, max_len, sms, DECODE_BLOCK_N)
 
 
-def triton_decode_forward(q, k_cache, v_cache, cache_seqlens, opts, num_splits):
-    """Decode kernel contract of fused.py: split-K over the cache, then a combine kernel."""
+def triton_decode_forward(q, k_cache, v_cache, cache_seqlens, block_table, opts, num_splits):
+    """Decode kernel contract of fused.py: split-K over the cache (contiguous, or paged through
+    ``block_table``), then a combine kernel."""
     from fastformer.kernels.decode import decode_attention_fwd
 
     B, Hq, Lq, _ = q.shape
     if num_splits <= 0:
-        num_splits = decode_num_splits(B * k_cache.shape[1], k_cache.shape[2], q.device)
+        if block_table is not None:  # paged: (num_blocks, block_size, Hkv, D)
+            hkv, capacity = k_cache.shape[2], block_table.shape[1] * k_cache.shape[1]
+        else:
+            hkv, capacity = k_cache.shape[1], k_cache.shape[2]
+        num_splits = decode_num_splits(B * hkv, capacity, q.device)
     Dv = v_cache.shape[3]
     out = new_output((B, Hq, Lq, Dv), q.dtype, q.device)
     lse = new_output((B, Hq, Lq), torch.float32, q.device)
     o_part = new_output((B, Hq, Lq, num_splits, Dv), torch.float32, q.device)
     lse_part = new_output((B, Hq, Lq, num_splits), torch.float32, q.device)
     decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, opts.scale, opts.is_causal, out, lse, o_part, lse_part,
-                         num_splits=num_splits, block_n=DECODE_BLOCK_N)
+                         num_splits=num_splits, block_n=DECODE_BLOCK_N, window=(opts.window_left, opts.window_right),
+                         alibi_slopes=opts.alibi_slopes, softcap=opts.softcap, block_table=block_table)
     return out, lse
 
 
@@ -210,7 +218,8 @@ def _unsupported(problem) -> Optional[str]:
 register_backend(
     AttentionBackend(
         name="triton",
-        description="fused FlashAttention-style Triton kernels (CUDA; CPU under TRITON_INTERPRET=1)",
+        description="fused FlashAttention-style Triton kernels (CUDA; CPU under TRITON_INTERPRET=1; "
+                    "window/ALiBi/soft-cap, paged decode)",
         availability=triton_unavailable,
         unsupported=_unsupported,
         auto=VALIDATED_ON_GPU,

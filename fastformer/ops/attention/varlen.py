@@ -13,7 +13,7 @@ loop over ``torch.nn.functional.scaled_dot_product_attention``.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 from torch import Tensor
 
@@ -33,6 +33,9 @@ def varlen_attention(
     softmax_scale: Optional[float] = None,
     causal: bool = False,
     *,
+    window_size: Tuple[int, int] = (-1, -1),
+    alibi_slopes: Optional[Tensor] = None,
+    softcap: float = 0.0,
     return_lse: bool = False,
     backend: str = "auto",
 ):
@@ -50,14 +53,25 @@ def varlen_attention(
         softmax_scale: score scale; ``None`` means ``1 / sqrt(E)``.
         causal: causal mask aligned bottom-right per sequence (query ``i`` sees keys
             ``j <= i + S_b - L_b``), as ``flash_attn_varlen_func``.
+        window_size: ``(left, right)`` local window per sequence, aligned bottom-right like
+            ``causal``: query ``i`` sees keys ``i + S_b - L_b - left <= j <= i + S_b - L_b + right``
+            (-1 = unlimited; see :func:`fastformer.attention` for a picture).
+        alibi_slopes: ``None`` or float32 ``(Hq,)`` / ``(B, Hq)`` (B = number of sequences):
+            adds ``-slope * |i + S_b - L_b - j|``.
+        softcap: ``> 0``: scores become ``softcap * tanh(score / softcap)``; 0 = off.
         return_lse: also return the fp32 log-sum-exp, ``(Hq, total_q)``, detached.
         backend: ``"auto"`` (Triton where it runs and is validated, else the per-sequence
             torch fallback), or a backend name (``"triton"``, ``"reference"``); one without
-            packed kernels raises ``ValueError``.
+            packed kernels raises ``ValueError``. The torch fallback runs the variants as
+            per-sequence explicit math.
 
     Returns:
         ``out (total_q, Hq, Ev)`` in q's dtype, or ``(out, lse)``.
+
+    Raises:
+        ``TypeError`` / ``ValueError`` / ``RuntimeError`` naming the argument (bad
+        ``cu_seqlens``, ``window_size``, ``alibi_slopes``, ``softcap``, ...).
     """
     problem = validate_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-                                     softmax_scale, causal)
+                                     softmax_scale, causal, window_size, alibi_slopes, softcap)
     return run_problem(problem, select_backend(problem, backend), return_lse)
