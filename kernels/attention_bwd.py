@@ -203,9 +203,7 @@ def _attn_bwd_dkdv_inner(
             pdT = pT
         dv += tl.dot(pdT.to(do.dtype), do, input_precision=DOT_PRECISION, out_dtype=tl.float32)
         delta = tl.load(delta_base + offs_m.to(tl.int64) * stride_lm, mask=m_ok, other=0.0)
-        # A weight of exactly 1 (the row's only visible key, e.g. a one-key window): dS is 0 in
-        # exact math, but delta (rowsum(dO * O)) and dP (a dot) round differently; take the 0.
-        dsT = tl.where(pT == 1.0, 0.0, pT * (dpT - delta[None, :]))
+        dsT = pT * (dpT - delta[None, :])
         if SOFTCAP:  # d(softcap * tanh(x / softcap)) / dx = 1 - tanh^2
             dsT = dsT * (1.0 - capT * capT)
         dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=DOT_PRECISION, out_dtype=tl.float32)

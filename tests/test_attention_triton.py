@@ -295,7 +295,8 @@ def test_varlen_op_fake_and_schema():
 
     q = torch.randn(12, 2, 16)
     cu = _cu([5, 7], "cpu")
-    torch.library.opcheck(varlen_attention_fwd, (q, q, q, cu, cu, None, 7, 7, 0.0, True, True, 0.25, "triton"),
+    torch.library.opcheck(varlen_attention_fwd, (q, q, q, cu, cu, None, torch.rand(2, 2), 7, 7, 0.0, True, True, 0.25,
+                                                 3, -1, 2.0, "triton"),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -442,7 +443,7 @@ def test_varlen_op_compiles_fullgraph_on_packed_qkv_views():
     q, k, v = qkv.unbind(1)
 
     def f(q, k, v):
-        return varlen_attention_fwd(q, k, v, cu, cu, None, 9, 9, 0.0, True, True, 0.25, "triton")[0]
+        return varlen_attention_fwd(q, k, v, cu, cu, None, None, 9, 9, 0.0, True, True, 0.25, -1, -1, 0.0, "triton")[0]
 
     out = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v)
     out.sum().backward()
