@@ -131,7 +131,7 @@ def make_inputs(case: Case, dtype: torch.dtype, device, requires_grad: bool = Tr
         shape = shape[max(0, len(shape) - (len(lead) + 3)):]  # no more dims than the weights (torch raises)
         keep = torch.rand(shape) > 0.3
         keep[..., 0] = True  # at least one visible key per row unless a dead row is asked for
-        if case.dead_rows:
+        if case.dead_rows and keep.shape[-2] > 1:  # a (B, 1, 1, S) mask has no row 1 to hide
             keep[..., 1, :] = False
         if case.mask == "bool":
             mask = keep

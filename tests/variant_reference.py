@@ -64,9 +64,16 @@ def reference_attention(q, k, v, *, attn_mask=None, is_causal=False, bottom_righ
     if attn_mask is not None:
         s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
     s = s.masked_fill(~visible(L, S, is_causal, bottom_right, window).to(s.device), float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
-    p = torch.where(torch.isneginf(lse)[..., None], torch.zeros_like(p), p)
+    # Fully hidden rows: softmax over zeros instead, then 0 (no inf - inf: NaN-free gradients,
+    # also when a float mask's -inf is added rather than filled).
+    dead = torch.isneginf(s).all(-1, keepdim=True)
+    s = s.masked_fill(dead, 0.0)
+    # Normalised by the row sum (torch.softmax), not exp(s - lse): next to a huge finite fill
+    # (finfo.min) lse cannot hold log(S) and exp(s - lse) would weigh every key 1.
+    p = torch.softmax(s, -1).masked_fill(dead, 0.0)
+    lse = torch.logsumexp(s, -1).masked_fill(dead.squeeze(-1), float("-inf"))
     if keep is not None and dropout_p > 0:
         p = p * keep.to(p.dtype) / (1.0 - dropout_p)
-    return p @ v, lse
+    # A float32 mask on float16/bfloat16 scores promotes them (as torch adds it in float32); the
+    # weights meet V in V's dtype.
+    return p.to(v.dtype) @ v, lse

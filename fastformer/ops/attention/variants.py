@@ -150,9 +150,11 @@ def variant_math_attention(q, k, v, mask, dropout_p: float, is_causal: bool, bot
     # Rows that see no key: softmax over zeros instead (no inf - inf, no NaN gradients), then 0.
     dead = torch.isneginf(s).all(dim=-1, keepdim=True)
     s = s.masked_fill(dead, 0.0)
-    lse = torch.logsumexp(s, dim=-1, keepdim=True)
-    p = torch.exp(s - lse).masked_fill(dead, 0.0)
-    lse = lse.masked_fill(dead, float("-inf")).squeeze(-1)
+    # Normalised by the row sum (torch.softmax), not exp(s - lse): next to a huge finite fill
+    # (finfo.min, as Hugging Face pads) lse cannot hold log(S) and exp(s - lse) would weigh
+    # every key 1 where torch attends uniformly.
+    p = torch.softmax(s, dim=-1).masked_fill(dead, 0.0)
+    lse = torch.logsumexp(s, dim=-1).masked_fill(dead.squeeze(-1), float("-inf"))
     if dropout_p > 0.0:
         p = F.dropout(p, dropout_p)
     out = torch.matmul(p, vf).to(q.dtype)
