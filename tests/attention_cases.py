@@ -20,7 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fastformer
 from error_rule import assert_close_by_rule
-from variant_reference import reference_attention
+from variant_reference import reference_attention, visible
 
 
 @dataclass(frozen=True)
@@ -219,12 +219,16 @@ def check_case(case: Case, backend: str, dtype: torch.dtype, device, grads: bool
     if not grads:
         return
     dout = torch.randn_like(ref)
-    if case.fill is not None and case.dead_rows:
-        # Rows whose every key has the huge fill: the fused backends' backward (as torch's CPU
-        # flash kernel) recomputes weights from an lse that cannot hold log(S) next to the fill,
-        # giving S times the math path's gradients there. Such rows are padding in practice,
-        # where the output gradient is 0.
-        dout[..., 1, :] = 0
+    if case.fill is not None:
+        # Rows whose every visible key has the huge fill: the fused backends' backward (as torch's
+        # CPU flash kernel) recomputes weights from an lse that cannot hold log(S) next to the
+        # fill, giving S times the math path's gradients there. Such rows are padding in
+        # practice, where the output gradient is 0. (With a window, any row can be one.)
+        L, S = q.shape[-2], k.shape[-2]
+        seen = visible(L, S, case.is_causal, case.bottom_right, case.window).to(mask.device)
+        fill = torch.tensor(case.fill, dtype=mask.dtype, device=mask.device)
+        all_filled = ~((mask.detach() != fill) & seen).any(-1)  # mask's shape without S
+        dout = dout.masked_fill(all_filled.expand(dout.shape[:-1])[..., None], 0.0)
     diff_ours = [t for t in (q, k, v, mask) if t is not None and t.requires_grad]
     g_ours = torch.autograd.grad(ours, diff_ours, dout.to(dtype))
     diff_ref = [t for t in ref_inputs if t is not None and t.requires_grad]

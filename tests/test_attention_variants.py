@@ -111,6 +111,56 @@ def test_auto_handles_every_variant_on_cpu():
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5)
 
 
+# ------------------------------------------------------------------------------------ backend choice
+
+def _problem(dtype=torch.float32, device="cpu", **variant):
+    from fastformer.ops.attention.problem import validate_attention_inputs
+
+    q = torch.randn(1, 4, 6, 16, dtype=dtype, device=device)
+    return validate_attention_inputs(q, q, q, **variant)
+
+
+@pytest.mark.parametrize("variant", [dict(window_size=(4, 0)), dict(alibi_slopes=torch.rand(4)), dict(softcap=5.0)],
+                         ids=["window", "alibi", "softcap"])
+def test_auto_takes_the_native_kernels_for_variants_on_cpu(variant):
+    """Torch's SDPA runs no variant: auto picks the cpu kernels (whatever the plain-attention
+    policy table says for this tiny shape), and reference for what they do not take (float64)."""
+    from fastformer.ops.attention.registry import select_backend
+
+    require_backend("cpu")
+    assert select_backend(_problem(**variant)).name == "cpu"
+    assert select_backend(_problem(torch.float64, **variant)).name == "reference"
+
+
+def test_cuda_backend_refuses_variants_and_says_so():
+    from types import SimpleNamespace
+
+    from fastformer.ops.attention.cuda import _unsupported
+    from fastformer.ops.attention.problem import AttentionOptions
+
+    q = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float16)
+    for opts in (AttentionOptions(window_left=3), AttentionOptions(softcap=2.0),
+                 AttentionOptions(alibi_slopes=torch.rand(1, 4))):
+        problem = SimpleNamespace(q=q, dropout_p=0.0, options=opts, mask_needs_grad=False, mask=None)
+        assert "window_size / alibi_slopes / softcap" in _unsupported(problem)
+    assert "window/ALiBi/soft-cap" in fastformer.backends()["cuda"]["description"] or \
+        not fastformer.backends()["cuda"]["available"]
+
+
+@pytest.mark.cuda
+def test_auto_takes_triton_for_variants_on_cuda():
+    from fastformer.ops.attention.registry import select_backend
+
+    assert select_backend(_problem(torch.float16, "cuda", softcap=5.0)).name == "triton"
+    assert select_backend(_problem(torch.float16, "cuda")).name == "reference"  # plain: torch's SDPA
+
+
+def test_plain_options_take_no_variant_path():
+    problem = _problem(window_size=(-1, -1), alibi_slopes=None, softcap=0.0)
+    assert not problem.options.variant_active
+    assert _problem(window_size=[-1, 0]).options.window_right == 0  # a list is accepted, as FlashAttention
+
+
 # ------------------------------------------------------------------------------------ lse, dropout
 
 @pytest.mark.parametrize("backend,dtype", DENSE_BACKENDS[1:], ids=lambda x: str(x).split(".")[-1])

@@ -125,13 +125,14 @@ def auto_prefers_cpu(problem) -> bool:
     (``needs_grad``), causal or not, nearest measured head dim (max of E, Ev) and
     nearest measured length (geometric mean of L and S). A class or variant never
     measured goes to torch. ``FASTFORMER_CPU_AUTO=always`` (or ``never``) overrides.
-    A window, ALiBi or a soft-cap always runs here: torch's SDPA has none of them (the
-    alternative is the reference backend's explicit math, memory ~ L·S, no tile skipping).
+    A window, ALiBi or a soft-cap runs here whatever the table says: torch's SDPA has none
+    of them (the alternative is the reference backend's explicit math, memory ~ L·S, no
+    tile skipping).
     """
-    if problem.options.variant_active:
-        return True
     if _AUTO_OVERRIDE is not None:
         return _AUTO_OVERRIDE
+    if problem.options.variant_active:
+        return True
     # Plain Python over the table read at import (no extension call, no generators),
     # so torch.compile(fullgraph=True) traces through the choice.
     dtype = _DTYPE_NAMES.get(problem.q.dtype)
