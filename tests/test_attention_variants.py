@@ -359,3 +359,23 @@ def test_paged_cache_shape_is_checked():
         fastformer.decode_attention(q, torch.randn(8, 4, 2, 8), torch.randn(8, 2, 2, 8), 3, block_table=table)
     with pytest.raises(ValueError, match="multiple"):
         fastformer.decode_attention(q, torch.randn(8, 4, 3, 8), torch.randn(8, 4, 3, 8), 3, block_table=table)
+
+
+def test_varlen_and_decode_check_the_variant_arguments():
+    q = torch.randn(7, 4, 8)
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    with pytest.raises(ValueError, match="alibi_slopes"):  # (B, Hq) with B = 2 sequences
+        fastformer.varlen_attention(q, q, q, cu, cu, 4, 4, alibi_slopes=torch.rand(3, 4))
+    with pytest.raises(ValueError, match="window_size"):
+        fastformer.varlen_attention(q, q, q, cu, cu, 4, 4, window_size=(-3, 0))
+    with pytest.raises(ValueError, match="softcap"):
+        fastformer.varlen_attention(q, q, q, cu, cu, 4, 4, softcap=-2.0)
+    qd, cache = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 16, 8)
+    with pytest.raises(TypeError, match="alibi_slopes"):
+        fastformer.decode_attention(qd, cache, cache, 5, alibi_slopes=torch.rand(4, dtype=torch.float16))
+    with pytest.raises(ValueError, match="alibi_slopes"):
+        fastformer.decode_attention(qd, cache, cache, 5, alibi_slopes=torch.rand(2, 2))
+    with pytest.raises(TypeError, match="window_size"):
+        fastformer.decode_attention(qd, cache, cache, 5, window_size=(2.0, 0))
+    with pytest.raises(TypeError, match="block_table"):
+        fastformer.decode_attention(qd, cache, cache, 5, block_table=[[0, 1]])

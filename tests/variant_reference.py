@@ -34,7 +34,7 @@ def alibi_bias(slopes: torch.Tensor, L: int, S: int) -> torch.Tensor:
     """(B|1, H, L, S) float64: -slope * |i + S - L - j| (bottom-right aligned, as FlashAttention)."""
     i = torch.arange(L, dtype=torch.float64)[:, None]
     j = torch.arange(S, dtype=torch.float64)[None, :]
-    dist = (i + S - L - j).abs()
+    dist = (i + S - L - j).abs().to(slopes.device)
     s = slopes.double()
     if s.dim() == 1:
         s = s[None]
