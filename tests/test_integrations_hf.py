@@ -1,4 +1,5 @@
-"""Hugging Face: attn_implementation="fastformer" against "eager" on small random GPT-2, BERT, ViT and Llama (GQA)."""
+"""Hugging Face: attn_implementation="fastformer" against "eager" on small random GPT-2, BERT, ViT, Llama (GQA),
+Mistral (sliding window) and Gemma 2 (sliding window + logit soft-cap)."""
 
 import copy
 
@@ -30,6 +31,16 @@ def _config(name):
     if name == "llama":
         return t.LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
                              intermediate_size=64, vocab_size=97, max_position_embeddings=64, bos_token_id=0, eos_token_id=0)
+    if name == "mistral":  # a window shorter than the sequences, so it matters
+        return t.MistralConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                               intermediate_size=64, vocab_size=97, max_position_embeddings=64, sliding_window=4,
+                               bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    if name == "gemma2":  # layer 0 sliding (window 4), layer 1 global; soft-cap 5 (the scores reach it)
+        return t.Gemma2Config(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                              head_dim=8, intermediate_size=64, vocab_size=97, max_position_embeddings=64,
+                              sliding_window=4, attn_logit_softcapping=5.0, final_logit_softcapping=None,
+                              query_pre_attn_scalar=8, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                              attention_dropout=0.0)
     raise ValueError(name)
 
 
@@ -65,7 +76,7 @@ def _run(model, kw, dtype):
 
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("train", [False, True])
-@pytest.mark.parametrize("name", ["gpt2", "bert", "vit", "llama"])
+@pytest.mark.parametrize("name", ["gpt2", "bert", "vit", "llama", "mistral", "gemma2"])
 def test_matches_eager_fp32(name, train, padded, device="cpu", dtype=torch.float32):
     if name == "vit" and padded:
         pytest.skip("ViT takes no attention mask")
@@ -114,13 +125,76 @@ def test_generate_with_kv_cache_matches_eager():
     assert torch.equal(a, b)
 
 
-def test_softcap_is_rejected():
-    q = torch.randn(1, 2, 3, 8)
-    with pytest.raises(ValueError, match="softcap"):
-        ff_hf.fastformer_attention_forward(torch.nn.Module(), q, q, q, None, softcap=30.0)
+@pytest.mark.parametrize("name", ["mistral", "gemma2"])
+def test_sliding_window_generation_matches_eager(name):
+    """Cached greedy generation well past the window: the same tokens as eager."""
+    ff_hf.register()
+    cfg = _config(name)
+    torch.manual_seed(0)
+    eager = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    ours = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="fastformer").eval()
+    ours.load_state_dict(eager.state_dict())
+    ids = torch.randint(1, 97, (2, 6))
+    with torch.no_grad():
+        a = eager.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+        b = ours.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["mistral", "gemma2"])
+def test_sliding_window_runs_natively_without_a_dense_mask(name):
+    """Sliding-window layers get no dense mask (the kernels' window runs), yet changing a token
+    outside the window of later ones changes nothing there; the soft-cap reaches the kernels."""
+    ff_hf.register()
+    cfg = _config(name)
+    seen = []
+    original = ff_hf.fastformer_attention_forward
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        seen.append((kwargs.get("sliding_window"), attention_mask, kwargs.get("softcap")))
+        return original(module, query, key, value, attention_mask, **kwargs)
+
+    transformers.AttentionInterface.register(ff_hf.NAME, spy)
+    try:
+        torch.manual_seed(0)
+        model = transformers.AutoModel.from_config(cfg, attn_implementation="fastformer").eval()
+        ids = torch.randint(1, 97, (1, 12))
+        with torch.no_grad():
+            a = model(input_ids=ids).last_hidden_state
+    finally:
+        ff_hf.register()
+    windowed = [mask for window, mask, _ in seen if window is not None]
+    assert windowed and all(m is None for m in windowed), "a dense mask was built for the sliding window"
+    if name == "gemma2":
+        assert all(cap == 5.0 for _, _, cap in seen)
+        return  # its global layer sees everything
+    ids2 = ids.clone()
+    ids2[0, 0] = (ids[0, 0] + 1) % 97
+    with torch.no_grad():
+        b = model(input_ids=ids2).last_hidden_state
+    # Two layers of window 4: position 0 reaches at most position 6.
+    torch.testing.assert_close(a[:, 7:], b[:, 7:])
+    assert not torch.allclose(a[:, 1:4], b[:, 1:4])
+
+
+def test_padding_keeps_the_dense_sliding_window_mask():
+    ff_hf.register()
+    from transformers.masking_utils import sliding_window_causal_mask_function
+
+    mask = torch.ones(2, 9, dtype=torch.bool)  # transformers hands the builder a bool padding mask
+    mask[1, :3] = False
+    kw = dict(batch_size=2, q_length=9, kv_length=9, mask_function=sliding_window_causal_mask_function(4),
+              local_size=4, allow_is_causal_skip=True)
+    assert ff_hf.fastformer_mask(attention_mask=torch.ones(2, 9, dtype=torch.bool), **kw) is None
+    dense = ff_hf.fastformer_mask(attention_mask=mask, **kw)
+    assert dense is not None and dense.dtype == torch.bool
+    assert not bool(dense[1, 0, 5, 0]) and not bool(dense[0, 0, 5, 1]) and bool(dense[0, 0, 5, 2])
+    # Queries that are not the last keys (a chunk in the middle of a longer cache) keep the dense mask.
+    assert ff_hf.fastformer_mask(batch_size=1, q_length=3, kv_length=9, q_offset=2,
+                                 mask_function=sliding_window_causal_mask_function(4), local_size=4) is not None
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("name", ["gpt2", "bert", "vit", "llama"])
+@pytest.mark.parametrize("name", ["gpt2", "bert", "vit", "llama", "mistral", "gemma2"])
 def test_matches_eager_bf16_cuda(name):
     test_matches_eager_fp32(name, train=True, padded=name != "vit", device="cuda", dtype=torch.bfloat16)

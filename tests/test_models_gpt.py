@@ -1,5 +1,7 @@
 """GPT: Hugging Face GPT-2 parity (logits under the error rule, greedy tokens), export
-round trip, KV-cache generation equal to cache-free generation, sampling options."""
+round trip, KV-cache generation equal to cache-free generation, sampling options, the
+attention-variant options (sliding window, ALiBi, soft-cap) against the float64 explicit-mask
+reference."""
 
 import copy
 
@@ -72,7 +74,10 @@ def test_to_hf_round_trip_and_local_directory(tmp_path):
 @pytest.mark.parametrize("cfg", [
     dict(pos_embedding="learned"),
     dict(pos_embedding="rotary", n_head=4, n_kv_head=2),  # GQA through the decode kernel
-], ids=["learned", "rotary_gqa"])
+    dict(pos_embedding="rotary", sliding_window=4),  # generation runs past the window
+    dict(pos_embedding="alibi", n_head=4, attn_softcap=2.0),
+    dict(pos_embedding="alibi", n_head=4, n_kv_head=1, sliding_window=5, attn_softcap=3.0),
+], ids=["learned", "rotary_gqa", "rotary_window", "alibi_softcap", "alibi_window_softcap_gqa"])
 def test_cached_greedy_generation_equals_uncached(cfg):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=53, block_size=48, n_layer=2, n_head=cfg.pop("n_head", 2), n_embd=32,
@@ -95,6 +100,103 @@ def test_cache_prefill_then_decode_matches_full_forward():
         part = [model(ids[:, :8], cache=cache), model(ids[:, 8:10], cache=cache), model(ids[:, 10:], cache=cache)]
     assert cache.length == 12
     torch.testing.assert_close(torch.cat(part, 1), full, atol=1e-5, rtol=1e-5)
+
+
+VARIANT_CONFIGS = {
+    "window": dict(sliding_window=3),
+    "rotary_window_gqa": dict(pos_embedding="rotary", sliding_window=4, n_head=4, n_kv_head=2),
+    "alibi_softcap": dict(pos_embedding="alibi", attn_softcap=1.5, n_head=4),
+}
+
+
+def _explicit_attention(work_dtype):
+    """``fastformer.ops.attention`` written out with the explicit-mask reference, in ``work_dtype``."""
+    from variant_reference import reference_attention
+
+    def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
+                  window_size=(-1, -1), alibi_slopes=None, softcap=0.0):
+        assert attn_mask is None and dropout_p == 0.0
+        out, _ = reference_attention(q.to(work_dtype), k.to(work_dtype), v.to(work_dtype), is_causal=is_causal,
+                                     scale=scale, window=window_size, alibi_slopes=alibi_slopes, softcap=softcap)
+        return out.to(q.dtype)
+
+    return attention
+
+
+@pytest.mark.parametrize("name", list(VARIANT_CONFIGS))
+def test_variant_model_matches_explicit_float64_reference(name, monkeypatch):
+    """The config options mean what they say: logits and every gradient equal the same model with
+    its attention replaced by the explicit-mask reference, in float64, under the error rule
+    (float32 explicit math as "PyTorch's own error")."""
+    import fastformer.ops as ops
+
+    cfg = dict(VARIANT_CONFIGS[name])
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=31, block_size=32, n_layer=2, n_head=cfg.pop("n_head", 2), n_embd=24, **cfg))
+    with torch.no_grad():  # larger scores, so that the soft-cap bites
+        for block in model.transformer.h:
+            block.attn.c_attn.weight.mul_(6.0)
+    ids, tgt = torch.randint(0, 31, (2, 13)), torch.randint(0, 31, (2, 13))
+    ref64, same = copy.deepcopy(model).double(), copy.deepcopy(model)
+    logits, loss = model(ids, tgt)
+    loss.backward()
+    real = ops.attention
+    for m, work in ((ref64, torch.float64), (same, torch.float32)):
+        monkeypatch.setattr(ops, "attention", _explicit_attention(work))
+        _, m_loss = m(ids, tgt)
+        m_loss.backward()
+        monkeypatch.setattr(ops, "attention", real)
+    with torch.no_grad():
+        monkeypatch.setattr(ops, "attention", _explicit_attention(torch.float64))
+        ref_logits = ref64(ids)
+        monkeypatch.setattr(ops, "attention", _explicit_attention(torch.float32))
+        same_logits = same(ids)
+        monkeypatch.setattr(ops, "attention", real)
+    assert_close_by_rule(logits, ref_logits, same_logits, "logits")
+    for (pname, p), p64, p32 in zip(model.named_parameters(), ref64.parameters(), same.parameters()):
+        assert_close_by_rule(p.grad, p64.grad, p32.grad, f"grad of {pname}")
+    if "sliding_window" in cfg:  # 2 layers of window W: token 0 no longer reaches positions >= 2 (W - 1) + 1
+        reach = 2 * (cfg["sliding_window"] - 1) + 1
+        ids2 = ids.clone()
+        ids2[:, 0] = (ids[:, 0] + 1) % 31
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids2)[:, reach:], logits[:, reach:].detach())
+            assert not torch.allclose(model(ids2)[:, 1:reach], logits[:, 1:reach].detach())
+
+
+def test_variant_cache_prefill_then_decode_matches_full_forward():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=40, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                          pos_embedding="alibi", sliding_window=5, attn_softcap=2.0)).eval()
+    ids = torch.randint(0, 40, (3, 14))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(3, 14)
+        part = [model(ids[:, :6], cache=cache), model(ids[:, 6:7], cache=cache), model(ids[:, 7:11], cache=cache),
+                model(ids[:, 11:], cache=cache)]
+    torch.testing.assert_close(torch.cat(part, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_alibi_model_has_no_position_embedding():
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=4, n_embd=16, pos_embedding="alibi"))
+    assert not any("wpe" in k for k in model.state_dict())
+    assert model.transformer.h[0].attn.alibi_slopes is not None
+    model(torch.zeros(1, 20, dtype=torch.long))  # no position table: longer than block_size is fine
+    with pytest.raises(ValueError, match="GPT-2 export"):
+        GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8, sliding_window=4)).to_hf()
+
+
+def test_variant_config_is_checked():
+    with pytest.raises(ValueError, match="sliding_window"):
+        GPT(GPTConfig(vocab_size=11, n_layer=1, n_head=2, n_embd=8, sliding_window=0))
+    with pytest.raises(ValueError, match="sliding_window"):
+        GPT(GPTConfig(vocab_size=11, n_layer=1, n_head=2, n_embd=8, sliding_window=2.5))
+    with pytest.raises(ValueError, match="attn_softcap"):
+        GPT(GPTConfig(vocab_size=11, n_layer=1, n_head=2, n_embd=8, attn_softcap=-1.0))
+    with pytest.raises(ValueError, match="attn_softcap"):
+        GPT(GPTConfig(vocab_size=11, n_layer=1, n_head=2, n_embd=8, attn_softcap=float("inf")))
+    with pytest.raises(ValueError, match="pos_embedding"):
+        GPT(GPTConfig(vocab_size=11, n_layer=1, n_head=2, n_embd=8, pos_embedding="sinusoidal"))
 
 
 def test_eos_stops_and_pads(decode_in_torch):
@@ -140,7 +242,7 @@ def test_training_loss_and_checkpointing_give_same_gradients():
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="pos_embedding"):
-        GPT(GPTConfig(pos_embedding="alibi"))
+        GPT(GPTConfig(pos_embedding="absolute"))
     model = GPT(GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=2, n_embd=8))
     with pytest.raises(ValueError, match="block_size"):
         model(torch.zeros(1, 9, dtype=torch.long))

@@ -14,6 +14,15 @@
   (and padding) masking would be silently lost. We use transformers' SDPA mask
   builder: a bool ``(B, 1, L, S)`` mask with ``True`` = attend, or ``None`` when
   the mask is purely causal (then the kernel's causal mode runs, no mask read).
+  Sliding-window layers (Mistral, Gemma 2/3, ...) without padding also get ``None``
+  when the queries are the last keys (prefill, or one token decoding over the
+  cache): the layer's ``sliding_window`` then runs as the kernels' native window
+  (``window_size=(sliding_window - 1, 0)``, bottom-right aligned), whose cost grows
+  as L·W where the dense L×S mask's grows as L·S. Padding, or queries that are not
+  the cache's last tokens, keep transformers' dense mask (which holds the window).
+
+The attention function forwards ``softcap`` (Gemma 2's ``attn_logit_softcapping``)
+and ``sliding_window`` from the attention interface's keyword arguments to the kernels.
 
 Models opt in through ``_supports_attention_backend`` (GPT-2, BERT, ViT, Llama,
 and most current architectures do).
@@ -27,7 +36,7 @@ import torch
 
 from ..ops import attention
 
-__all__ = ["register", "fastformer_attention_forward", "NAME"]
+__all__ = ["register", "fastformer_attention_forward", "fastformer_mask", "NAME"]
 
 NAME = "fastformer"
 
@@ -52,17 +61,28 @@ def fastformer_attention_forward(
         scaling: score scale (``None`` = ``1/sqrt(D)``).
         is_causal: overrides ``module.is_causal``; used only when there is no mask
             and more than one query (as transformers' SDPA path).
-        kwargs: ``position_bias`` (T5-style, added to the scores) is supported;
-            ``softcap`` is not (raises).
+        kwargs: ``position_bias`` (T5-style, added to the scores); ``softcap`` (``None`` or
+            ``> 0``: scores become ``softcap * tanh(scores / softcap)`` before the mask);
+            ``sliding_window`` (``None`` or ``W``: a query sees itself and the ``W - 1`` keys
+            before it; run natively when the mask builder left the mask out, see
+            :func:`fastformer_mask`, else the dense mask already holds it).
 
     Returns:
         ``(out (B, L, Hq, D), None)`` — attention weights are not materialised.
     """
-    if kwargs.get("softcap") is not None:
-        raise ValueError("attn_implementation='fastformer' does not support `softcap`; use 'eager' or 'flex_attention'")
+    softcap = kwargs.get("softcap")
+    softcap = float(softcap) if softcap is not None else 0.0
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
-    q_len = query.shape[2]
+    q_len, kv_len = query.shape[2], key.shape[2]
+    variant = {}
+    sliding_window = kwargs.get("sliding_window")
+    if sliding_window is not None and attention_mask is None and (q_len == 1 or q_len == kv_len):
+        # fastformer_mask left the window to us: the queries are the last q_len of the keys, so
+        # the window (and the causal mask with it) is bottom-right aligned.
+        variant = dict(window_size=(int(sliding_window) - 1, 0), causal_bottom_right=True)
+    if softcap > 0.0:
+        variant["softcap"] = softcap
     is_causal = bool(is_causal) and attention_mask is None and q_len > 1
 
     position_bias = kwargs.get("position_bias")
@@ -85,8 +105,42 @@ def fastformer_attention_forward(
         is_causal=is_causal,
         scale=scaling,
         enable_gqa=query.shape[1] != key.shape[1],
+        **variant,
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _queries_are_last_keys(attention_mask, q_length, kv_length, q_offset, kv_offset) -> bool:
+    """No padding, and the queries are the last ``q_length`` of the ``kv_length`` key
+    positions (bottom-right alignment), with ``q_length`` 1 or ``kv_length``."""
+    if q_length != 1 and q_length != kv_length:
+        return False
+    if isinstance(q_offset, torch.Tensor) or isinstance(kv_offset, torch.Tensor):
+        return False  # reading a tensor offset (static caches) would break a compiled graph: keep the dense mask
+    if int(q_offset) + q_length != int(kv_offset) + kv_length:
+        return False
+    if attention_mask is None:
+        return True
+    if attention_mask.dim() != 2:
+        return False
+    from transformers.masking_utils import prepare_padding_mask
+
+    padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)  # pads the end with False
+    return bool(padding[:, int(kv_offset):int(kv_offset) + kv_length].all())
+
+
+def fastformer_mask(*args, local_size=None, allow_is_causal_skip: bool = True, **kwargs):
+    """transformers' SDPA mask builder (``sdpa_mask``), except that a pure sliding-window causal
+    mask (``local_size`` = the window) without padding is left out (``None``) when the kernels'
+    native window reproduces it (see the module docstring). Same arguments and result as
+    ``sdpa_mask``."""
+    from transformers.masking_utils import sdpa_mask
+
+    if local_size is not None and allow_is_causal_skip and not args and not torch.compiler.is_compiling():
+        if _queries_are_last_keys(kwargs.get("attention_mask"), kwargs["q_length"], kwargs["kv_length"],
+                                  kwargs.get("q_offset", 0), kwargs.get("kv_offset", 0)):
+            return None
+    return sdpa_mask(*args, local_size=local_size, allow_is_causal_skip=allow_is_causal_skip, **kwargs)
 
 
 def register() -> None:
@@ -98,7 +152,7 @@ def register() -> None:
 
     AttentionInterface.register(NAME, fastformer_attention_forward)
     try:
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: F401
     except ImportError:  # transformers < 4.53 builds masks inside each model: nothing to register
         return
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    AttentionMaskInterface.register(NAME, fastformer_mask)

@@ -1,7 +1,8 @@
 """GPT: a decoder-only transformer in the style of nanoGPT, on fastformer's attention.
 
-Reads top-down: attention → MLP → block → config → model. Learned (GPT-2) or
-rotary positions, grouped-query attention, tied input/output embeddings,
+Reads top-down: attention → MLP → block → config → model. Learned (GPT-2),
+rotary or ALiBi positions, grouped-query attention, a sliding attention window
+(Mistral) and attention logit soft-capping (Gemma 2), tied input/output embeddings,
 gradient checkpointing, and ``generate`` with a preallocated KV cache whose
 decoding steps run :func:`fastformer.decode_attention`.
 
@@ -28,8 +29,9 @@ from .sampling import sample_next
 
 class CausalSelfAttention(RenamedSubmodules, nnf.Attention):
     """``nn.Attention`` under nanoGPT / GPT-2 names: ``c_attn`` (q, k, v in one matmul), ``c_proj``.
-    GQA when ``n_kv_head < n_head``; rotary positions when ``pos_embedding="rotary"``; decoding
-    steps read the KV cache with the decode kernel."""
+    GQA when ``n_kv_head < n_head``; rotary positions when ``pos_embedding="rotary"``, ALiBi when
+    ``"alibi"``; ``sliding_window`` and ``attn_softcap`` as the config says; decoding steps read
+    the KV cache with the decode kernel (the same variants)."""
 
     RENAMED = {"qkv": "c_attn", "proj": "c_proj"}
 
@@ -41,8 +43,11 @@ class CausalSelfAttention(RenamedSubmodules, nnf.Attention):
         rotary = None
         if config.pos_embedding == "rotary":
             rotary = nnf.RotaryEmbedding(config.n_embd // config.n_head, base=config.rotary_base)
+        # A token sees itself and the sliding_window - 1 tokens before it: window_size (W - 1, 0).
+        window = (config.sliding_window - 1, 0) if config.sliding_window else (-1, -1)
         super().__init__(config.n_embd, config.n_head, qkv_bias=config.bias, proj_bias=config.bias,
-                         attn_drop=config.dropout, proj_drop=config.dropout, num_kv_heads=n_kv_head, rotary=rotary)
+                         attn_drop=config.dropout, proj_drop=config.dropout, num_kv_heads=n_kv_head, rotary=rotary,
+                         window_size=window, alibi=config.pos_embedding == "alibi", softcap=config.attn_softcap)
         self._rename()
 
 
@@ -80,8 +85,10 @@ class GPTConfig:
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     bias: bool = True
-    pos_embedding: str = "learned"  # "learned" (GPT-2) or "rotary"
+    pos_embedding: str = "learned"  # "learned" (GPT-2), "rotary", or "alibi" (no position embedding; BLOOM, MPT)
     rotary_base: float = 10000.0
+    sliding_window: Optional[int] = None  # each token attends to itself and the sliding_window - 1 before it (Mistral)
+    attn_softcap: float = 0.0  # > 0: scores -> attn_softcap * tanh(scores / attn_softcap) (Gemma 2's 50.0)
     tie_embeddings: bool = True
     layer_norm_eps: float = 1e-5
     activation: str = "gelu_tanh"  # GPT-2's "gelu_new"
@@ -99,8 +106,14 @@ class GPT(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        if config.pos_embedding not in ("learned", "rotary"):
-            raise ValueError(f"pos_embedding must be 'learned' or 'rotary', got {config.pos_embedding!r}")
+        if config.pos_embedding not in ("learned", "rotary", "alibi"):
+            raise ValueError(f"pos_embedding must be 'learned', 'rotary' or 'alibi', got {config.pos_embedding!r}")
+        if config.sliding_window is not None and (isinstance(config.sliding_window, bool)
+                                                  or not isinstance(config.sliding_window, int)
+                                                  or config.sliding_window < 1):
+            raise ValueError(f"sliding_window must be None or an int >= 1, got {config.sliding_window!r}")
+        if not (isinstance(config.attn_softcap, (int, float)) and 0.0 <= config.attn_softcap < float("inf")):
+            raise ValueError(f"attn_softcap must be a finite float >= 0 (0 = off), got {config.attn_softcap!r}")
         self.config = config
         modules = dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -139,7 +152,8 @@ class GPT(nn.Module):
         x = self.transformer.wte(ids)
         if self.config.pos_embedding == "learned":
             x = x + self.transformer.wpe(torch.arange(start, start + T, device=ids.device))
-        # (rotary positions are applied to q and k inside each attention layer, from the cache's length)
+        # (rotary positions are applied to q and k inside each attention layer, from the cache's length;
+        # ALiBi's bias is added to the scores inside the attention kernels)
         return self.transformer.drop(x)
 
     def hidden_states(self, ids: Tensor, cache: Optional[KVCache] = None) -> Tensor:

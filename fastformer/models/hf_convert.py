@@ -107,6 +107,8 @@ def gpt2_to_hf(model):
     c = model.config
     if c.pos_embedding != "learned" or (c.n_kv_head or c.n_head) != c.n_head or not c.bias:
         raise ValueError("GPT-2 export needs learned positions, full multi-head attention and biases")
+    if c.sliding_window is not None or c.attn_softcap:
+        raise ValueError("GPT-2 export needs full attention: GPT2Config has no sliding_window or attn_softcap")
     inverse = {v: k for k, v in _ACTIVATIONS.items() if k in ("gelu_new", "gelu", "relu", "silu")}
     hf = GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
                     n_head=c.n_head, n_inner=int(c.mlp_ratio * c.n_embd), activation_function=inverse[c.activation],

@@ -3,7 +3,8 @@
 Blocks (timm's names and constructor arguments): :class:`Attention` (GQA, rotary, q/k norm, KV cache),
 :class:`CrossAttention`, :class:`Mlp` / :class:`GatedMlp` (fused FFN), :class:`FeedForward`
 (torch's ``linear1``/``linear2`` names), :class:`Block` (pre/post norm, fused residual + LayerNorm),
-:class:`LayerNorm` / :class:`RMSNorm`, :class:`RotaryEmbedding` / :class:`SinusoidalPositionalEncoding`,
+:class:`LayerNorm` / :class:`RMSNorm`, :class:`RotaryEmbedding` / :class:`SinusoidalPositionalEncoding`
+(and :func:`alibi_slopes`),
 :class:`PatchEmbedding`, :class:`KVCache`. Drop-ins: :class:`MultiheadAttention`, ``Transformer*``.
 ``convert`` swaps a model's torch.nn (and timm) modules for these.
 """
@@ -22,7 +23,7 @@ from .transformer import (
 # Issue 7: fused norms, feed-forward and positional encodings.
 from .layernorm import LayerNorm, RMSNorm
 from .feedforward import FeedForward
-from .positional import RotaryEmbedding, SinusoidalPositionalEncoding
+from .positional import RotaryEmbedding, SinusoidalPositionalEncoding, alibi_slopes
 
 # Issue 17: one family of blocks.
 from .kv_cache import KVCache

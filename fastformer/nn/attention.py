@@ -6,8 +6,9 @@ checkpoints load unchanged (``fastformer.integrations.timm`` plugs it into timm
 models; ``fastformer.convert`` swaps timm's for it). On top of timm's it takes
 grouped-query attention (``num_kv_heads``: ``qkv`` projects ``Hq + 2·Hkv`` heads),
 rotary positions (``rotary=``, a :class:`~fastformer.nn.RotaryEmbedding` run by the
-fused RoPE op) and a KV-cache path for decoding (:class:`~fastformer.nn.KVCache`,
-attended with the decode kernel). :class:`CrossAttention` attends from one sequence to
+fused RoPE op), the attention variants of :func:`fastformer.attention` (a sliding window,
+ALiBi, logit soft-capping) and a KV-cache path for decoding (:class:`~fastformer.nn.KVCache`,
+attended with the decode kernel, variants included). :class:`CrossAttention` attends from one sequence to
 another (encoder memory), with a cached projection of the memory for decoding.
 """
 
@@ -19,8 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..ops.attention.variants import check_softcap, check_window
 from .kv_cache import KVCache
-from .positional import RotaryEmbedding
+from .positional import RotaryEmbedding, alibi_slopes as standard_alibi_slopes
 
 __all__ = ["Attention", "CrossAttention"]
 
@@ -39,6 +41,13 @@ class Attention(nn.Module):
     ``norm_layer=None`` (required for ``qk_norm``/``scale_norm``), ``device``, ``dtype``.
     fastformer's: ``num_kv_heads=None`` (fewer key/value heads: GQA/MQA; ``num_heads`` must be
     a multiple), ``rotary=None`` (a :class:`RotaryEmbedding` applied to q and k after q/k norm).
+    Variants (:func:`fastformer.attention`'s, FlashAttention's names): ``window_size=(-1, -1)``
+    (``(left, right)``: query ``i`` sees keys ``i - left .. i + right``, ``-1`` = unlimited; a
+    causal sliding window of ``W`` tokens is ``(W - 1, 0)``); ``alibi=False`` (ALiBi with the
+    standard slopes of :func:`~fastformer.nn.alibi_slopes`) or ``alibi_slopes=None`` (your own,
+    a float ``(num_heads,)`` tensor; kept float32 whatever the module's dtype), adding
+    ``-slope · |i - j|``; ``softcap=0.0`` (``> 0``: scores become ``softcap · tanh(scores / softcap)``).
+    They apply to full sequences and to the KV-cache decoding steps alike.
     Other keyword arguments newer timm versions pass are accepted and ignored only when they
     are at their neutral value (else ``TypeError``).
 
@@ -68,6 +77,10 @@ class Attention(nn.Module):
         norm_layer: Optional[Type[nn.Module]] = None,
         num_kv_heads: Optional[int] = None,
         rotary: Optional[RotaryEmbedding] = None,
+        window_size: Tuple[int, int] = (-1, -1),
+        alibi: bool = False,
+        alibi_slopes: Optional[Tensor] = None,
+        softcap: float = 0.0,
         device=None,
         dtype=None,
         **unused,
@@ -101,6 +114,33 @@ class Attention(nn.Module):
         self.proj = nn.Linear(self.attn_dim, dim_out, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         self.rotary = rotary
+        self.window_size = check_window(tuple(window_size) if isinstance(window_size, list) else window_size)
+        self.softcap = check_softcap(softcap)
+        if alibi and alibi_slopes is not None:
+            raise ValueError("Attention: pass alibi=True (standard slopes) or alibi_slopes, not both")
+        if alibi_slopes is not None:
+            if not isinstance(alibi_slopes, Tensor) or not alibi_slopes.is_floating_point():
+                raise TypeError(f"Attention: alibi_slopes must be a float tensor, got {alibi_slopes!r}")
+            if tuple(alibi_slopes.shape) != (num_heads,):
+                raise ValueError(f"Attention: alibi_slopes must have shape ({num_heads},) (num_heads), "
+                                 f"got {tuple(alibi_slopes.shape)}")
+            alibi_slopes = alibi_slopes.detach().to(device=device, dtype=torch.float32)
+        elif alibi:
+            alibi_slopes = standard_alibi_slopes(num_heads, device=device)
+        # Fixed, not learned, and float32 whatever the module's dtype (the ops' contract): a plain
+        # attribute (not a buffer, which .half() would cast), moved to the inputs' device on use.
+        self.alibi_slopes = alibi_slopes
+
+    def _variant(self, device) -> dict:
+        """The variant keyword arguments of the attention ops; ``{}`` when none is set."""
+        window = getattr(self, "window_size", (-1, -1))  # modules converted from timm lack them
+        softcap = getattr(self, "softcap", 0.0)
+        slopes = getattr(self, "alibi_slopes", None)
+        if window == (-1, -1) and slopes is None and softcap == 0.0:
+            return {}
+        if slopes is not None and slopes.device != device:
+            slopes = self.alibi_slopes = slopes.to(device)
+        return dict(window_size=window, alibi_slopes=slopes, softcap=softcap)
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False,
                 cache: Optional[KVCache] = None, layer: int = 0, positions: Optional[Tensor] = None) -> Tensor:
@@ -119,15 +159,18 @@ class Attention(nn.Module):
             if positions is None:
                 positions = torch.arange(start, start + N, device=x.device)
             q, k = rotary(q, k, positions)
+        variant = self._variant(x.device)
         if cache is not None and cache.length > 0:  # decoding: the new tokens attend over the cache
             k_all, v_all = cache.write(layer, k, v)
-            out = ops.decode_attention(q, k_all, v_all, cache.length + N, self.scale)
+            # Bottom-right aligned: the window and ALiBi's distances count from each new token's position.
+            out = ops.decode_attention(q, k_all, v_all, cache.length + N, self.scale, **variant)
         else:
             if cache is not None:  # prefill: attend within the prompt, then remember it
                 cache.write(layer, k, v)
-            out = ops.scaled_dot_product_attention(
+            sdpa = ops.attention if variant else ops.scaled_dot_product_attention
+            out = sdpa(
                 q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0,
-                is_causal=is_causal, scale=self.scale, enable_gqa=kv_heads != self.num_heads,
+                is_causal=is_causal, scale=self.scale, enable_gqa=kv_heads != self.num_heads, **variant,
             )
         out = out.transpose(1, 2).reshape(B, N, self.attn_dim)  # (B, N, H·hd)
         return self.proj_drop(self.proj(self.norm(out)))

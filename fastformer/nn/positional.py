@@ -1,13 +1,16 @@
-"""Positional encodings as modules: sinusoidal (added to the input) and rotary (applied to q, k).
+"""Positional encodings: sinusoidal (added to the input) and rotary (applied to q, k) as
+modules, and ALiBi's head slopes (:func:`alibi_slopes`, a bias the attention kernels add).
 
-Neither holds parameters or buffers: the encodings are computed inside the
+None holds parameters or buffers: the encodings are computed inside the
 kernels, so any length works and nothing lands in the ``state_dict``.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import math
+from typing import List, Optional, Tuple
 
+import torch
 from torch import Tensor, nn
 
 from .. import ops
@@ -61,3 +64,30 @@ class RotaryEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, base={self.base}, interleaved={self.interleaved}"
+
+
+def alibi_slopes(num_heads: int, device=None) -> Tensor:
+    """ALiBi's per-head slopes (Press et al. 2022, as BLOOM and MPT compute them).
+
+    For ``n`` a power of two: the geometric sequence ``2^(-8h/n)``, ``h = 1..n``. Otherwise
+    the ``p`` slopes of the largest power of two ``p < n``, followed by the odd-numbered
+    slopes ``2^(-8h/2p)`` (``h = 1, 3, 5, ...``) of ``2p`` heads until there are ``n``.
+
+    Returns float32 ``(num_heads,)`` on ``device`` (the dtype the attention ops require of
+    ``alibi_slopes``), for ``-slope * |i - j|`` added to head ``h``'s scores.
+
+    Raises:
+        ValueError: ``num_heads < 1``.
+    """
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"alibi_slopes: num_heads must be a positive int, got {num_heads!r}")
+
+    def powers(n: int) -> List[float]:
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (h + 1) for h in range(n)]
+
+    low = 2 ** int(math.floor(math.log2(num_heads)))
+    slopes = powers(low)
+    if low < num_heads:
+        slopes += powers(2 * low)[0::2][: num_heads - low]
+    return torch.tensor(slopes, dtype=torch.float32, device=device)
