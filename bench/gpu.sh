@@ -78,7 +78,7 @@ if [ "$DRY_RUN" = 1 ]; then
 else
   # One device call: ~500 s in all. Later steps get what is left (left N = min(N, time remaining)).
   TOTAL=${GPU_TOTAL:-500}
-  BENCH_LIST=${GPU_BENCH:-bench_kernels.py bench_nn.py bench_models.py attention.py bench_cuda_kernels.py bench_pytest.py}
+  BENCH_LIST=${GPU_BENCH:-bench_kernels.py bench_nn.py bench_models.py attention.py bench_cuda_kernels.py bench_pytest.py bench_variants.py}
   CHECKS=${GPU_CHECKS:-1}
   RESERVE=$(( CHECKS == 1 ? 90 : 0 ))
   left() { local r=$(( TOTAL - ($(date +%s) - T0) )); [ "$r" -lt "$1" ] && echo $(( r > 10 ? r : 10 )) || echo "$1"; }
