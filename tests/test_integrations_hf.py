@@ -194,6 +194,19 @@ def test_padding_keeps_the_dense_sliding_window_mask():
                                  mask_function=sliding_window_causal_mask_function(4), local_size=4) is not None
 
 
+def test_chunked_attention_keeps_its_dense_mask():
+    """Llama 4's chunked attention also passes a local_size: it is no sliding window, so the
+    builder must not leave its mask out."""
+    ff_hf.register()
+    from transformers.masking_utils import chunked_causal_mask_function, sdpa_mask
+
+    kw = dict(batch_size=1, q_length=9, kv_length=9, local_size=4, allow_is_causal_skip=True,
+              mask_function=chunked_causal_mask_function(4, torch.zeros(1, dtype=torch.long)))
+    ours = ff_hf.fastformer_mask(**kw)
+    assert ours is not None and torch.equal(ours, sdpa_mask(**kw))
+    assert not bool(ours[0, 0, 4, 3])  # position 4 starts a new chunk
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", ["gpt2", "bert", "vit", "llama", "mistral", "gemma2"])
 def test_matches_eager_bf16_cuda(name):

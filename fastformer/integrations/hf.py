@@ -129,6 +129,26 @@ def _queries_are_last_keys(attention_mask, q_length, kv_length, q_offset, kv_off
     return bool(padding[:, int(kv_offset):int(kv_offset) + kv_length].all())
 
 
+def _is_sliding_window_causal(mask_function, window: int) -> bool:
+    """Whether ``mask_function`` (transformers' index-based ``(batch, head, q, kv) -> bool``) is the
+    causal sliding window of ``window`` tokens: ``kv <= q`` and ``kv > q - window``. Other masks
+    built with a ``local_size`` (Llama 4's chunked attention) differ at the probed positions,
+    which straddle the window's edges and a chunk boundary; anything that fails to evaluate
+    counts as "no"."""
+    if mask_function is None or not isinstance(window, int) or window < 1:
+        return False
+    q = torch.tensor(sorted({0, 1, window - 1, window, window + 1, 2 * window, 2 * window + 3}))
+    kv = torch.arange(2 * window + 5)
+    expected = (kv[None, :] <= q[:, None]) & (kv[None, :] > q[:, None] - window)
+    try:
+        got = mask_function(torch.zeros(1, 1, 1, 1, dtype=torch.long), torch.zeros(1, 1, 1, 1, dtype=torch.long),
+                            q[None, None, :, None], kv[None, None, None, :])
+        got = torch.as_tensor(got).to(torch.bool).expand(1, 1, len(q), len(kv))[0, 0]
+    except Exception:  # noqa: BLE001 - an unknown mask function: keep the dense mask
+        return False
+    return torch.equal(got, expected)
+
+
 def fastformer_mask(*args, local_size=None, allow_is_causal_skip: bool = True, **kwargs):
     """transformers' SDPA mask builder (``sdpa_mask``), except that a pure sliding-window causal
     mask (``local_size`` = the window) without padding is left out (``None``) when the kernels'
@@ -136,10 +156,11 @@ def fastformer_mask(*args, local_size=None, allow_is_causal_skip: bool = True, *
     ``sdpa_mask``."""
     from transformers.masking_utils import sdpa_mask
 
-    if local_size is not None and allow_is_causal_skip and not args and not torch.compiler.is_compiling():
-        if _queries_are_last_keys(kwargs.get("attention_mask"), kwargs["q_length"], kwargs["kv_length"],
-                                  kwargs.get("q_offset", 0), kwargs.get("kv_offset", 0)):
-            return None
+    if (local_size is not None and allow_is_causal_skip and not args and not torch.compiler.is_compiling()
+            and _queries_are_last_keys(kwargs.get("attention_mask"), kwargs["q_length"], kwargs["kv_length"],
+                                       kwargs.get("q_offset", 0), kwargs.get("kv_offset", 0))
+            and _is_sliding_window_causal(kwargs.get("mask_function"), local_size)):
+        return None
     return sdpa_mask(*args, local_size=local_size, allow_is_causal_skip=allow_is_causal_skip, **kwargs)
 
 
