@@ -141,3 +141,55 @@ def test_kernel_ops_auto_on_cuda_follows_the_measured_table():
         assert resolve_backend("auto", cuda, op, row=1 << 16) == "torch", op
     assert resolve_backend("triton", cuda, "layer_norm") == "triton"  # forcing still forces
     assert resolve_backend("auto", torch.device("cpu"), "softmax", ("auto", "triton", "torch", "cuda"), row=8192) == "torch"
+
+
+def test_plain_sdpa_call_goes_straight_to_torch(monkeypatch):
+    """A drop-in call that "auto" would hand unchanged to torch's SDPA skips building the problem
+    (~15-20 µs of Python per call: issue 20, auto never slower than torch) and gives torch's
+    result bit for bit; anything else (a mask, a forced or default backend, odd inputs, a
+    policy that picks the cpu kernels) still goes through validation."""
+    import torch.nn.functional as F
+
+    import importlib
+
+    import fastformer
+
+    cpu_backend = importlib.import_module("fastformer.ops.attention.cpu")
+    dense = importlib.import_module("fastformer.ops.attention.dense")
+
+    validated = []
+    real = dense.validate_attention_inputs
+    monkeypatch.setattr(dense, "validate_attention_inputs", lambda *a, **kw: validated.append(1) or real(*a, **kw))
+
+    def straight(*args, **kwargs):
+        validated.clear()
+        out = fastformer.scaled_dot_product_attention(*args, **kwargs)
+        return out, not validated
+
+    q, k, v = (torch.randn(2, 4, 8, 16, dtype=torch.float64) for _ in range(3))  # float64: never the kernels
+    out, fast = straight(q, k, v, is_causal=True, scale=0.3)
+    assert fast and torch.equal(out, F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3))
+    kv = torch.randn(2, 2, 8, 16, dtype=torch.float64)
+    out, fast = straight(q, kv, kv, enable_gqa=True)
+    assert fast and torch.equal(out, F.scaled_dot_product_attention(q, kv, kv, enable_gqa=True))
+
+    assert not straight(q, k, v, attn_mask=torch.ones(8, 8, dtype=torch.bool))[1]
+    assert not straight(q, k, v, backend="reference")[1]
+    with fastformer.use_backend("reference"):
+        assert not straight(q, k, v)[1]
+    assert not straight(q[0], k[0], v[0])[1]  # 3-D: the general path (leading dims)
+    validated.clear()
+    with pytest.raises(ValueError):  # heads differ without enable_gqa: our error, from validation
+        fastformer.scaled_dot_product_attention(q, kv, kv)
+    assert validated
+    assert not straight(q, k, v, dropout_p=1)[1]  # an int probability: validated
+    assert not straight(q[:, :, :0], k, v)[1]  # empty: validated (torch 2.11's CPU SDPA dies on zero heads)
+
+    if fastformer.backends()["cpu"]["available"]:  # a policy that picks the kernels keeps the full path
+        monkeypatch.setattr(cpu_backend, "_AUTO_OVERRIDE", True)
+        q32, k32, v32 = (t.float() for t in (q, k, v))
+        out, fast = straight(q32, k32, v32)
+        assert not fast
+        monkeypatch.setattr(cpu_backend, "_AUTO_OVERRIDE", False)
+        out, fast = straight(q32, k32, v32)
+        assert fast and torch.equal(out, F.scaled_dot_product_attention(q32, k32, v32))

@@ -133,14 +133,23 @@ def auto_prefers_cpu(problem) -> bool:
         return _AUTO_OVERRIDE
     if problem.options.variant_active:
         return True
+    return prefers_cpu_shape(problem.q.dtype, problem.needs_grad, bool(problem.is_causal),
+                             max(problem.head_dim, problem.head_dim_v), problem.len_q, problem.len_k)
+
+
+def prefers_cpu_shape(dtype: torch.dtype, needs_grad: bool, is_causal: bool, head_dim: int, len_q: int,
+                      len_k: int) -> bool:
+    """:func:`auto_prefers_cpu` for a plain problem (no window, ALiBi or soft-cap) given by its
+    features alone, so a caller can ask before building the problem object."""
+    if _AUTO_OVERRIDE is not None:
+        return _AUTO_OVERRIDE
     # Plain Python over the table read at import (no extension call, no generators),
     # so torch.compile(fullgraph=True) traces through the choice.
-    dtype = _DTYPE_NAMES.get(problem.q.dtype)
-    by_dim = _CLASSES_HERE.get((dtype, "fwd_bwd" if problem.needs_grad else "fwd", bool(problem.is_causal)))
+    by_dim = _CLASSES_HERE.get((_DTYPE_NAMES.get(dtype), "fwd_bwd" if needs_grad else "fwd", is_causal))
     if not by_dim:
         return False
-    rows = by_dim[_nearest(list(by_dim), max(problem.head_dim, problem.head_dim_v, 1))]
-    length = math.sqrt(max(problem.len_q, 1) * max(problem.len_k, 1))
+    rows = by_dim[_nearest(list(by_dim), max(head_dim, 1))]
+    length = math.sqrt(max(len_q, 1) * max(len_k, 1))
     best, best_dist = "torch", float("inf")
     for seqlen, _, choice in rows:
         dist = abs(math.log(seqlen / length))
@@ -203,5 +212,6 @@ register_backend(
         forward=cpu_forward,
         backward=cpu_backward,
         auto_policy=auto_prefers_cpu,
+        shape_policy=prefers_cpu_shape,
     )
 )

@@ -32,6 +32,8 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
+import torch
+
 BACKEND_NAMES = ("auto", "reference", "naive", "triton", "cuda", "cpu")
 KINDS = ("dense", "varlen", "decode")
 
@@ -92,6 +94,10 @@ class AttentionBackend:
     # everywhere it supports; else True for the problems where it measured faster than
     # the fallback (the cpu backend's table from committed benchmarks, cpu.py).
     auto_policy: Optional[Callable[[object], bool]] = None
+    # auto_policy for a plain dense problem given by its features alone, (dtype, needs_grad,
+    # is_causal, head_dim, len_q, len_k) -> bool: lets the drop-in SDPA ask before building the
+    # problem (auto_runs_torch). None: this backend can only decide from a problem object.
+    shape_policy: Optional[Callable[..., bool]] = None
 
     def handles(self, kind: str) -> bool:
         """Whether this backend implements problems of ``kind`` at all."""
@@ -203,6 +209,25 @@ def select_backend(problem, backend: str = "auto") -> AttentionBackend:
             ):
                 return candidate
     return _load("reference")
+
+
+def auto_runs_torch(device_type: str, dtype: torch.dtype, needs_grad: bool, is_causal: bool, head_dim: int,
+                    len_q: int, len_k: int) -> bool:
+    """True when ``auto`` certainly sends a plain dense problem (no mask, no window / ALiBi /
+    soft-cap, no backend set by :func:`use_backend`) with these features to the ``reference``
+    backend, i.e. to torch's own SDPA unchanged: every backend in :data:`AUTO_ORDER` for the
+    device type is unavailable or declines by its ``shape_policy``. False when unsure."""
+    if _DEFAULT_STACK:
+        return False
+    for name in AUTO_ORDER.get(device_type, []):
+        if _why_unavailable(name) is not None:
+            continue
+        backend = _REGISTRY[name]
+        if not backend.auto:
+            continue
+        if backend.shape_policy is None or backend.shape_policy(dtype, needs_grad, is_causal, head_dim, len_q, len_k):
+            return False
+    return True
 
 
 def load_all_backends() -> None:
