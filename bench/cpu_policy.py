@@ -12,6 +12,8 @@ the table to ``fastformer/ops/attention_cpu_policy.py``:
 
     python bench/cpu_policy.py            # rewrite the table
     python bench/cpu_policy.py --check    # exit 1 if the table is stale (CI test)
+    python bench/cpu_policy.py --markdown avx512_bf16   # the README's table (ours ÷ torch, bold = cpu)
+    python bench/cpu_policy.py --chart avx512_bf16 bench/results/cpu-amd-epyc-avx512/cpu_attention_policy.png
 """
 
 from __future__ import annotations
@@ -75,12 +77,91 @@ def render(runs) -> str:
     return "\n".join(lines) + "\n"
 
 
+def markdown(runs, isa: str) -> str:
+    """The README's CPU table for ``isa``: ours ÷ torch per class and length (full / causal);
+    bold where the policy picks ``cpu``."""
+    _, _, rows = runs[isa]
+    by_key = {(r["mode"], r["dtype"], r["head_dim"], r["seqlen"], r["causal"]): r for r in rows}
+    lengths = sorted({r["seqlen"] for r in rows})
+    out = ["| mode dtype d | " + " | ".join(f"L={n} full / causal" for n in lengths) + " |",
+           "|---|" + "---|" * len(lengths)]
+    for mode in ("fwd", "fwd_bwd"):
+        for dtype in sorted({r["dtype"] for r in rows}, key=lambda d: d != "float32"):
+            for hd in sorted({r["head_dim"] for r in rows}):
+                cells = []
+                for n in lengths:
+                    parts = []
+                    for causal in (False, True):
+                        r = by_key.get((mode, dtype, hd, n, causal))
+                        if r is None:
+                            parts.append("–")
+                            continue
+                        bold = "**" if choice(r) == "cpu" else ""
+                        parts.append(f"{bold}{r['speedup_vs_torch']:.2f}{bold}")
+                    cells.append(" / ".join(parts))
+                out.append(f"| {mode.replace('_', '+')} {dtype} d{hd} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def chart(runs, isa: str, path: Path) -> None:
+    """The same grid as :func:`markdown` as a heat map (ratio ours ÷ torch per cell; a box where
+    the policy picks ``cpu``), for the README."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    _, env, rows = runs[isa]
+    by_key = {(r["mode"], r["dtype"], r["head_dim"], r["seqlen"], r["causal"]): r for r in rows}
+    lengths = sorted({r["seqlen"] for r in rows})
+    classes = [(m, dt, hd) for m in ("fwd", "fwd_bwd") for dt in sorted({r["dtype"] for r in rows},
+                                                                        key=lambda d: d != "float32")
+               for hd in sorted({r["head_dim"] for r in rows})]
+    cols = [(n, c) for n in lengths for c in (False, True)]
+    grid = np.full((len(classes), len(cols)), np.nan)
+    for i, (m, dt, hd) in enumerate(classes):
+        for j, (n, c) in enumerate(cols):
+            r = by_key.get((m, dt, hd, n, c))
+            if r is not None:
+                grid[i, j] = r["speedup_vs_torch"]
+    fig, ax = plt.subplots(figsize=(1.0 * len(cols) + 2.5, 0.45 * len(classes) + 1.6))
+    im = ax.imshow(grid, cmap="RdYlGn", vmin=0.5, vmax=2.0, aspect="auto")
+    for i, (m, dt, hd) in enumerate(classes):
+        for j, (n, c) in enumerate(cols):
+            r = by_key.get((m, dt, hd, n, c))
+            if r is None:
+                continue
+            ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                    fontweight="bold" if choice(r) == "cpu" else "normal")
+            if choice(r) == "cpu":
+                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=1.5, ec="black"))
+    ax.set_xticks(range(len(cols)), [f"L{n}\n{'causal' if c else 'full'}" for n, c in cols], fontsize=8)
+    ax.set_yticks(range(len(classes)), [f"{m.replace('_', '+')} {dt} d{hd}" for m, dt, hd in classes], fontsize=8)
+    ax.set_title(f"fastformer cpu ÷ torch SDPA ({isa}, {env.get('device', '?')}, "
+                 f"{str(env.get('date', '?'))[:10]}); boxed = auto picks cpu", fontsize=9)
+    fig.colorbar(im, ax=ax, shrink=0.8, label="speed-up (x)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--check", action="store_true", help="only check that the table matches the results")
     p.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--markdown", metavar="ISA", help="print the README's table for this ISA variant and exit")
+    p.add_argument("--chart", nargs=2, metavar=("ISA", "PNG"), help="draw the README's heat map and exit")
     args = p.parse_args(argv)
-    text = render(load_runs(args.results))
+    runs = load_runs(args.results)
+    if args.markdown:
+        print(markdown(runs, args.markdown))
+        return 0
+    if args.chart:
+        chart(runs, args.chart[0], Path(args.chart[1]))
+        print(f"wrote {args.chart[1]}")
+        return 0
+    text = render(runs)
     if args.check:
         if TABLE.read_text() != text:
             print(f"{TABLE.relative_to(ROOT)} is stale: run python bench/cpu_policy.py")
