@@ -7,6 +7,10 @@ spends no loan time compiling:
     python bench/carried_wheel.py find      # is there a wheel tagged for this Python? (prints it)
     python bench/carried_wheel.py check     # is there a wheel for this Python/torch that loads with CUDA?
     python bench/carried_wheel.py install   # check, then put its fastformer/_C*.so into the source tree
+    python bench/carried_wheel.py stamp     # record this tree's extension-sources hash beside the wheel
+
+A wheel fits only when its stamp (``<wheel>.sources``) matches the tree's csrc/ and setup.py,
+so a wheel left over from older sources is rebuilt on the GPU instead of silently used.
 
 ``install`` leaves the rest to ``FASTFORMER_PREBUILT_EXT=1 pip install --no-build-isolation
 --no-deps -e .`` (the Python side, editable, as a source build would be), so tests and
@@ -43,6 +47,21 @@ print(json.dumps(info))
 """
 
 
+def sources_hash(repo: Path = REPO) -> str:
+    """sha256 over what the extension is compiled from (csrc/ and setup.py, paths and bytes)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    files = sorted(p for p in (repo / "csrc").rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    for path in files + [repo / "setup.py"]:
+        h.update(path.relative_to(repo).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def stamp_path(wheel: Path) -> Path:
+    return wheel.with_name(wheel.name + ".sources")
+
+
 def find_wheel() -> Optional[Path]:
     """The newest .whl/fastformer-*.whl tagged for this interpreter and platform, or None."""
     tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
@@ -52,7 +71,18 @@ def find_wheel() -> Optional[Path]:
 
 
 def check(wheel: Path, unpacked: Path) -> dict:
-    """Unpack ``wheel`` and load its extension; the build facts, or RuntimeError saying why it does not fit."""
+    """Unpack ``wheel`` and load its extension; the build facts, or RuntimeError saying why it does not fit.
+
+    A wheel fits only if it was built from this tree's extension sources: its stamp
+    (``<wheel>.sources``, written by ``bench/gpu_rehearsal.sh``) must equal :func:`sources_hash`
+    here, otherwise a stale binary would run against newer Python bindings."""
+    stamp = stamp_path(wheel)
+    if not stamp.exists():
+        raise RuntimeError(f"{wheel.name} has no sources stamp ({stamp.name}): rebuild it with "
+                           "bash bench/gpu_rehearsal.sh --no-tests")
+    if stamp.read_text().strip() != sources_hash():
+        raise RuntimeError(f"{wheel.name} was built from other extension sources than this tree's csrc/ and "
+                           "setup.py: rebuild it with bash bench/gpu_rehearsal.sh --no-tests")
     with zipfile.ZipFile(wheel) as z:
         z.extractall(unpacked)
     env = dict(os.environ, PYTHONPATH=str(unpacked), PYTHONSAFEPATH="1")
@@ -73,7 +103,7 @@ def check(wheel: Path, unpacked: Path) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=["find", "check", "install"])
+    p.add_argument("action", choices=["find", "check", "install", "stamp"])
     args = p.parse_args(argv)
     wheel = find_wheel()
     if wheel is None:
@@ -82,6 +112,10 @@ def main(argv=None) -> int:
         return 1
     if args.action == "find":
         print(wheel)
+        return 0
+    if args.action == "stamp":  # bench/gpu_rehearsal.sh, right after building the wheel from this tree
+        stamp_path(wheel).write_text(sources_hash() + "\n")
+        print(f"stamped {wheel.name} with the extension sources' hash")
         return 0
     with tempfile.TemporaryDirectory(prefix="fastformer-wheel-") as tmp:
         try:
