@@ -92,12 +92,24 @@ at::Tensor pack_panels(const at::Tensor& x, bool transpose, int nr) {
       for (int64_t bh = begin; bh < end; ++bh) {
         const auto* src = base + (bh / H) * x.stride(0) + (bh % H) * x.stride(1);
         float* d = dst + bh * head;
-        for (int64_t p = 0; p < panels; ++p)
-          for (int64_t r = 0; r < R; ++r, d += nr)
+        for (int64_t p = 0; p < panels; ++p, d += R * nr) {
+          const int64_t c0 = p * nr;
+          if (c0 + nr <= C && cs == 1) {  // V, K: each panel row is nr contiguous values (vectorised copy)
+            for (int64_t r = 0; r < R; ++r)
+              for (int64_t t = 0; t < nr; ++t) d[r * nr + t] = static_cast<float>(src[r * rs + c0 + t]);
+          } else if (c0 + nr <= C && rs == 1) {  // K^T: panel column t is key c0 + t's contiguous row
             for (int64_t t = 0; t < nr; ++t) {
-              const int64_t col = p * nr + t;
-              d[t] = col < C ? static_cast<float>(src[r * rs + col * cs]) : 0.f;
+              const auto* row = src + (c0 + t) * cs;
+              for (int64_t r = 0; r < R; ++r) d[r * nr + t] = static_cast<float>(row[r]);
             }
+          } else {  // a partial last panel or other strides: element by element, zero padding
+            for (int64_t r = 0; r < R; ++r)
+              for (int64_t t = 0; t < nr; ++t) {
+                const int64_t col = c0 + t;
+                d[r * nr + t] = col < C ? static_cast<float>(src[r * rs + col * cs]) : 0.f;
+              }
+          }
+        }
       }
     });
   };
@@ -124,14 +136,34 @@ at::Tensor pack_pair_panels(const at::Tensor& x, bool transpose, int nr) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const uint16_t* src = base + (bh / H) * x.stride(0) + (bh % H) * x.stride(1);
       uint16_t* d = dst + bh * head;
-      for (int64_t p = 0; p < panels; ++p)
-        for (int64_t r2 = 0; r2 < rp; ++r2, d += 2 * nr)
-          for (int64_t t = 0; t < nr; ++t) {
-            const int64_t col = p * nr + t, r = 2 * r2;
-            const bool in = col < C;
-            d[2 * t] = in ? src[r * rs + col * cs] : 0;
-            d[2 * t + 1] = in && r + 1 < R ? src[(r + 1) * rs + col * cs] : 0;
+      for (int64_t p = 0; p < panels; ++p, d += rp * nr * 2) {
+        const int64_t c0 = p * nr;
+        const bool full = c0 + nr <= C && R % 2 == 0;
+        if (full && cs == 1) {  // V, K: interleave two contiguous rows (vectorised)
+          for (int64_t r2 = 0; r2 < rp; ++r2) {
+            const uint16_t* a = src + 2 * r2 * rs + c0;
+            const uint16_t* b = a + rs;
+            uint16_t* o = d + r2 * nr * 2;
+            for (int64_t t = 0; t < nr; ++t) {
+              o[2 * t] = a[t];
+              o[2 * t + 1] = b[t];
+            }
           }
+        } else if (full && rs == 1) {  // K^T: the pair (r, r + 1) of key c0 + t is one 32-bit word of its row
+          for (int64_t t = 0; t < nr; ++t) {
+            const uint16_t* row = src + (c0 + t) * cs;
+            for (int64_t r2 = 0; r2 < rp; ++r2) std::memcpy(d + r2 * nr * 2 + 2 * t, row + 2 * r2, 4);
+          }
+        } else {  // a partial panel, odd R or other strides: element by element, zero padding
+          for (int64_t r2 = 0; r2 < rp; ++r2)
+            for (int64_t t = 0; t < nr; ++t) {
+              const int64_t col = c0 + t, r = 2 * r2;
+              const bool in = col < C;
+              d[r2 * nr * 2 + 2 * t] = in ? src[r * rs + col * cs] : 0;
+              d[r2 * nr * 2 + 2 * t + 1] = in && r + 1 < R ? src[(r + 1) * rs + col * cs] : 0;
+            }
+        }
+      }
     }
   });
   return out;
