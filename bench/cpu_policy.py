@@ -77,29 +77,36 @@ def render(runs) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _grid(rows):
+    """The README grid's layout: rows by (mode, dtype, head_dim, seqlen, causal), the measured
+    lengths (columns, each full then causal) and the classes (mode, dtype, head_dim) in order."""
+    by_key = {(r["mode"], r["dtype"], r["head_dim"], r["seqlen"], r["causal"]): r for r in rows}
+    lengths = sorted({r["seqlen"] for r in rows})
+    classes = [(mode, dtype, hd) for mode in ("fwd", "fwd_bwd")
+               for dtype in sorted({r["dtype"] for r in rows}, key=lambda d: d != "float32")
+               for hd in sorted({r["head_dim"] for r in rows})]
+    return by_key, lengths, classes
+
+
 def markdown(runs, isa: str) -> str:
     """The README's CPU table for ``isa``: ours ÷ torch per class and length (full / causal);
     bold where the policy picks ``cpu``."""
-    _, _, rows = runs[isa]
-    by_key = {(r["mode"], r["dtype"], r["head_dim"], r["seqlen"], r["causal"]): r for r in rows}
-    lengths = sorted({r["seqlen"] for r in rows})
+    by_key, lengths, classes = _grid(runs[isa][2])
     out = ["| mode dtype d | " + " | ".join(f"L={n} full / causal" for n in lengths) + " |",
            "|---|" + "---|" * len(lengths)]
-    for mode in ("fwd", "fwd_bwd"):
-        for dtype in sorted({r["dtype"] for r in rows}, key=lambda d: d != "float32"):
-            for hd in sorted({r["head_dim"] for r in rows}):
-                cells = []
-                for n in lengths:
-                    parts = []
-                    for causal in (False, True):
-                        r = by_key.get((mode, dtype, hd, n, causal))
-                        if r is None:
-                            parts.append("–")
-                            continue
-                        bold = "**" if choice(r) == "cpu" else ""
-                        parts.append(f"{bold}{r['speedup_vs_torch']:.2f}{bold}")
-                    cells.append(" / ".join(parts))
-                out.append(f"| {mode.replace('_', '+')} {dtype} d{hd} | " + " | ".join(cells) + " |")
+    for mode, dtype, hd in classes:
+        cells = []
+        for n in lengths:
+            parts = []
+            for causal in (False, True):
+                r = by_key.get((mode, dtype, hd, n, causal))
+                if r is None:
+                    parts.append("–")
+                    continue
+                bold = "**" if choice(r) == "cpu" else ""
+                parts.append(f"{bold}{r['speedup_vs_torch']:.2f}{bold}")
+            cells.append(" / ".join(parts))
+        out.append(f"| {mode.replace('_', '+')} {dtype} d{hd} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
@@ -113,11 +120,7 @@ def chart(runs, isa: str, path: Path) -> None:
     import numpy as np
 
     _, env, rows = runs[isa]
-    by_key = {(r["mode"], r["dtype"], r["head_dim"], r["seqlen"], r["causal"]): r for r in rows}
-    lengths = sorted({r["seqlen"] for r in rows})
-    classes = [(m, dt, hd) for m in ("fwd", "fwd_bwd") for dt in sorted({r["dtype"] for r in rows},
-                                                                        key=lambda d: d != "float32")
-               for hd in sorted({r["head_dim"] for r in rows})]
+    by_key, lengths, classes = _grid(rows)
     cols = [(n, c) for n in lengths for c in (False, True)]
     grid = np.full((len(classes), len(cols)), np.nan)
     for i, (m, dt, hd) in enumerate(classes):
