@@ -46,8 +46,36 @@ namespace blas = at::native::cpublas;
 
 static uint16_t bf16_bits(float f) { at::BFloat16 b(f); return b.x; }
 
-// Returns {ours_ns, brgemm_ns (or -1 when it throws), max |ours - exact|, max |brgemm - exact|}, exact = the
-// products of the bf16-rounded inputs summed in double.
+// Times ours() against brgemm() (interleaved rounds of `reps` calls, the minimum of each) and
+// measures both against the exact product C2. C0: ours (row stride ldc0), C1: brgemm (N).
+// Returns {ours_ns, brgemm_ns (or -1 when it throws), max |ours - exact|, max |brgemm - exact|}.
+template <typename Ours, typename Brgemm>
+std::vector<double> race(const Ours& ours, const Brgemm& brg, bool is_vnni, const std::vector<float>& C0,
+                         int64_t ldc0, const std::vector<float>& C1, const std::vector<double>& C2, int64_t M,
+                         int64_t N, int64_t reps, int64_t rounds) {
+  bool have_brgemm = true;
+  try { brg(); } catch (const std::exception&) { have_brgemm = false; }
+  auto time = [&](auto&& fn) {
+    auto t0 = std::chrono::steady_clock::now();
+    for (int64_t r = 0; r < reps; ++r) fn();
+    return std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0).count() / reps;
+  };
+  double best[2] = {1e30, 1e30};
+  for (int64_t round = 0; round < rounds; ++round) {
+    best[0] = std::min(best[0], time(ours));
+    if (have_brgemm) best[1] = std::min(best[1], time(brg));
+  }
+  if (have_brgemm) blas::brgemm_release(is_vnni);
+  ours();
+  double d0 = 0, d1 = 0;
+  for (int64_t i = 0; i < M; ++i) for (int64_t n = 0; n < N; ++n) {
+    d0 = std::max(d0, std::abs((double)C0[i * ldc0 + n] - C2[i * N + n]));
+    if (have_brgemm) d1 = std::max(d1, std::abs((double)C1[i * N + n] - C2[i * N + n]));
+  }
+  return {best[0], have_brgemm ? best[1] : -1.0, d0, d1};
+}
+
+// race()'s four numbers; exact = the products of the bf16-rounded inputs summed in double.
 std::vector<double> compare(int64_t M, int64_t N, int64_t K, int64_t reps, int64_t rounds) {
   constexpr int64_t NR = avx512bf16::NR;
   const int64_t KP = (K + 1) / 2, Npad = (N + NR - 1) / NR * NR;
@@ -77,30 +105,11 @@ std::vector<double> compare(int64_t M, int64_t N, int64_t K, int64_t reps, int64
     avx512bf16::gemm_bf16(M, N, KP, reinterpret_cast<const uint32_t*>(A.data()), KP, 1, Bp.data(), panel,
                           C0.data(), Npad, false);
   };
-  bool have_brgemm = true;
   auto brg = [&] {
     blas::brgemm(M, N, 2 * KP, 2 * KP, N, N, false, reinterpret_cast<const at::BFloat16*>(A.data()), Bv.data(),
                  C1.data(), true);
   };
-  try { brg(); } catch (const std::exception&) { have_brgemm = false; }
-  auto time = [&](auto&& fn) {
-    auto t0 = std::chrono::steady_clock::now();
-    for (int64_t r = 0; r < reps; ++r) fn();
-    return std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0).count() / reps;
-  };
-  double best[2] = {1e30, 1e30};
-  for (int64_t round = 0; round < rounds; ++round) {  // interleaved; the minimum of each
-    best[0] = std::min(best[0], time(ours));
-    if (have_brgemm) best[1] = std::min(best[1], time(brg));
-  }
-  if (have_brgemm) blas::brgemm_release(true);
-  ours();
-  double d0 = 0, d1 = 0;
-  for (int64_t i = 0; i < M; ++i) for (int64_t n = 0; n < N; ++n) {
-    d0 = std::max(d0, (double)std::abs(C0[i * Npad + n] - C2[i * N + n]));
-    if (have_brgemm) d1 = std::max(d1, (double)std::abs(C1[i * N + n] - C2[i * N + n]));
-  }
-  return {best[0], have_brgemm ? best[1] : -1.0, d0, d1};
+  return race(ours, brg, /*is_vnni=*/true, C0, Npad, C1, C2, M, N, reps, rounds);
 }
 
 // The same for fp32 (the kernels' fp32 path, AVX-512 FMAs; B in NR-column panels).
@@ -117,27 +126,8 @@ std::vector<double> compare_f32(int64_t M, int64_t N, int64_t K, int64_t reps, i
   for (int64_t i = 0; i < M; ++i) for (int64_t k = 0; k < K; ++k) for (int64_t n = 0; n < N; ++n)
     C2[i * N + n] += (double)A[i * K + k] * (double)B[k * N + n];
   auto ours = [&] { avx512bf16::gemm(M, N, K, A.data(), K, 1, Bp.data(), K * NR, C0.data(), Npad, false); };
-  bool have_brgemm = true;
   auto brg = [&] { blas::brgemm(M, N, K, K, N, N, false, A.data(), B.data(), C1.data(), false); };
-  try { brg(); } catch (const std::exception&) { have_brgemm = false; }
-  auto time = [&](auto&& fn) {
-    auto t0 = std::chrono::steady_clock::now();
-    for (int64_t r = 0; r < reps; ++r) fn();
-    return std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0).count() / reps;
-  };
-  double best[2] = {1e30, 1e30};
-  for (int64_t round = 0; round < rounds; ++round) {
-    best[0] = std::min(best[0], time(ours));
-    if (have_brgemm) best[1] = std::min(best[1], time(brg));
-  }
-  if (have_brgemm) blas::brgemm_release(false);
-  ours();
-  double d0 = 0, d1 = 0;
-  for (int64_t i = 0; i < M; ++i) for (int64_t n = 0; n < N; ++n) {
-    d0 = std::max(d0, std::abs(C0[i * Npad + n] - C2[i * N + n]));
-    if (have_brgemm) d1 = std::max(d1, std::abs(C1[i * N + n] - C2[i * N + n]));
-  }
-  return {best[0], have_brgemm ? best[1] : -1.0, d0, d1};
+  return race(ours, brg, /*is_vnni=*/false, C0, Npad, C1, C2, M, N, reps, rounds);
 }
 """
 
