@@ -101,6 +101,9 @@ VARIANT_CASES = [
     Case("alibi_BH_causal", alibi="BH", is_causal=True, L=23),
     Case("softcap", softcap=2.0, L=21, S=26),
     Case("softcap_causal_gqa", softcap=1.5, is_causal=True, hq=4, hkv=2),
+    # Scores mostly beyond the cap (|score / softcap| up to ~10): tanh near +-1, where its
+    # derivative 1 - tanh^2 loses its digits unless computed without cancellation.
+    Case("softcap_saturated", softcap=0.5, scale=0.6, L=37, S=45),
     Case("window_alibi_softcap", window=(7, 0), alibi="H", softcap=3.0, L=41, S=41, batch=(1,)),
     Case("variants_float_mask", window=(6, 2), alibi="BH", softcap=2.5, mask="float", mask_shape="B11S", L=25),
     Case("variants_bool_mask_gqa", window=(5, 5), softcap=4.0, mask="bool", mask_shape="BHLS", hq=4, hkv=2),

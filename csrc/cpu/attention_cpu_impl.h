@@ -18,6 +18,10 @@
 #include <limits>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "attention_cpu.h"
 
 #pragma GCC diagnostic push
@@ -98,18 +102,50 @@ static inline float hsum(vf v) {
   return a[0];
 }
 
-// tanh: odd Taylor series below |x| < 0.25 (truncation < 3e-9), else (1 - e) / (1 + e)
-// with e = 2^(-2|x| log2 e) (no cancellation there, no overflow).
-static inline vf vtanh(vf x) {
+// True if any lane of the mask is set (one instruction on x86).
+static inline bool vany(vi m) {
+#if FF_W == 16 && defined(__x86_64__)
+  return _mm512_test_epi32_mask((__m512i)m, (__m512i)m) != 0;
+#elif FF_W == 8 && defined(__x86_64__)
+  return _mm256_movemask_ps((__m256)m) != 0;
+#elif FF_W == 4 && defined(__x86_64__)
+  return _mm_movemask_ps((__m128)m) != 0;
+#else
+  for (int t = 0; t < W; ++t)
+    if (m[t]) return true;
+  return false;
+#endif
+}
+
+// tanh(x) and its derivative 1 - tanh(x)^2 (stored through `deriv` when set), in two ranges:
+//  |x| < 1: t = x + x^3 R(x^2), R a degree-6 minimax polynomial for (tanh(x) - x) / x^3
+//           (relative error 1e-7 with fp32 coefficients); the correction is at most 24% of
+//           x, so t is within about half an ulp of rounding. 1 - t^2 >= 0.42: no cancellation.
+//  |x| >= 1: t = sign(x) (1 - e) / (1 + e) and 1 - t^2 = 4e / (1 + e)^2, e = exp(-2|x|) <= 0.14,
+//           both without cancellation; near saturation 1 - t^2 computed from t would keep
+//           none of its digits (t = 1 - 3e-7 at |x| = 8). Runs only for vectors with such a lane:
+//           soft-capped scores mostly sit well inside the cap.
+static inline vf vtanh(vf x, vf* deriv) {
+  const vf y = x * x;
+  vf r = vsplat(-4.179139505e-04f);
+  r = r * y + 2.505184384e-03f;
+  r = r * y - 8.217163384e-03f;
+  r = r * y + 2.166168950e-02f;
+  r = r * y - 5.393571034e-02f;
+  r = r * y + 1.333313733e-01f;
+  r = r * y - 3.333333135e-01f;
+  vf t = (x * y) * r + x;
+  if (deriv) *deriv = 1.f - t * t;
   const vf a = vselect(x < vsplat(0.f), -x, x);
-  const vf x2 = x * x;
-  const vf series =
-      x * (1.f + x2 * (-0.3333333333333333f + x2 * (0.13333333333333333f + x2 * (-0.05396825396825397f +
-                                                                                   x2 * 0.021869488536155203f))));
-  const vf e = vexp2(a * (-2.f * kLog2e));
-  vf t = (1.f - e) / (1.f + e);
-  t = vselect(x < vsplat(0.f), -t, t);
-  return vselect(a < vsplat(0.25f), series, t);
+  const vi far = a >= vsplat(1.f);
+  if (vany(far)) {
+    const vf e = vexp2(a * (-2.f * kLog2e));
+    const vf inv = 1.f / (1.f + e);
+    const vf tf = (1.f - e) * inv;
+    t = vselect(far, vselect(x < vsplat(0.f), -tf, tf), t);
+    if (deriv) *deriv = vselect(far, 4.f * e * inv * inv, *deriv);
+  }
+  return t;
 }
 
 // ---------------------------------------------------------------- GEMM
@@ -195,21 +231,22 @@ static inline float mask_log2(float x) {
 }
 
 // Soft-capped scores: s[0:n] = softcap_out * tanh(s * softcap_in) (log2 domain); s[n:npad] = -inf.
-// With `t` set, also stores tanh(...) there (the backward's 1 - t^2).
-static inline void softcap_row(float* s, int64_t n, int64_t npad, float cap_in, float cap_out, float* t) {
+// With `deriv` set, also stores the tanh's derivative 1 - tanh(...)^2 there (the backward's).
+static inline void softcap_row(float* s, int64_t n, int64_t npad, float cap_in, float cap_out, float* deriv) {
   for (int64_t j = 0; j < npad; j += W) {
-    const vf th = vtanh(vload(s + j) * cap_in);
-    if (t) vstore(t + j, th);
+    vf dt;
+    const vf th = vtanh(vload(s + j) * cap_in, deriv ? &dt : nullptr);
+    if (deriv) vstore(deriv + j, dt);
     vstore(s + j, th * cap_out);
   }
   for (int64_t j = n; j < npad; ++j) s[j] = kNegInf;
 }
 
-// The row's scores from raw q.k (scale or soft-cap, ALiBi), before the mask; `t` as softcap_row.
+// The row's scores from raw q.k (scale or soft-cap, ALiBi), before the mask; `deriv` as softcap_row.
 static inline void score_row(const Problem& p, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t n, int64_t npad,
-                             float* s, float* t) {
+                             float* s, float* deriv) {
   if (p.softcap)
-    softcap_row(s, n, npad, p.softcap_in, p.softcap_out, t);
+    softcap_row(s, n, npad, p.softcap_in, p.softcap_out, deriv);
   else
     scale_row(s, n, npad, p.scale * kLog2e);
   if (p.slopes.data) {
@@ -330,9 +367,9 @@ static inline void backward_tile_rows(const Problem& p, const float* lse_all, co
                                       int64_t h, int64_t i0, int64_t mq, int64_t j0, int64_t n, float* SP, float* DP,
                                       int64_t BK) {
   const int64_t npad = round_up(n, W), bh = b * p.Hq + h;
-  thread_local std::vector<float> tanh_row;  // one row's tanh(scale * qk / softcap): the cap's 1 - t^2
-  if (p.softcap && (int64_t)tanh_row.size() < npad) tanh_row.resize(npad);
-  float* T = p.softcap ? tanh_row.data() : nullptr;
+  thread_local std::vector<float> cap_deriv;  // one row's 1 - tanh(scale * qk / softcap)^2
+  if (p.softcap && (int64_t)cap_deriv.size() < npad) cap_deriv.resize(npad);
+  float* T = p.softcap ? cap_deriv.data() : nullptr;
   for (int64_t r = 0; r < mq; ++r) {
     const int64_t i = i0 + r;
     float* s = SP + r * BK;
@@ -359,12 +396,8 @@ static inline void backward_tile_rows(const Problem& p, const float* lse_all, co
       const vf dl = vsplat(delta);
       for (int64_t j = 0; j < npad; j += W) vstore(d + j, vload(s + j) * (vload(d + j) - dl) * p.scale);
     }
-    if (p.softcap) {  // d(softcap * tanh(x / softcap)) / dx = 1 - tanh^2; padding columns stay 0
-      for (int64_t j = 0; j < npad; j += W) {
-        const vf th = vload(T + j);
-        vstore(d + j, vload(d + j) * (1.f - th * th));
-      }
-    }
+    if (p.softcap)  // d(softcap * tanh(x / softcap)) / dx = 1 - tanh^2; padding columns stay 0
+      for (int64_t j = 0; j < npad; j += W) vstore(d + j, vload(d + j) * vload(T + j));
   }
 }
 
