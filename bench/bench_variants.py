@@ -173,6 +173,8 @@ def main(argv=None) -> int:
     p.add_argument("--overhead-len", type=int, default=None)
     p.add_argument("--heads", type=int, default=None)
     p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="default bfloat16 on a GPU, float32 on CPU; another dtype writes variants-<dtype>.json")
     p.add_argument("--rounds", type=int, default=None, help="paired rounds (default 15 on CPU, 7 on a GPU)")
     p.add_argument("--page-sizes", nargs="+", type=int, default=[16, 256])
     p.add_argument("--decode-len", type=int, default=None)
@@ -182,7 +184,9 @@ def main(argv=None) -> int:
     device = common.pick_device(args.device)
     gpu = device == "cuda"
     backend = "triton" if gpu else "cpu"
-    dtype = torch.bfloat16 if gpu else torch.float32
+    default_dtype = torch.bfloat16 if gpu else torch.float32
+    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype
+    name = "variants" + ("" if dtype == default_dtype else f"-{args.dtype}") + ("-quick" if args.quick else "")
     if args.quick:
         args.seqlens = args.seqlens or [256, 512]
         args.window = min(args.window, 64)
@@ -198,8 +202,7 @@ def main(argv=None) -> int:
     env = common.environment(device)
     info = fastformer.backends()[backend]
     if not info["available"]:
-        path = common.write_results("variants" + ("-quick" if args.quick else ""),
-                                    {"results": [], "skipped": f"backend {backend} unavailable: {info['reason']}"}, env)
+        path = common.write_results(name, {"results": [], "skipped": f"backend {backend} unavailable: {info['reason']}"}, env)
         print(f"skipped: backend {backend} unavailable ({info['reason']}); wrote {path}")
         return 0
     load_before = os.getloadavg()
@@ -215,8 +218,7 @@ def main(argv=None) -> int:
     # One set of columns for every section (bench/report.py takes the table's header from the first row).
     columns = list(dict.fromkeys(k for r in rows for k in r))
     rows = [{k: r.get(k, "") for k in columns} for r in rows]
-    path = common.write_results("variants" + ("-quick" if args.quick else ""),
-                                {"results": rows, "args": vars(args), "threads": torch.get_num_threads(),
+    path = common.write_results(name, {"results": rows, "args": vars(args), "threads": torch.get_num_threads(),
                                  "load_average_before": load_before, "load_average_after": os.getloadavg(),
                                  "cpu_count": os.cpu_count(), "machine_noise": noise}, env)
     print(f"wrote {path}")

@@ -80,6 +80,28 @@ def _kernels(backend):
 @pytest.mark.parametrize("backend,dtype,device", KERNEL_BACKENDS, ids=lambda x: str(x).split(".")[-1])
 def test_variant_kernel_forward_backward(backend, dtype, device, case):
     require_backend(backend)
+    _check_kernel_case(backend, dtype, device, case)
+
+
+# Many tiles per row and column: with small blocks the window's tile skipping (first key
+# tile of a query block, last query row of a key tile) runs in the fp32 and bf16 kernels.
+TILED_CASES = [
+    ("tiled_window", 150, 150, (23, 4), False, False, False, 0.0, None, 2, 1, 0.0),
+    ("tiled_window_causal_alibi_softcap", 131, 131, (37, -1), True, False, True, 2.0, None, 2, 2, 0.0),
+    ("tiled_window_br", 97, 160, (30, 0), False, True, True, 0.0, None, 2, 1, 0.0),
+]
+
+
+@pytest.mark.parametrize("case", TILED_CASES, ids=lambda c: c[0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda x: str(x).split(".")[-1])
+def test_cpu_kernel_window_tile_skipping(monkeypatch, dtype, case):
+    require_backend("cpu")
+    monkeypatch.setenv("FASTFORMER_CPU_ATTN_BQ", "10")
+    monkeypatch.setenv("FASTFORMER_CPU_ATTN_BK", "16")  # rounded up to the micro-kernel's width
+    _check_kernel_case("cpu", dtype, "cpu", case)
+
+
+def _check_kernel_case(backend, dtype, device, case):
     _, L, S, window, causal, br, alibi, softcap, mask_kind, Hq, Hkv, p = case
     B, E = 2, 16
     fwd, bwd, keep_fn = _kernels(backend)

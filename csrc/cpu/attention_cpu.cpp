@@ -226,12 +226,6 @@ void check_output(const char* name, const at::Tensor& t, at::IntArrayRef shape, 
               t.scalar_type(), " ", t.sizes());
 }
 
-// No window (causal at most), ALiBi or soft-cap: what the bf16 dot-product kernels run. Other
-// bf16 problems take the float32 path (operands converted while packed), which runs every variant.
-bool plain(const Problem& p) {
-  return !p.limit_left && (!p.limit_right || p.window_right == 0) && !p.softcap && p.slopes.data == nullptr;
-}
-
 // Window / ALiBi / soft-cap (FlashAttention's conventions: -1 = unlimited side, causal = right 0).
 struct VariantArgs {
   int64_t window_left = -1, window_right = -1;
@@ -317,7 +311,7 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
   check_output("out", out, {p.B, p.Hq, p.L, p.Ev}, q.scalar_type());
   check_output("lse", lse, {p.B, p.Hq, p.L}, at::kFloat);
   if (p.B * p.Hq * p.L == 0) return;
-  if (q.scalar_type() == at::kBFloat16 && K.bf16_forward_item != nullptr && plain(p)) {
+  if (q.scalar_type() == at::kBFloat16 && K.bf16_forward_item != nullptr) {
     at::Tensor qb = pairs_operand(q);
     at::Tensor kt = pack_pair_panels(k, /*transpose=*/true, K.nr), vp = pack_pair_panels(v, false, K.nr);
     Bf16ForwardArgs a;
@@ -436,7 +430,7 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
     dv.zero_();
     return;
   }
-  if (q.scalar_type() == at::kBFloat16 && K.bf16_backward_item != nullptr && plain(p)) {
+  if (q.scalar_type() == at::kBFloat16 && K.bf16_backward_item != nullptr) {
     backward_bf16(K, p, dout, q, k, v, out, lse, dq, dk, dv);
     return;
   }

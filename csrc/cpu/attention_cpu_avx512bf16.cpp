@@ -152,19 +152,22 @@ static void bf16_forward_item(const Bf16ForwardArgs& a, int64_t item, float* scr
   std::fill(m, m + mq, kNegInf);
   std::fill(l, l + mq, 0.f);
 
-  int64_t j_end = p.S;
+  // Tiles outside the causal / window limits are skipped (as forward_item); j_begin is a
+  // panel boundary, so even: key pairs stay pairs of V's panel rows.
+  int64_t j_end = p.S, j_begin = 0;
   if (p.limit_right) j_end = std::clamp<int64_t>(i0 + mq + p.diag_offset + p.window_right, 0, p.S);
+  if (p.limit_left) j_begin = std::clamp<int64_t>(i0 + p.diag_offset - p.window_left, 0, j_end) / NR * NR;
   const uint32_t* A = a.q.row(b, h, i0);
   const uint16_t* kt = a.kt_panels + (b * p.Hkv + hk) * a.kt_head_stride;
   const uint16_t* vp = a.v_panels + (b * p.Hkv + hk) * a.v_head_stride;
   const int64_t kt_panel = EP * 2 * NR, v_panel = pairs(p.S) * 2 * NR;
 
-  for (int64_t j0 = 0; j0 < j_end; j0 += BK) {
+  for (int64_t j0 = j_begin; j0 < j_end; j0 += BK) {
     const int64_t n = std::min(BK, j_end - j0), npad = round_up(n, W);
     gemm_bf16(mq, n, EP, A, a.q.sl, 1, kt + (j0 / NR) * kt_panel, kt_panel, St, BK, false);
     forward_tile_rows(p, b, h, i0, mq, j0, n, St, BK, m, l, O, Evpad);
     rows_to_bf16(mq, npad, St, BK, Pb, BK);
-    // j0 is a multiple of BK (even), so key pairs of the tile are pairs of V's panel rows.
+    // j0 is even (j_begin a multiple of NR, BK of NR), so key pairs of the tile are pairs of V's panel rows.
     gemm_bf16(mq, p.Ev, pairs(n), reinterpret_cast<const uint32_t*>(Pb), BK / 2, 1, vp + (j0 / 2) * 2 * NR,
               v_panel, O, Evpad, true);
   }
@@ -238,15 +241,16 @@ static void bf16_backward_item(const Bf16BackwardArgs& a, int64_t item, float* s
     const int64_t j0 = t * BK, n = std::min(BK, p.S - j0), npad = round_up(n, W);
     std::fill(dKa, dKa + n * Epad, 0.f);
     std::fill(dVa, dVa + n * Evpad, 0.f);
-    int64_t q_start = 0;
+    int64_t q_start = 0, q_end = p.L;  // only the query rows that see some key of the tile
     if (p.limit_right) q_start = std::max<int64_t>(0, j0 - p.diag_offset - p.window_right) / BQ * BQ;
+    if (p.limit_left) q_end = std::clamp<int64_t>(j0 + n - p.diag_offset + p.window_left, 0, p.L);
     for (int64_t g = 0; g < G; ++g) {
       const int64_t h = hk * G + g, bh = b * p.Hq + h;
       const uint16_t* qp = a.q_panels + bh * a.q_head_stride;
       const uint16_t* dop = a.do_panels + bh * a.do_head_stride;
       float* dq = a.dq_partial + ((chunk * p.B * p.Hq + bh) * p.L) * Epad;
-      for (int64_t i0 = q_start; i0 < p.L; i0 += BQ) {
-        const int64_t mq = std::min(BQ, p.L - i0);
+      for (int64_t i0 = q_start; i0 < q_end; i0 += BQ) {
+        const int64_t mq = std::min(BQ, q_end - i0);
         gemm_bf16(mq, n, EP, a.q.row(b, h, i0), a.q.sl, 1, kt + (j0 / NR) * kt_panel, kt_panel, SP, BK, false);
         gemm_bf16(mq, n, EvP, a.dout.row(b, h, i0), a.dout.sl, 1, vt + (j0 / NR) * vt_panel, vt_panel, DP, BK,
                   false);
