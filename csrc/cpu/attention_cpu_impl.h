@@ -118,31 +118,30 @@ static inline bool vany(vi m) {
 }
 
 // tanh(x) and its derivative 1 - tanh(x)^2 (stored through `deriv` when set), in two ranges:
-//  |x| < 1: t = x + x^3 R(x^2), R a degree-6 minimax polynomial for (tanh(x) - x) / x^3
-//           (relative error 1e-7 with fp32 coefficients); the correction is at most 24% of
-//           x, so t is within about half an ulp of rounding. 1 - t^2 >= 0.42: no cancellation.
-//  |x| >= 1: t = sign(x) (1 - e) / (1 + e) and 1 - t^2 = 4e / (1 + e)^2, e = exp(-2|x|) <= 0.14,
+//  |x| < 1/2: t = x + x^3 R(x^2), R a degree-4 minimax polynomial for (tanh(x) - x) / x^3
+//           (relative error 1e-7 with fp32 coefficients); the correction is at most 8% of
+//           x, so t is within about half an ulp of rounding. 1 - t^2 >= 0.78: no cancellation.
+//  |x| >= 1/2: t = sign(x) (1 - e) / (1 + e) and 1 - t^2 = 4e / (1 + e)^2, e = exp(-2|x|) <= 0.37,
 //           both without cancellation; near saturation 1 - t^2 computed from t would keep
 //           none of its digits (t = 1 - 3e-7 at |x| = 8). Runs only for vectors with such a lane:
-//           soft-capped scores mostly sit well inside the cap.
+//           soft-capped scores mostly sit well inside the cap (|score| < cap / 2).
 static inline vf vtanh(vf x, vf* deriv) {
   const vf y = x * x;
-  vf r = vsplat(-4.179139505e-04f);
-  r = r * y + 2.505184384e-03f;
-  r = r * y - 8.217163384e-03f;
-  r = r * y + 2.166168950e-02f;
-  r = r * y - 5.393571034e-02f;
-  r = r * y + 1.333313733e-01f;
-  r = r * y - 3.333333135e-01f;
+  vf r = vsplat(-7.117979228e-03f);
+  r = r * y + 2.157240920e-02f;
+  r = r * y - 5.395178869e-02f;
+  r = r * y + 1.333332509e-01f;
+  r = r * y - 3.333333433e-01f;
   vf t = (x * y) * r + x;
   if (deriv) *deriv = 1.f - t * t;
-  const vf a = vselect(x < vsplat(0.f), -x, x);
-  const vi far = a >= vsplat(1.f);
+  const vi sign = (vi)x & (int32_t)0x80000000;
+  const vf a = (vf)((vi)x ^ sign);
+  const vi far = a >= vsplat(0.5f);
   if (vany(far)) {
     const vf e = vexp2(a * (-2.f * kLog2e));
     const vf inv = 1.f / (1.f + e);
-    const vf tf = (1.f - e) * inv;
-    t = vselect(far, vselect(x < vsplat(0.f), -tf, tf), t);
+    const vf tf = (vf)((vi)((1.f - e) * inv) | sign);
+    t = vselect(far, tf, t);
     if (deriv) *deriv = vselect(far, 4.f * e * inv * inv, *deriv);
   }
   return t;
@@ -213,12 +212,6 @@ static inline float bf16_to_float(uint16_t bits) {
   return f;
 }
 
-// s[0:n] *= c; s[n:npad] = -inf (npad = n rounded up to W) so vector loops need no tail.
-static inline void scale_row(float* s, int64_t n, int64_t npad, float c) {
-  for (int64_t j = 0; j < npad; j += W) vstore(s + j, vload(s + j) * c);
-  for (int64_t j = n; j < npad; ++j) s[j] = kNegInf;
-}
-
 // A float mask value in the log2 domain. Finite fills beyond +-kMaskLimit (finfo.min, the
 // padding fill of Hugging Face models) would overflow to -+inf once scaled by log2(e):
 // they saturate instead, so a row of equal huge fills stays a row of equal finite scores
@@ -230,34 +223,32 @@ static inline float mask_log2(float x) {
   return x * kLog2e;
 }
 
-// Soft-capped scores: s[0:n] = softcap_out * tanh(s * softcap_in) (log2 domain); s[n:npad] = -inf.
-// With `deriv` set, also stores the tanh's derivative 1 - tanh(...)^2 there (the backward's).
-static inline void softcap_row(float* s, int64_t n, int64_t npad, float cap_in, float cap_out, float* deriv) {
-  for (int64_t j = 0; j < npad; j += W) {
-    vf dt;
-    const vf th = vtanh(vload(s + j) * cap_in, deriv ? &dt : nullptr);
-    if (deriv) vstore(deriv + j, dt);
-    vstore(s + j, th * cap_out);
-  }
-  for (int64_t j = n; j < npad; ++j) s[j] = kNegInf;
-}
-
-// The row's scores from raw q.k (scale or soft-cap, ALiBi), before the mask; `deriv` as softcap_row.
+// The row's scores from raw q.k, before the mask, in the log2 domain: scaled, or soft-capped
+// (softcap_out * tanh(s * softcap_in), with the tanh's derivative stored through `deriv` when
+// set, the backward's), then the ALiBi bias; one pass over the row. s[n:npad] = -inf, so
+// vector loops need no tail.
 static inline void score_row(const Problem& p, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t n, int64_t npad,
                              float* s, float* deriv) {
-  if (p.softcap)
-    softcap_row(s, n, npad, p.softcap_in, p.softcap_out, deriv);
-  else
-    scale_row(s, n, npad, p.scale * kLog2e);
-  if (p.slopes.data) {
-    const float slope = p.slopes.data[b * p.slopes.sb + h * p.slopes.sh] * kLog2e;
-    // s[j] -= slope * |d0 - j|, d0 the distance to key j0 (bottom-right aligned); padding stays -inf.
-    vf dist = vsplat((float)(i + p.S - p.L - j0));
-    for (int t = 0; t < W; ++t) dist[t] -= (float)t;
-    const vf sl = vsplat(slope);
-    for (int64_t j = 0; j < npad; j += W, dist -= (float)W)
-      vstore(s + j, vload(s + j) - sl * vselect(dist < vsplat(0.f), -dist, dist));
+  const bool alibi = p.slopes.data != nullptr;
+  // ALiBi: s[j] -= slope * |d0 - j|, d0 the distance to key j0 (bottom-right aligned).
+  const vf sl = vsplat(alibi ? p.slopes.data[b * p.slopes.sb + h * p.slopes.sh] * kLog2e : 0.f);
+  vf dist = vsplat((float)(i + p.S - p.L - j0));
+  for (int t = 0; t < W; ++t) dist[t] -= (float)t;
+  const vi abs_bits = vi{} + 0x7fffffff;
+  const vf scale = vsplat(p.scale * kLog2e), cap_in = vsplat(p.softcap_in), cap_out = vsplat(p.softcap_out);
+  for (int64_t j = 0; j < npad; j += W, dist -= (float)W) {
+    vf x = vload(s + j);
+    if (p.softcap) {
+      vf dt;
+      x = vtanh(x * cap_in, deriv ? &dt : nullptr) * cap_out;
+      if (deriv) vstore(deriv + j, dt);
+    } else {
+      x = x * scale;
+    }
+    if (alibi) x -= sl * (vf)((vi)dist & abs_bits);
+    vstore(s + j, x);
   }
+  for (int64_t j = n; j < npad; ++j) s[j] = kNegInf;
 }
 
 // The mask and the window/causal limits for query i on keys j0 .. j0+n-1, in the log2 domain.
