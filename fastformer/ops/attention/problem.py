@@ -545,18 +545,23 @@ def validate_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     return VarlenProblem(q, k, v, cu_seqlens_q, cu_seqlens_k, cq, ck, int(max_seqlen_q), int(max_seqlen_k), options)
 
 
-def checked_max_length(lens: Tensor, cache_len: int) -> int:
-    """The longest sequence, after checking every length lies in [0, cache_len].
+def checked_length_range(lens: Tensor, cache_len: int) -> Tuple[int, int]:
+    """(shortest, longest) sequence, after checking every length lies in [0, cache_len].
     One host read of (min, max); the torch path needs the max anyway to slice."""
     if lens.numel() == 0:
-        return 0
+        return 0, 0
     lo, hi = (int(x) for x in torch.stack(torch.aminmax(lens)).tolist())
     if lo < 0 or hi > cache_len:
         raise ValueError(
             f"cache_seqlens must lie in [0, {cache_len}] (the cache length, dim 2 of k_cache), "
             f"got values in [{lo}, {hi}]: {lens.tolist()}"
         )
-    return hi
+    return lo, hi
+
+
+def checked_max_length(lens: Tensor, cache_len: int) -> int:
+    """The longest sequence, after checking every length lies in [0, cache_len]."""
+    return checked_length_range(lens, cache_len)[1]
 
 
 def _check_paged(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens, block_table) -> None:

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .problem import AttentionProblem, DecodeProblem, VarlenProblem, causal_mask, checked_max_length
+from .problem import AttentionProblem, DecodeProblem, VarlenProblem, causal_mask, checked_length_range, checked_max_length
 from .registry import AttentionBackend, register_backend
 from .variants import variant_math_attention
 
@@ -146,12 +146,21 @@ def decode_math(problem: DecodeProblem):
 
 
 def decode_reference(problem: DecodeProblem):
-    """Attention of the new tokens over the valid cache entries with torch SDPA (no kernel)."""
-    if problem.block_table is not None or problem.options.variant_active:
+    """Attention of the new tokens over the valid cache entries with torch SDPA (no kernel).
+    A paged cache is gathered once (the pages in use) and then read as a contiguous one."""
+    if problem.options.variant_active:
         return decode_math(problem)
     q, k_cache, v_cache, cache_seqlens = problem.q, problem.k_cache, problem.v_cache, problem.cache_seqlens
     scale, causal = problem.options.scale, problem.options.is_causal
     B, Hq, Lq, _ = q.shape
+    if not isinstance(cache_seqlens, int):
+        lo, hi = checked_length_range(cache_seqlens.to(device=q.device, dtype=torch.long), problem.capacity)
+        if lo == hi:  # one length for all: the uniform path below (no mask, no copy of the cache)
+            cache_seqlens = hi
+    if problem.block_table is not None:
+        S = cache_seqlens if isinstance(cache_seqlens, int) else hi
+        k_cache = gather_pages(k_cache, problem.block_table, S)
+        v_cache = gather_pages(v_cache, problem.block_table, S)
     gqa = Hq != k_cache.shape[1]
     if isinstance(cache_seqlens, int):
         # Uniform lengths: slice the cache; a mask only when the new tokens need the causal one.
@@ -163,8 +172,7 @@ def decode_reference(problem: DecodeProblem):
             if S < Lq:
                 return _masked_sdpa(q, k, v, mask.expand(B, Lq, S), scale, gqa)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    lens = cache_seqlens.to(device=q.device, dtype=torch.long)
-    S = checked_max_length(lens, k_cache.shape[2])
+    lens, S = cache_seqlens.to(device=q.device, dtype=torch.long), hi
     keys = torch.arange(S, device=q.device)
     valid = (keys[None, :] < lens[:, None])[:, None, :, None]  # (B, 1, S, 1)
     # Entries past a sequence's length are never read: whatever they hold (NaN in a
