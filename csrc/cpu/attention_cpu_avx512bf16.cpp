@@ -17,6 +17,7 @@
 #define FF_W 16
 #define FF_MR 12
 #define FF_TARGET "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma"
+#define FF_HAS_BF16 1  // forward_tile_rows may write P in bf16
 #include "attention_cpu_impl.h"  // FF_KERNELS undefined: the table is defined below
 
 #pragma GCC diagnostic push
@@ -163,10 +164,9 @@ static void bf16_forward_item(const Bf16ForwardArgs& a, int64_t item, float* scr
   const int64_t kt_panel = EP * 2 * NR, v_panel = pairs(p.S) * 2 * NR;
 
   for (int64_t j0 = j_begin; j0 < j_end; j0 += BK) {
-    const int64_t n = std::min(BK, j_end - j0), npad = round_up(n, W);
+    const int64_t n = std::min(BK, j_end - j0);
     gemm_bf16(mq, n, EP, A, a.q.sl, 1, kt + (j0 / NR) * kt_panel, kt_panel, St, BK, false);
-    forward_tile_rows(p, b, h, i0, mq, j0, n, St, BK, m, l, O, Evpad);
-    rows_to_bf16(mq, npad, St, BK, Pb, BK);
+    forward_tile_rows(p, b, h, i0, mq, j0, n, St, BK, m, l, O, Evpad, Pb);
     // j0 is even (j_begin a multiple of NR, BK of NR), so key pairs of the tile are pairs of V's panel rows.
     gemm_bf16(mq, p.Ev, pairs(n), reinterpret_cast<const uint32_t*>(Pb), BK / 2, 1, vp + (j0 / 2) * 2 * NR,
               v_panel, O, Evpad, true);

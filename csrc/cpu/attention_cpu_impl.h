@@ -60,6 +60,7 @@ static inline vf vselect(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((v
 // mode; no floor/convert round trip), then a degree-7 polynomial (relative error
 // < 1e-8, under fp32 rounding) and 2^n built from n's bits. 17 vector operations;
 // the softmax of every tile runs this once per score.
+template <int Degree = 7>
 static inline vf vexp2(vf x) {
   const vi tiny = x < vsplat(-126.f);
   vf xc = x < vsplat(-126.f) ? vsplat(-126.f) : x;
@@ -67,14 +68,24 @@ static inline vf vexp2(vf x) {
   const vf magic = vsplat(12582912.f);  // 1.5 * 2^23
   const vf t = xc + magic;              // round(xc) in the low mantissa bits
   const vf f = xc - (t - magic);
-  vf p = vsplat(1.525273380405984e-05f);
-  p = p * f + 1.5403530393381606e-04f;
-  p = p * f + 1.3333558146428443e-03f;
-  p = p * f + 9.618129107628477e-03f;
-  p = p * f + 5.550410866482158e-02f;
-  p = p * f + 2.402265069591007e-01f;
-  p = p * f + 6.931471805599453e-01f;
-  p = p * f + 1.f;
+  vf p;
+  if constexpr (Degree == 7) {
+    p = vsplat(1.525273380405984e-05f);
+    p = p * f + 1.5403530393381606e-04f;
+    p = p * f + 1.3333558146428443e-03f;
+    p = p * f + 9.618129107628477e-03f;
+    p = p * f + 5.550410866482158e-02f;
+    p = p * f + 2.402265069591007e-01f;
+    p = p * f + 6.931471805599453e-01f;
+    p = p * f + 1.f;
+  } else {  // degree 4, relative error 2.8e-6 (p(0) = 1 exactly): weights rounded to bf16 next
+    static_assert(Degree == 4, "vexp2: degree 7 or 4");
+    p = vsplat(9.582576342e-03f);
+    p = p * f + 5.590682849e-02f;
+    p = p * f + 2.402410656e-01f;
+    p = p * f + 6.931241155e-01f;
+    p = p * f + 1.f;
+  }
   // (bits(t) + 127) << 23: the low 9 bits of bits(t) are n (two's complement), so this is
   // (n + 127) << 23, the exponent field of 2^n, for n in [-126, 127].
   const vf r = p * (vf)(((vi)t + 127) << 23);
@@ -293,26 +304,54 @@ static inline float row_max(const float* s, int64_t npad) {
   return hmax(m1 > m0 ? m1 : m0);
 }
 
-// s = 2^(s - shift) in place; returns the row sum. Unrolled by two vectors (two
-// independent exp2 chains and sums in flight).
-static inline float exp2_row(float* s, int64_t npad, float shift) {
+// s = 2^(s * c - shift) in place (one fused multiply-add feeds the exponent); returns the
+// row sum. Unrolled by two vectors (two independent exp2 chains and sums in flight).
+static inline float exp2_row(float* s, int64_t npad, float c, float shift) {
   vf sum0{}, sum1{};
-  const vf sh = vsplat(shift);
+  const vf sh = vsplat(shift), cv = vsplat(c);
   int64_t j = 0;
   for (; j + 2 * W <= npad; j += 2 * W) {
-    const vf e0 = vexp2(vload(s + j) - sh), e1 = vexp2(vload(s + j + W) - sh);
+    const vf e0 = vexp2(vload(s + j) * cv - sh), e1 = vexp2(vload(s + j + W) * cv - sh);
     vstore(s + j, e0);
     vstore(s + j + W, e1);
     sum0 += e0;
     sum1 += e1;
   }
   if (j < npad) {
-    const vf e = vexp2(vload(s + j) - sh);
+    const vf e = vexp2(vload(s + j) * cv - sh);
     vstore(s + j, e);
     sum0 += e;
   }
   return hsum(sum0 + sum1);
 }
+
+#ifdef FF_HAS_BF16
+// The bf16 kernels' P operand: 16 floats rounded to bf16 (nearest even) at y.
+static inline void store_bf16(uint16_t* y, vf x) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), (__m256i)_mm512_cvtneps_pbh((__m512)x));
+}
+
+// exp2_row writing the weights straight to bf16 (y), never to s: one pass, and the
+// degree-4 exp2, whose 2.8e-6 relative error vanishes in the rounding to bf16 (2^-9).
+static inline float exp2_row_bf16(const float* s, int64_t npad, float c, float shift, uint16_t* y) {
+  vf sum0{}, sum1{};
+  const vf sh = vsplat(shift), cv = vsplat(c);
+  int64_t j = 0;
+  for (; j + 2 * W <= npad; j += 2 * W) {
+    const vf e0 = vexp2<4>(vload(s + j) * cv - sh), e1 = vexp2<4>(vload(s + j + W) * cv - sh);
+    store_bf16(y + j, e0);
+    store_bf16(y + j + W, e1);
+    sum0 += e0;
+    sum1 += e1;
+  }
+  if (j < npad) {
+    const vf e = vexp2<4>(vload(s + j) * cv - sh);
+    store_bf16(y + j, e);
+    sum0 += e;
+  }
+  return hsum(sum0 + sum1);
+}
+#endif
 
 static inline void scale_vec(float* x, int64_t npad, float a) {
   for (int64_t j = 0; j < npad; j += W) vstore(x + j, vload(x + j) * a);
@@ -320,25 +359,49 @@ static inline void scale_vec(float* x, int64_t npad, float a) {
 
 // ---------------------------------------------------------------- tile rows (shared by every kernel)
 
+// Scores that need no pass of their own before the softmax: no soft-cap, ALiBi or float
+// mask (bool masks and window limits write -inf, the same scaled or not) and a positive
+// scale (so max(s) * c = max(s * c)). Their scale c = scale * log2(e) goes into the exponent.
+static inline bool raw_scores(const Problem& p) {
+  return !p.softcap && p.slopes.data == nullptr && (p.mask.kind == kMaskNone || p.mask.kind == kMaskBool) &&
+         p.scale > 0.f;
+}
+
 // The online-softmax step of a forward tile: rows 0..mq-1 of St (row stride BK)
 // hold the raw scores of queries i0.. against keys j0..j0+n-1 and become the
 // (dropped) weights 2^(s - m), zero in columns n..npad-1 (npad = n rounded up to
-// W); the running max m and sum l advance and the O rows are rescaled.
+// W); the running max m and sum l advance and the O rows are rescaled. With Pb
+// (the bf16 kernels), the weights go to Pb (row stride BK, bf16) instead.
 static inline void forward_tile_rows(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t mq, int64_t j0,
-                                     int64_t n, float* St, int64_t BK, float* m, float* l, float* O, int64_t Evpad) {
+                                     int64_t n, float* St, int64_t BK, float* m, float* l, float* O, int64_t Evpad,
+                                     uint16_t* Pb = nullptr) {
   const int64_t npad = round_up(n, W), bh = b * p.Hq + h;
+  const bool raw = raw_scores(p);
+  const float c = raw ? p.scale * kLog2e : 1.f;  // m stays in the log2 domain either way
   for (int64_t r = 0; r < mq; ++r) {
     float* s = St + r * BK;
     const int64_t i = i0 + r;
-    score_row(p, b, h, i, j0, n, npad, s, nullptr);
+    if (raw)
+      for (int64_t j = n; j < npad; ++j) s[j] = kNegInf;
+    else
+      score_row(p, b, h, i, j0, n, npad, s, nullptr);
     mask_row(p, b, h, i, j0, n, s);
-    const float m_new = std::max(m[r], row_max(s, npad));
+    const float m_new = std::max(m[r], row_max(s, npad) * c);
     if (m_new == kNegInf) {  // nothing visible yet in this row
       std::fill(s, s + npad, 0.f);
+      if (Pb) std::fill(Pb + r * BK, Pb + r * BK + npad, (uint16_t)0);
       continue;
     }
     const float alpha = std::exp2(m[r] - m_new);
-    const float rs = exp2_row(s, npad, m_new);
+#ifdef FF_HAS_BF16
+    if (Pb && !p.dropout.on) {
+      l[r] = l[r] * alpha + exp2_row_bf16(s, npad, c, m_new, Pb + r * BK);
+      if (alpha != 1.f) scale_vec(O + r * Evpad, Evpad, alpha);
+      m[r] = m_new;
+      continue;
+    }
+#endif
+    const float rs = exp2_row(s, npad, c, m_new);
     l[r] = l[r] * alpha + rs;
     if (alpha != 1.f) scale_vec(O + r * Evpad, Evpad, alpha);
     m[r] = m_new;
@@ -347,6 +410,10 @@ static inline void forward_tile_rows(const Problem& p, int64_t b, int64_t h, int
       for (int64_t j = 0; j < n; ++j)
         s[j] *= dropout_hash(d, bh, i, j0 + j, p.L, p.S) >= d.threshold ? d.keep_scale : 0.f;
     }
+#ifdef FF_HAS_BF16
+    if (Pb)
+      for (int64_t j = 0; j < npad; j += W) store_bf16(Pb + r * BK + j, vload(s + j));
+#endif
   }
 }
 
@@ -361,6 +428,8 @@ static inline void backward_tile_rows(const Problem& p, const float* lse_all, co
   thread_local std::vector<float> cap_deriv;  // one row's 1 - tanh(scale * qk / softcap)^2
   if (p.softcap && (int64_t)cap_deriv.size() < npad) cap_deriv.resize(npad);
   float* T = p.softcap ? cap_deriv.data() : nullptr;
+  const bool raw = raw_scores(p);
+  const float c = raw ? p.scale * kLog2e : 1.f;
   for (int64_t r = 0; r < mq; ++r) {
     const int64_t i = i0 + r;
     float* s = SP + r * BK;
@@ -371,9 +440,12 @@ static inline void backward_tile_rows(const Problem& p, const float* lse_all, co
       std::fill(d, d + npad, 0.f);
       continue;
     }
-    score_row(p, b, h, i, j0, n, npad, s, T);
+    if (raw)
+      for (int64_t j = n; j < npad; ++j) s[j] = kNegInf;
+    else
+      score_row(p, b, h, i, j0, n, npad, s, T);
     mask_row(p, b, h, i, j0, n, s);
-    exp2_row(s, npad, lse * kLog2e);  // P = exp(scores - lse)
+    exp2_row(s, npad, c, lse * kLog2e);  // P = exp(scores - lse)
     const float delta = delta_all[bh * p.L + i];
     if (p.dropout.on) {
       const DropoutSpec& dr = p.dropout;
