@@ -283,7 +283,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny set for CI smoke")
     p.add_argument("--providers", nargs="*", help="restrict to these providers")
     args = p.parse_args(argv)
-    common.exact_cpu_memory_accounting()
+    common.steady_cpu_allocator()
     run(common.pick_device(args.device), args.quick, args.providers)
     return 0
 

@@ -178,7 +178,7 @@ def main(argv=None) -> int:
         # which this project's own machines may lack) on a short set, 2 threads as the issue.
         args.head_dims, args.seqlens, args.rounds, args.threads = [64], [2048], 5, 2
         args.tag = args.tag or "gpu-host"
-    common.exact_cpu_memory_accounting()
+    common.steady_cpu_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
     if not fastformer.backends()["cpu"]["available"]:

@@ -6,7 +6,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/setup_env.sh
-# Set here, so attention.py need not re-exec itself for it (that imports torch twice);
-# see bench/common.py:exact_cpu_memory_accounting.
-export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-65536}
 python bench/attention.py "$@"
