@@ -49,6 +49,23 @@ def test_long_odd_lengths(case, dtype):
     check_case(case, "cpu", dtype, "cpu")
 
 
+# Many key tiles per row and query blocks per head (the default tiles, 96 x 256 forward and
+# 96 x 128 backward, leave short sequences in one or two): every online-softmax rescale,
+# the tile skipping and the remainders, in both kernels.
+@pytest.mark.parametrize("case", [
+    Case("tiles", batch=(1,), hq=2, L=77, S=101, E=24),
+    Case("tiles_causal_gqa", batch=(1,), hq=4, hkv=2, L=90, S=90, E=16, is_causal=True),
+    Case("tiles_float_mask", batch=(2,), hq=2, L=45, S=130, E=8, mask="float", mask_shape="B11S"),
+    Case("tiles_bool_mask", batch=(1,), hq=2, L=40, S=99, E=16, mask="bool", mask_shape="BHLS"),
+    Case("tiles_causal_br", batch=(1,), hq=2, L=40, S=99, E=16, is_causal=True, bottom_right=True),
+], ids=lambda c: c.id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+def test_small_tiles(case, dtype, monkeypatch):
+    monkeypatch.setenv("FASTFORMER_CPU_ATTN_BQ", "10")
+    monkeypatch.setenv("FASTFORMER_CPU_ATTN_BK", "16")  # rounded up to the micro-kernel's width
+    check_case(case, "cpu", dtype, "cpu")
+
+
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_length_1000_forward(is_causal):
     check_case(Case("L1000", batch=(1,), hq=1, L=1000, S=1000, E=32, is_causal=is_causal), "cpu", torch.float32,
