@@ -304,21 +304,39 @@ static inline float row_max(const float* s, int64_t npad) {
   return hmax(m1 > m0 ? m1 : m0);
 }
 
-// s = 2^(s * c - shift) in place (one fused multiply-add feeds the exponent); returns the
-// row sum. Unrolled by two vectors (two independent exp2 chains and sums in flight).
+// x as computed, never fused into the operation that follows. The exponent of a weight is
+// round(s * c) - shift: for the row's largest score that must be exactly 0, as it was when the
+// scaling had a pass of its own. A fused multiply-add would leave the product's rounding error
+// there instead, up to 2^13 for scores of 1e11 (tests/test_replayed_bug_reports.py,
+// test_huge_scores), and 2^8192 overflows.
+static inline vf vkeep(vf x) {
+#if defined(__x86_64__)
+  asm("" : "+v"(x));
+  return x;
+#else
+  volatile vf y = x;
+  return y;
+#endif
+}
+
+// The exponent 2^(round(s * c) - shift) of the weights (see vkeep).
+static inline vf weight_exponent(const float* s, vf c, vf shift) { return vkeep(vload(s) * c) - shift; }
+
+// s = 2^(s * c - shift) in place, the scaling folded into this pass; returns the row sum.
+// Unrolled by two vectors (two independent exp2 chains and sums in flight).
 static inline float exp2_row(float* s, int64_t npad, float c, float shift) {
   vf sum0{}, sum1{};
   const vf sh = vsplat(shift), cv = vsplat(c);
   int64_t j = 0;
   for (; j + 2 * W <= npad; j += 2 * W) {
-    const vf e0 = vexp2(vload(s + j) * cv - sh), e1 = vexp2(vload(s + j + W) * cv - sh);
+    const vf e0 = vexp2(weight_exponent(s + j, cv, sh)), e1 = vexp2(weight_exponent(s + j + W, cv, sh));
     vstore(s + j, e0);
     vstore(s + j + W, e1);
     sum0 += e0;
     sum1 += e1;
   }
   if (j < npad) {
-    const vf e = vexp2(vload(s + j) * cv - sh);
+    const vf e = vexp2(weight_exponent(s + j, cv, sh));
     vstore(s + j, e);
     sum0 += e;
   }
@@ -338,14 +356,14 @@ static inline float exp2_row_bf16(const float* s, int64_t npad, float c, float s
   const vf sh = vsplat(shift), cv = vsplat(c);
   int64_t j = 0;
   for (; j + 2 * W <= npad; j += 2 * W) {
-    const vf e0 = vexp2<4>(vload(s + j) * cv - sh), e1 = vexp2<4>(vload(s + j + W) * cv - sh);
+    const vf e0 = vexp2<4>(weight_exponent(s + j, cv, sh)), e1 = vexp2<4>(weight_exponent(s + j + W, cv, sh));
     store_bf16(y + j, e0);
     store_bf16(y + j + W, e1);
     sum0 += e0;
     sum1 += e1;
   }
   if (j < npad) {
-    const vf e = vexp2<4>(vload(s + j) * cv - sh);
+    const vf e = vexp2<4>(weight_exponent(s + j, cv, sh));
     store_bf16(y + j, e);
     sum0 += e;
   }
@@ -361,7 +379,8 @@ static inline void scale_vec(float* x, int64_t npad, float a) {
 
 // Scores that need no pass of their own before the softmax: no soft-cap, ALiBi or float
 // mask (bool masks and window limits write -inf, the same scaled or not) and a positive
-// scale (so max(s) * c = max(s * c)). Their scale c = scale * log2(e) goes into the exponent.
+// scale (so max(s) * c = max(s * c), both rounded alike). Their scale c = scale * log2(e) is
+// applied in the exp pass.
 static inline bool raw_scores(const Problem& p) {
   return !p.softcap && p.slopes.data == nullptr && (p.mask.kind == kMaskNone || p.mask.kind == kMaskBool) &&
          p.scale > 0.f;
