@@ -163,15 +163,13 @@ def decode_reference(problem: DecodeProblem):
         v_cache = gather_pages(v_cache, problem.block_table, S)
     gqa = Hq != k_cache.shape[1]
     if isinstance(cache_seqlens, int):
-        # Uniform lengths: slice the cache; a mask only when the new tokens need the causal one.
-        S = cache_seqlens
-        k, v = k_cache[:, :, :S], v_cache[:, :, :S]
-        mask = None
-        if causal and Lq > 1:
-            mask = torch.ones(Lq, S, dtype=torch.bool, device=q.device).tril(S - Lq)
-            if S < Lq:
-                return _masked_sdpa(q, k, v, mask.expand(B, Lq, S), scale, gqa)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        return _decode_uniform(q, k_cache, v_cache, cache_seqlens, causal, scale, gqa)
+    if q.device.type == "cpu":
+        # Ragged lengths on the CPU: one SDPA call per sequence over its own slice of the
+        # cache (a few µs each) instead of a masked copy of the whole cache per call.
+        lengths = cache_seqlens.tolist()
+        return torch.cat([_decode_uniform(q[b:b + 1], k_cache[b:b + 1], v_cache[b:b + 1], int(n), causal, scale, gqa)
+                          for b, n in enumerate(lengths)])
     lens, S = cache_seqlens.to(device=q.device, dtype=torch.long), hi
     keys = torch.arange(S, device=q.device)
     valid = (keys[None, :] < lens[:, None])[:, None, :, None]  # (B, 1, S, 1)
@@ -184,6 +182,19 @@ def decode_reference(problem: DecodeProblem):
     else:
         last = (lens - 1)[:, None].expand(B, Lq)
     return _masked_sdpa(q, k, v, keys[None, None, :] <= last[:, :, None], scale, gqa)
+
+
+def _decode_uniform(q, k_cache, v_cache, S: int, causal: bool, scale, gqa: bool):
+    """Every sequence of the batch holds S entries: slice the cache, and mask only when
+    the new tokens need the causal one (or when there are fewer entries than new tokens)."""
+    B, _, Lq, _ = q.shape
+    k, v = k_cache[:, :, :S], v_cache[:, :, :S]
+    mask = None
+    if causal and Lq > 1:
+        mask = torch.ones(Lq, S, dtype=torch.bool, device=q.device).tril(S - Lq)
+        if S < Lq:
+            return _masked_sdpa(q, k, v, mask.expand(B, Lq, S), scale, gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
 def _masked_sdpa(q, k, v, mask, scale, gqa):
