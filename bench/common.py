@@ -9,6 +9,7 @@ README can always be traced to the run that produced it.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import platform
@@ -388,7 +389,9 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (mal
 _STEADY_MMAP_THRESHOLD = 32 << 20  # the ceiling of glibc's dynamic mmap threshold (64-bit)
 
 
+@functools.lru_cache(maxsize=None)
 def _libc():
+    """glibc through ctypes (None elsewhere): loaded once."""
     if not sys.platform.startswith("linux"):
         return None
     try:

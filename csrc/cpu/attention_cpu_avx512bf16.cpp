@@ -90,15 +90,6 @@ static void gemm_bf16(int64_t M, int64_t N, int64_t KP, const uint32_t* A, int64
 
 // ---------------------------------------------------------------- conversions
 
-// Rows 0..rows-1 of X (fp32, row stride ldx, npad columns, npad a multiple of 16)
-// as bf16 rows (round to nearest even), row stride ldy bf16 elements.
-static inline void rows_to_bf16(int64_t rows, int64_t npad, const float* X, int64_t ldx, uint16_t* Y, int64_t ldy) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t j = 0; j < npad; j += 16)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(Y + r * ldy + j),
-                          (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(X + r * ldx + j)));
-}
-
 // X^T in pairs: word (r', j) at Y + r' * ldy + j holds (X[2r', j], X[2r'+1, j]) in
 // bf16, a missing row 2r'+1 = rows read as zero. The transposed A operand of
 // dV += P^T dO and dK += dS^T Q (a_rs = 1, a_cs = ldy).

@@ -234,12 +234,29 @@ static inline float mask_log2(float x) {
   return x * kLog2e;
 }
 
-// The row's scores from raw q.k, before the mask, in the log2 domain: scaled, or soft-capped
+// Scores that need no pass of their own before the softmax: no soft-cap, ALiBi or float
+// mask (bool masks and window limits write -inf, the same scaled or not) and a positive
+// scale (so max(s) * c = max(s * c), both rounded alike). Their scale c = scale * log2(e) is
+// applied in the exp pass.
+static inline bool raw_scores(const Problem& p) {
+  return !p.softcap && p.slopes.data == nullptr && (p.mask.kind == kMaskNone || p.mask.kind == kMaskBool) &&
+         p.scale > 0.f;
+}
+
+// The factor exp2_row applies to the scores score_row leaves: the scale for raw scores, else 1.
+static inline float exp_scale(const Problem& p) { return raw_scores(p) ? p.scale * kLog2e : 1.f; }
+
+// The row's scores from raw q.k, before the mask, in the log2 domain (raw scores, see
+// raw_scores, stay as they are: the exp pass scales them): scaled, or soft-capped
 // (softcap_out * tanh(s * softcap_in), with the tanh's derivative stored through `deriv` when
 // set, the backward's), then the ALiBi bias; one pass over the row. s[n:npad] = -inf, so
 // vector loops need no tail.
 static inline void score_row(const Problem& p, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t n, int64_t npad,
                              float* s, float* deriv) {
+  if (raw_scores(p)) {  // scaled in the exp pass (exp_scale)
+    for (int64_t j = n; j < npad; ++j) s[j] = kNegInf;
+    return;
+  }
   const bool alibi = p.slopes.data != nullptr;
   // ALiBi: s[j] -= slope * |d0 - j|, d0 the distance to key j0 (bottom-right aligned).
   const vf sl = vsplat(alibi ? p.slopes.data[b * p.slopes.sb + h * p.slopes.sh] * kLog2e : 0.f);
@@ -322,52 +339,51 @@ static inline vf vkeep(vf x) {
 // The exponent 2^(round(s * c) - shift) of the weights (see vkeep).
 static inline vf weight_exponent(const float* s, vf c, vf shift) { return vkeep(vload(s) * c) - shift; }
 
-// s = 2^(s * c - shift) in place, the scaling folded into this pass; returns the row sum.
-// Unrolled by two vectors (two independent exp2 chains and sums in flight).
-static inline float exp2_row(float* s, int64_t npad, float c, float shift) {
+// The weights 2^(s * c - shift) of a row, handed to store(j, e) a vector at a time; returns
+// their sum. Unrolled by two vectors (two independent exp2 chains and sums in flight).
+template <int Degree, typename Store>
+static inline float exp2_row_to(const float* s, int64_t npad, float c, float shift, Store store) {
   vf sum0{}, sum1{};
   const vf sh = vsplat(shift), cv = vsplat(c);
   int64_t j = 0;
   for (; j + 2 * W <= npad; j += 2 * W) {
-    const vf e0 = vexp2(weight_exponent(s + j, cv, sh)), e1 = vexp2(weight_exponent(s + j + W, cv, sh));
-    vstore(s + j, e0);
-    vstore(s + j + W, e1);
+    const vf e0 = vexp2<Degree>(weight_exponent(s + j, cv, sh));
+    const vf e1 = vexp2<Degree>(weight_exponent(s + j + W, cv, sh));
+    store(j, e0);
+    store(j + W, e1);
     sum0 += e0;
     sum1 += e1;
   }
   if (j < npad) {
-    const vf e = vexp2(weight_exponent(s + j, cv, sh));
-    vstore(s + j, e);
+    const vf e = vexp2<Degree>(weight_exponent(s + j, cv, sh));
+    store(j, e);
     sum0 += e;
   }
   return hsum(sum0 + sum1);
 }
 
+// s = 2^(s * c - shift) in place, the scaling folded into this pass; returns the row sum.
+static inline float exp2_row(float* s, int64_t npad, float c, float shift) {
+  return exp2_row_to<7>(s, npad, c, shift, [s](int64_t j, vf e) { vstore(s + j, e); });
+}
+
 #ifdef FF_HAS_BF16
-// The bf16 kernels' P operand: 16 floats rounded to bf16 (nearest even) at y.
+// The bf16 kernels' operands: 16 floats rounded to bf16 (nearest even) at y.
 static inline void store_bf16(uint16_t* y, vf x) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), (__m256i)_mm512_cvtneps_pbh((__m512)x));
+}
+
+// Rows 0..rows-1 of X (fp32, row stride ldx, npad columns, npad a multiple of 16)
+// as bf16 rows, row stride ldy bf16 elements.
+static inline void rows_to_bf16(int64_t rows, int64_t npad, const float* X, int64_t ldx, uint16_t* Y, int64_t ldy) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < npad; j += W) store_bf16(Y + r * ldy + j, vload(X + r * ldx + j));
 }
 
 // exp2_row writing the weights straight to bf16 (y), never to s: one pass, and the
 // degree-4 exp2, whose 2.8e-6 relative error vanishes in the rounding to bf16 (2^-9).
 static inline float exp2_row_bf16(const float* s, int64_t npad, float c, float shift, uint16_t* y) {
-  vf sum0{}, sum1{};
-  const vf sh = vsplat(shift), cv = vsplat(c);
-  int64_t j = 0;
-  for (; j + 2 * W <= npad; j += 2 * W) {
-    const vf e0 = vexp2<4>(weight_exponent(s + j, cv, sh)), e1 = vexp2<4>(weight_exponent(s + j + W, cv, sh));
-    store_bf16(y + j, e0);
-    store_bf16(y + j + W, e1);
-    sum0 += e0;
-    sum1 += e1;
-  }
-  if (j < npad) {
-    const vf e = vexp2<4>(weight_exponent(s + j, cv, sh));
-    store_bf16(y + j, e);
-    sum0 += e;
-  }
-  return hsum(sum0 + sum1);
+  return exp2_row_to<4>(s, npad, c, shift, [y](int64_t j, vf e) { store_bf16(y + j, e); });
 }
 #endif
 
@@ -376,15 +392,6 @@ static inline void scale_vec(float* x, int64_t npad, float a) {
 }
 
 // ---------------------------------------------------------------- tile rows (shared by every kernel)
-
-// Scores that need no pass of their own before the softmax: no soft-cap, ALiBi or float
-// mask (bool masks and window limits write -inf, the same scaled or not) and a positive
-// scale (so max(s) * c = max(s * c), both rounded alike). Their scale c = scale * log2(e) is
-// applied in the exp pass.
-static inline bool raw_scores(const Problem& p) {
-  return !p.softcap && p.slopes.data == nullptr && (p.mask.kind == kMaskNone || p.mask.kind == kMaskBool) &&
-         p.scale > 0.f;
-}
 
 // The online-softmax step of a forward tile: rows 0..mq-1 of St (row stride BK)
 // hold the raw scores of queries i0.. against keys j0..j0+n-1 and become the
@@ -395,15 +402,11 @@ static inline void forward_tile_rows(const Problem& p, int64_t b, int64_t h, int
                                      int64_t n, float* St, int64_t BK, float* m, float* l, float* O, int64_t Evpad,
                                      uint16_t* Pb = nullptr) {
   const int64_t npad = round_up(n, W), bh = b * p.Hq + h;
-  const bool raw = raw_scores(p);
-  const float c = raw ? p.scale * kLog2e : 1.f;  // m stays in the log2 domain either way
+  const float c = exp_scale(p);  // m stays in the log2 domain either way
   for (int64_t r = 0; r < mq; ++r) {
     float* s = St + r * BK;
     const int64_t i = i0 + r;
-    if (raw)
-      for (int64_t j = n; j < npad; ++j) s[j] = kNegInf;
-    else
-      score_row(p, b, h, i, j0, n, npad, s, nullptr);
+    score_row(p, b, h, i, j0, n, npad, s, nullptr);
     mask_row(p, b, h, i, j0, n, s);
     const float m_new = std::max(m[r], row_max(s, npad) * c);
     if (m_new == kNegInf) {  // nothing visible yet in this row
@@ -413,14 +416,11 @@ static inline void forward_tile_rows(const Problem& p, int64_t b, int64_t h, int
     }
     const float alpha = std::exp2(m[r] - m_new);
 #ifdef FF_HAS_BF16
-    if (Pb && !p.dropout.on) {
-      l[r] = l[r] * alpha + exp2_row_bf16(s, npad, c, m_new, Pb + r * BK);
-      if (alpha != 1.f) scale_vec(O + r * Evpad, Evpad, alpha);
-      m[r] = m_new;
-      continue;
-    }
-#endif
+    const bool direct = Pb && !p.dropout.on;  // the weights straight to bf16, never to s
+    const float rs = direct ? exp2_row_bf16(s, npad, c, m_new, Pb + r * BK) : exp2_row(s, npad, c, m_new);
+#else
     const float rs = exp2_row(s, npad, c, m_new);
+#endif
     l[r] = l[r] * alpha + rs;
     if (alpha != 1.f) scale_vec(O + r * Evpad, Evpad, alpha);
     m[r] = m_new;
@@ -430,8 +430,7 @@ static inline void forward_tile_rows(const Problem& p, int64_t b, int64_t h, int
         s[j] *= dropout_hash(d, bh, i, j0 + j, p.L, p.S) >= d.threshold ? d.keep_scale : 0.f;
     }
 #ifdef FF_HAS_BF16
-    if (Pb)
-      for (int64_t j = 0; j < npad; j += W) store_bf16(Pb + r * BK + j, vload(s + j));
+    if (Pb && !direct) rows_to_bf16(1, npad, s, BK, Pb + r * BK, BK);
 #endif
   }
 }
@@ -447,8 +446,7 @@ static inline void backward_tile_rows(const Problem& p, const float* lse_all, co
   thread_local std::vector<float> cap_deriv;  // one row's 1 - tanh(scale * qk / softcap)^2
   if (p.softcap && (int64_t)cap_deriv.size() < npad) cap_deriv.resize(npad);
   float* T = p.softcap ? cap_deriv.data() : nullptr;
-  const bool raw = raw_scores(p);
-  const float c = raw ? p.scale * kLog2e : 1.f;
+  const float c = exp_scale(p);
   for (int64_t r = 0; r < mq; ++r) {
     const int64_t i = i0 + r;
     float* s = SP + r * BK;
@@ -459,10 +457,7 @@ static inline void backward_tile_rows(const Problem& p, const float* lse_all, co
       std::fill(d, d + npad, 0.f);
       continue;
     }
-    if (raw)
-      for (int64_t j = n; j < npad; ++j) s[j] = kNegInf;
-    else
-      score_row(p, b, h, i, j0, n, npad, s, T);
+    score_row(p, b, h, i, j0, n, npad, s, T);
     mask_row(p, b, h, i, j0, n, s);
     exp2_row(s, npad, c, lse * kLog2e);  // P = exp(scores - lse)
     const float delta = delta_all[bh * p.L + i];
