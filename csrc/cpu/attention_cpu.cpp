@@ -19,24 +19,15 @@ namespace fastformer {
 namespace cpu_attn {
 namespace {
 
-// FASTFORMER_CPU_ISA=generic|avx2|avx512|avx512_bf16 forces a variant (tests, benchmarks);
-// otherwise the widest one this processor runs.
+// The variant for cpu_isa() (FASTFORMER_CPU_ISA=generic|avx2|avx512|avx512_bf16 forces one).
 const Kernels& kernels() {
   static const Kernels* chosen = [] {
-    const CpuFeatures& f = cpu_features();
-    const char* env = std::getenv("FASTFORMER_CPU_ISA");
-    const std::string want = env ? env : "";
 #if defined(__x86_64__)
-    const bool has512 = f.avx512f && f.avx2 && f.fma, has2 = f.avx2 && f.fma;
-    const bool hasbf16 = has512 && f.avx512bw && f.avx512vl && f.avx512_bf16;
-    if (want == "generic") return &kernels_generic;
-    if (want == "avx2" && has2) return &kernels_avx2;
-    if (want == "avx512" && has512) return &kernels_avx512;
-    if ((want.empty() || want == "avx512_bf16") && hasbf16) return &kernels_avx512bf16;
-    if (has512) return &kernels_avx512;
-    if (has2) return &kernels_avx2;
+    const std::string& isa = cpu_isa();
+    if (isa == "avx512_bf16") return &kernels_avx512bf16;
+    if (isa == "avx512") return &kernels_avx512;
+    if (isa == "avx2") return &kernels_avx2;
 #endif
-    (void)f;
     return &kernels_generic;
   }();
   return *chosen;

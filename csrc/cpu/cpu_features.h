@@ -19,4 +19,9 @@ struct CpuFeatures {
 const CpuFeatures& cpu_features();
 std::vector<std::string> cpu_feature_names();
 
+// The instruction-set level the CPU kernels run at: "avx512_bf16", "avx512", "avx2" or
+// "generic", the widest this processor supports, or FASTFORMER_CPU_ISA when set to one it
+// supports (tests and benchmarks compare the variants that way). Decided once per process.
+const std::string& cpu_isa();
+
 }  // namespace fastformer

@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import nn as nnf
 from ..nn import KVCache, LayerNorm, RenamedSubmodules
+from ..nn._fused import apply_linear
 from .sampling import sample_next
 
 
@@ -174,7 +175,7 @@ class GPT(nn.Module):
 
     def forward(self, ids: Tensor, targets: Optional[Tensor] = None, cache: Optional[KVCache] = None):
         x = self.hidden_states(ids, cache)
-        logits = self.lm_head(x)
+        logits = apply_linear(self.lm_head, x)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)

@@ -13,6 +13,8 @@ from typing import Callable, Optional, Tuple, Union
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+
 from .. import ops as _ops
 
 _fused_layer_norm = getattr(_ops, "layer_norm", None)
@@ -84,7 +86,17 @@ def linear_act(x: Tensor, linear: nn.Linear, activation: Union[str, Callable]) -
     name = activation_name(activation)
     if name is not None and _fused_linear_act is not None:
         return _fused_linear_act(x, linear.weight, linear.bias, name)
-    h = F.linear(x, linear.weight, linear.bias)
+    h = _ops.linear(x, linear.weight, linear.bias)
     if name is not None:
         return F.relu(h) if name == "relu" else F.gelu(h)
     return activation(h)
+
+
+def apply_linear(module: nn.Module, x: Tensor) -> Tensor:
+    """``module(x)``; a plain ``nn.Linear`` with no forward hooks runs :func:`fastformer.ops.linear`
+    instead (the same math; a CPU decoding step takes the C++ kernel). A replaced module (LoRA, a
+    quantized linear) or a hooked one is called as a module, so it behaves as it would in torch."""
+    if (type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
+            and not _global_forward_hooks and not _global_forward_pre_hooks):
+        return _ops.linear(x, module.weight, module.bias)
+    return module(x)

@@ -24,6 +24,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from torch.nn.parameter import Parameter
 
 from ..ops import attention, scaled_dot_product_attention
+from ..ops import linear as _ops_linear
 from ..ops.attention.problem import causal_bias_alignment, is_causal_bias
 from ..ops.errors import AttentionInputError, MultiheadAttentionDtypeError, MultiheadAttentionShapeError
 
@@ -342,7 +343,7 @@ class MultiheadAttention(nn.Module):
             out = out.transpose(1, 2).reshape(bsz, len_q, self.embed_dim)
         else:
             out = out.permute(2, 0, 1, 3).reshape(len_q, bsz, self.embed_dim)
-        out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
+        out = _linear(out, self.out_proj.weight, self.out_proj.bias)
 
         if not batched:
             out = out.squeeze(0)
@@ -363,21 +364,21 @@ class MultiheadAttention(nn.Module):
             if b is not None and b.dtype != w.dtype:
                 b = b.to(w.dtype)
             if query is key and key is value:
-                qkv = F.linear(query, w, b).chunk(3, dim=-1)
+                qkv = _linear(query, w, b).chunk(3, dim=-1)
                 return qkv[0], qkv[1], qkv[2]
             bq: Optional[Tensor] = None
             bkv: Optional[Tensor] = None
             if b is not None:
                 bq, bkv = b[:e], b[e:]
-            q = F.linear(query, w[:e], bq)
+            q = _linear(query, w[:e], bq)
             if key is value:
-                kv = F.linear(key, w[e:], bkv).chunk(2, dim=-1)
+                kv = _linear(key, w[e:], bkv).chunk(2, dim=-1)
                 return q, kv[0], kv[1]
             bk: Optional[Tensor] = None
             bv: Optional[Tensor] = None
             if bkv is not None:
                 bk, bv = bkv[:e], bkv[e:]
-            return q, F.linear(key, w[e : 2 * e], bk), F.linear(value, w[2 * e :], bv)
+            return q, _linear(key, w[e : 2 * e], bk), _linear(value, w[2 * e :], bv)
         wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
         assert wq is not None and wk is not None and wv is not None
         bq2: Optional[Tensor] = None
@@ -387,11 +388,19 @@ class MultiheadAttention(nn.Module):
             if b.dtype != wq.dtype:
                 b = b.to(wq.dtype)
             bq2, bk2, bv2 = b[:e], b[e : 2 * e], b[2 * e :]
-        return F.linear(query, wq, bq2), F.linear(key, wk, bk2), F.linear(value, wv, bv2)
+        return _linear(query, wq, bq2), _linear(key, wk, bk2), _linear(value, wv, bv2)
 
 
 # ----------------------------------------------------------------------------- the computation
 # Plain functions, TorchScript-compatible: torch.jit.script(MultiheadAttention(...)) compiles them.
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``F.linear``; eager calls go through :func:`fastformer.ops.linear` (the CPU decoding kernel
+    where it applies), scripted ones through torch's op."""
+    if torch.jit.is_scripting():
+        return F.linear(x, weight, bias)
+    return _ops_linear(x, weight, bias)
 
 
 def _check_mask_dtype(mask: Optional[Tensor], name: str) -> None:

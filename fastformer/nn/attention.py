@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops.attention.variants import check_softcap, check_window
+from ._fused import apply_linear
 from .kv_cache import KVCache
 from .positional import RotaryEmbedding, alibi_slopes as standard_alibi_slopes
 
@@ -148,7 +149,7 @@ class Attention(nn.Module):
         kv_heads = getattr(self, "num_kv_heads", None) or self.num_heads  # modules converted from timm lack it
         q_dim, kv_dim = self.num_heads * self.head_dim, kv_heads * self.head_dim
         # One GEMM for q, k, v; each is a strided view of its output, (B, h, N, hd): no copy.
-        q, k, v = self.qkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+        q, k, v = apply_linear(self.qkv, x).split([q_dim, kv_dim, kv_dim], dim=-1)
         q = _heads(q, self.num_heads, self.head_dim)
         k = _heads(k, kv_heads, self.head_dim)
         v = _heads(v, kv_heads, self.head_dim)
@@ -173,7 +174,7 @@ class Attention(nn.Module):
                 is_causal=is_causal, scale=self.scale, enable_gqa=kv_heads != self.num_heads, **variant,
             )
         out = out.transpose(1, 2).reshape(B, N, self.attn_dim)  # (B, N, H·hd)
-        return self.proj_drop(self.proj(self.norm(out)))
+        return self.proj_drop(apply_linear(self.proj, self.norm(out)))
 
 
 class CrossAttention(nn.Module):
@@ -204,7 +205,7 @@ class CrossAttention(nn.Module):
 
     def memory_kv(self, memory: Tensor) -> Tuple[Tensor, Tensor]:
         """Keys and values of ``memory (B, S, kv_dim)`` → 2 × ``(B, H, S, hd)``."""
-        k, v = self.kv(memory).chunk(2, dim=-1)
+        k, v = apply_linear(self.kv, memory).chunk(2, dim=-1)
         return _heads(k, self.num_heads, self.head_dim), _heads(v, self.num_heads, self.head_dim)
 
     def forward(self, x: Tensor, memory: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
@@ -214,7 +215,7 @@ class CrossAttention(nn.Module):
                 raise ValueError("CrossAttention needs memory or memory_kv")
             memory_kv = self.memory_kv(memory)
         B, T, C = x.shape
-        q = _heads(self.q(x), self.num_heads, self.head_dim)
+        q = _heads(apply_linear(self.q, x), self.num_heads, self.head_dim)
         out = ops.scaled_dot_product_attention(
             q, memory_kv[0], memory_kv[1], attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, T, C)))
+        return self.proj_drop(apply_linear(self.proj, out.transpose(1, 2).reshape(B, T, C)))

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .buffers import new_output
 from .kernel_backend import resolve_backend
+from .linear import linear
 
 ACTIVATIONS = ("identity", "relu", "gelu", "gelu_tanh", "silu")
 _CODES = {name: i for i, name in enumerate(ACTIVATIONS)}  # same codes as kernels/ffn.py
@@ -233,6 +234,12 @@ def _needs_grad(*ts) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
+def _linear_backend(backend: str) -> str:
+    """What the torch path's matmul runs: ``ops.linear``'s choice (the CPU decoding kernel for a
+    few rows) unless the caller forced plain torch."""
+    return "torch" if backend == "torch" else "auto"
+
+
 def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: str = "gelu", *,
                backend: str = "auto") -> Tensor:
     """``act(x @ weightᵀ + bias)`` with the activation in the matmul epilogue.
@@ -240,7 +247,9 @@ def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activat
     Args:
         x: ``(..., in)``; weight: ``(out, in)``; bias: ``(out,)`` or None (same dtype as x).
         activation: ``"relu"``, ``"gelu"`` (exact erf), ``"gelu_tanh"``, ``"silu"`` or ``"identity"``.
-        backend: ``"auto"`` (torch: the Triton kernel measured slower on an H200, see ``ops.kernel_backend``), ``"triton"`` or ``"torch"``.
+        backend: ``"auto"`` (torch: the Triton kernel measured slower on an H200, see ``ops.kernel_backend``;
+            its matmul is :func:`fastformer.ops.linear`, so a CPU decoding step runs the C++ kernel),
+            ``"triton"`` or ``"torch"`` (plain ``F.linear`` + the activation).
 
     Returns:
         ``(..., out)``.
@@ -248,7 +257,7 @@ def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activat
     _check("linear_act", x, weight, bias, activation, gated=False)
     chosen = resolve_backend(backend, x.device, "linear_act", dtype=x.dtype)
     if chosen == "torch" or _too_big(x, weight):
-        return _act_torch(F.linear(x, weight, bias), activation)
+        return _act_torch(linear(x, weight, bias, backend=_linear_backend(backend)), activation)
     act = _CODES[activation]
     x2 = x.reshape(-1, x.shape[-1])
     y, _ = _linear_act_fwd_op(x2, weight, bias, act, _stores_pre(act) and _needs_grad(x, weight, bias))
@@ -266,7 +275,7 @@ def gated_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activ
     _check("gated_linear", x, weight, bias, activation, gated=True)
     chosen = resolve_backend(backend, x.device, "gated_linear", dtype=x.dtype)
     if chosen == "torch" or _too_big(x, weight):
-        a, b = F.linear(x, weight, bias).chunk(2, dim=-1)
+        a, b = linear(x, weight, bias, backend=_linear_backend(backend)).chunk(2, dim=-1)
         return _act_torch(a, activation) * b
     x2 = x.reshape(-1, x.shape[-1])
     out, _ = _gated_fwd_op(x2, weight, bias, _CODES[activation], _needs_grad(x, weight, bias))
@@ -279,8 +288,9 @@ def feed_forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Op
     """``linear2(dropout(act(linear1(x))))`` (or the gated form), the transformer MLP.
 
     ``x (..., d_model)``, ``w1 (hidden, d_model)`` (``(2·hidden, d_model)`` when gated), ``w2 (d_model, hidden)``.
-    The first GEMM carries the fused epilogue; the second is a plain ``F.linear`` (cuBLAS with its
-    bias epilogue, nothing left to fuse). ``dropout_p`` is applied when > 0 (pass 0 in eval).
+    The first GEMM carries the fused epilogue; the second is :func:`fastformer.ops.linear`
+    (``F.linear``: cuBLAS with its bias epilogue, nothing left to fuse; on CPU at decoding row
+    counts, the C++ decoding kernel). ``dropout_p`` is applied when > 0 (pass 0 in eval).
     """
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"feed_forward: dropout_p must be in [0, 1), got {dropout_p}")
@@ -290,4 +300,4 @@ def feed_forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Op
         h = linear_act(x, w1, b1, activation, backend=backend)
     if dropout_p > 0.0:
         h = F.dropout(h, dropout_p, training=True)
-    return F.linear(h, w2, b2)
+    return linear(h, w2, b2, backend=_linear_backend(backend))
