@@ -304,3 +304,36 @@ def test_isa_variants(variant):
     res = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, variant], cwd=root, env=env, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0 and "ok" in res.stdout, res.stdout + res.stderr
+
+
+def test_eager_paths_match_the_custom_op(monkeypatch):
+    """Eager calls skip torch's custom-op dispatch (``fused._EagerAttention`` with gradients, the
+    kernel itself without); traces keep the op. Outputs and gradients agree bit for bit, with
+    dropout and a mask, and a second derivative raises instead of returning a wrong one."""
+    from fastformer.ops.attention import fused
+
+    require_backend("cpu")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 37, 24, requires_grad=True) for _ in range(3))
+    mask = torch.randn(2, 1, 37, 37)
+    dout = torch.randn(2, 3, 37, 24)
+
+    def run():
+        torch.manual_seed(1)  # the dropout seed
+        out = fastformer.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.2, backend="cpu")
+        return (out, *torch.autograd.grad(out, (q, k, v), dout))
+
+    eager = run()
+    with torch.no_grad():
+        torch.manual_seed(1)
+        eager_nograd = fastformer.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.2, backend="cpu")
+    monkeypatch.setattr(fused, "_eager", lambda *a: None)
+    op = run()
+    for a, b in zip(eager, op):
+        assert torch.equal(a, b)
+    assert torch.equal(eager_nograd, op[0])
+    monkeypatch.undo()
+    out = fastformer.scaled_dot_product_attention(q, k, v, backend="cpu")
+    (dq,) = torch.autograd.grad(out, q, dout, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(dq.sum(), q)

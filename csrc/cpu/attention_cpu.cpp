@@ -9,8 +9,10 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "attention_cpu.h"
 #include "cpu_features.h"
@@ -69,67 +71,74 @@ void run_items(int64_t n, int64_t scratch_floats, const F& fn) {
   });
 }
 
-// Panels of the per-head matrix X (R x C) where X = x[b, h] or its transpose
-// (attention_cpu.h), in float32, for every (b, h). Returns (B*H, head_stride).
-at::Tensor pack_panels(const at::Tensor& x, bool transpose, int nr) {
-  const int64_t B = x.size(0), H = x.size(1);
-  const int64_t R = transpose ? x.size(3) : x.size(2), C = transpose ? x.size(2) : x.size(3);
-  const int64_t rs = transpose ? x.stride(3) : x.stride(2), cs = transpose ? x.stride(2) : x.stride(3);
-  const int64_t panels = (C + nr - 1) / nr, head = panels * R * nr;
-  at::Tensor out = at::empty({B * H, head}, x.options().dtype(at::kFloat));
-  float* dst = out.data_ptr<float>();
-  // Small packs run on the calling thread: each parallel region costs a wake-up of
-  // every pool thread, and on a busy machine a descheduled one stalls the region
-  // for a time slice (measured: 2-thread L=512 forward at half the 1-thread rate).
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, R * C));
-  auto pack = [&](auto* base) {
-    at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t bh = begin; bh < end; ++bh) {
-        const auto* src = base + (bh / H) * x.stride(0) + (bh % H) * x.stride(1);
-        float* d = dst + bh * head;
-        for (int64_t p = 0; p < panels; ++p, d += R * nr) {
-          const int64_t c0 = p * nr;
-          if (c0 + nr <= C && cs == 1) {  // V, K: each panel row is nr contiguous values (vectorised copy)
-            for (int64_t r = 0; r < R; ++r)
-              for (int64_t t = 0; t < nr; ++t) d[r * nr + t] = static_cast<float>(src[r * rs + c0 + t]);
-          } else if (c0 + nr <= C && rs == 1) {  // K^T: panel column t is key c0 + t's contiguous row
-            for (int64_t t = 0; t < nr; ++t) {
-              const auto* row = src + (c0 + t) * cs;
-              for (int64_t r = 0; r < R; ++r) d[r * nr + t] = static_cast<float>(row[r]);
-            }
-          } else {  // a partial last panel or other strides: element by element, zero padding
-            for (int64_t r = 0; r < R; ++r)
-              for (int64_t t = 0; t < nr; ++t) {
-                const int64_t col = c0 + t;
-                d[r * nr + t] = col < C ? static_cast<float>(src[r * rs + col * cs]) : 0.f;
-              }
+// The work before a kernel's parallel region (operand packing, Delta) in one parallel region
+// of its own: steps are queued per head, then run() hands (step, head) units to the pool. One
+// wake-up of the pool instead of one per operand, and every step split over threads: at L = 256
+// the five backward packs and Delta ran on the calling thread alone (each under the old
+// per-operand grain of 2^18 elements) while the other thread spun, ~14 % of the call.
+class Prep {
+ public:
+  // Queue fn(head) for heads 0..heads-1, each touching about `elems` elements.
+  void per_head(int64_t heads, int64_t elems, std::function<void(int64_t)> fn) {
+    if (heads > 0) steps_.push_back({heads, std::max<int64_t>(1, elems), std::move(fn)});
+  }
+
+  // Panels of the per-head matrix X (R x C) where X = x[b, h] or its transpose
+  // (attention_cpu.h), in float32, for every (b, h): (B*H, head_stride), filled by run().
+  at::Tensor panels(const at::Tensor& x, bool transpose, int nr) {
+    const int64_t H = x.size(1);
+    const int64_t R = transpose ? x.size(3) : x.size(2), C = transpose ? x.size(2) : x.size(3);
+    const int64_t rs = transpose ? x.stride(3) : x.stride(2), cs = transpose ? x.stride(2) : x.stride(3);
+    const int64_t panels = (C + nr - 1) / nr, head = panels * R * nr;
+    at::Tensor out = at::empty({x.size(0) * H, head}, x.options().dtype(at::kFloat));
+    float* dst = out.data_ptr<float>();
+    const int64_t sb = x.stride(0), sh = x.stride(1);
+    auto pack = [=](auto* base, int64_t bh) {
+      const auto* src = base + (bh / H) * sb + (bh % H) * sh;
+      float* d = dst + bh * head;
+      for (int64_t p = 0; p < panels; ++p, d += R * nr) {
+        const int64_t c0 = p * nr;
+        if (c0 + nr <= C && cs == 1) {  // V, K: each panel row is nr contiguous values (vectorised copy)
+          for (int64_t r = 0; r < R; ++r)
+            for (int64_t t = 0; t < nr; ++t) d[r * nr + t] = static_cast<float>(src[r * rs + c0 + t]);
+        } else if (c0 + nr <= C && rs == 1) {  // K^T: panel column t is key c0 + t's contiguous row
+          for (int64_t t = 0; t < nr; ++t) {
+            const auto* row = src + (c0 + t) * cs;
+            for (int64_t r = 0; r < R; ++r) d[r * nr + t] = static_cast<float>(row[r]);
           }
+        } else {  // a partial last panel or other strides: element by element, zero padding
+          for (int64_t r = 0; r < R; ++r)
+            for (int64_t t = 0; t < nr; ++t) {
+              const int64_t col = c0 + t;
+              d[r * nr + t] = col < C ? static_cast<float>(src[r * rs + col * cs]) : 0.f;
+            }
         }
       }
-    });
-  };
-  if (x.scalar_type() == at::kFloat)
-    pack(x.data_ptr<float>());
-  else
-    pack(x.data_ptr<at::BFloat16>());
-  return out;
-}
+    };
+    if (x.scalar_type() == at::kFloat) {
+      const float* base = x.data_ptr<float>();
+      per_head(x.size(0) * H, R * C, [=](int64_t bh) { pack(base, bh); });
+    } else {
+      const at::BFloat16* base = x.data_ptr<at::BFloat16>();
+      per_head(x.size(0) * H, R * C, [=](int64_t bh) { pack(base, bh); });
+    }
+    return out;
+  }
 
-// Pair panels (attention_cpu.h) of the per-head bf16 matrix X (R x C), X = x[b, h]
-// or its transpose, reduced over R, for every (b, h). Returns (B*H, head_stride) int16.
-at::Tensor pack_pair_panels(const at::Tensor& x, bool transpose, int nr) {
-  TORCH_INTERNAL_ASSERT(x.scalar_type() == at::kBFloat16);
-  const int64_t B = x.size(0), H = x.size(1);
-  const int64_t R = transpose ? x.size(3) : x.size(2), C = transpose ? x.size(2) : x.size(3);
-  const int64_t rs = transpose ? x.stride(3) : x.stride(2), cs = transpose ? x.stride(2) : x.stride(3);
-  const int64_t panels = (C + nr - 1) / nr, rp = (R + 1) / 2, head = panels * rp * nr * 2;
-  at::Tensor out = at::empty({B * H, head}, x.options().dtype(at::kShort));
-  uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr<int16_t>());
-  const uint16_t* base = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, R * C));
-  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const uint16_t* src = base + (bh / H) * x.stride(0) + (bh % H) * x.stride(1);
+  // Pair panels (attention_cpu.h) of the per-head bf16 matrix X (R x C), X = x[b, h] or its
+  // transpose, reduced over R, for every (b, h): (B*H, head_stride) int16, filled by run().
+  at::Tensor pair_panels(const at::Tensor& x, bool transpose, int nr) {
+    TORCH_INTERNAL_ASSERT(x.scalar_type() == at::kBFloat16);
+    const int64_t H = x.size(1);
+    const int64_t R = transpose ? x.size(3) : x.size(2), C = transpose ? x.size(2) : x.size(3);
+    const int64_t rs = transpose ? x.stride(3) : x.stride(2), cs = transpose ? x.stride(2) : x.stride(3);
+    const int64_t panels = (C + nr - 1) / nr, rp = (R + 1) / 2, head = panels * rp * nr * 2;
+    at::Tensor out = at::empty({x.size(0) * H, head}, x.options().dtype(at::kShort));
+    uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr<int16_t>());
+    const uint16_t* base = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+    const int64_t sb = x.stride(0), sh = x.stride(1);
+    per_head(x.size(0) * H, R * C, [=](int64_t bh) {
+      const uint16_t* src = base + (bh / H) * sb + (bh % H) * sh;
       uint16_t* d = dst + bh * head;
       for (int64_t p = 0; p < panels; ++p, d += rp * nr * 2) {
         const int64_t c0 = p * nr;
@@ -159,10 +168,39 @@ at::Tensor pack_pair_panels(const at::Tensor& x, bool transpose, int nr) {
             }
         }
       }
+    });
+    return out;
+  }
+
+  // Runs every queued step. Small totals stay on the calling thread: a parallel region costs a
+  // wake-up of every pool thread (and on a busy machine a descheduled one stalls the region).
+  void run() {
+    int64_t units = 0, elems = 0;
+    for (const Step& st : steps_) {
+      units += st.heads;
+      elems += st.heads * st.elems;
     }
-  });
-  return out;
-}
+    if (units == 0) return;
+    const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, elems / units));
+    at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
+      int64_t base = 0;
+      for (const Step& st : steps_) {
+        const int64_t lo = std::max(begin, base), hi = std::min(end, base + st.heads);
+        for (int64_t u = lo; u < hi; ++u) st.fn(u - base);
+        base += st.heads;
+      }
+    });
+    steps_.clear();
+  }
+
+ private:
+  static constexpr int64_t kGrainElems = int64_t{1} << 16;  // elements per thread at least
+  struct Step {
+    int64_t heads, elems;
+    std::function<void(int64_t)> fn;
+  };
+  std::vector<Step> steps_;
+};
 
 // x (B, H, L, E) bf16 where the bf16 kernels can read it in place as pairs along E
 // (unit stride, E even, 4-byte aligned rows), else a zero-padded contiguous copy.
@@ -309,7 +347,9 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
   if (p.B * p.Hq * p.L == 0) return;
   if (q.scalar_type() == at::kBFloat16 && K.bf16_forward_item != nullptr) {
     at::Tensor qb = pairs_operand(q);
-    at::Tensor kt = pack_pair_panels(k, /*transpose=*/true, K.nr), vp = pack_pair_panels(v, false, K.nr);
+    Prep prep;
+    at::Tensor kt = prep.pair_panels(k, /*transpose=*/true, K.nr), vp = prep.pair_panels(v, false, K.nr);
+    prep.run();
     Bf16ForwardArgs a;
     a.p = p;
     a.q = pairs_view(qb);
@@ -323,8 +363,10 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
     return;
   }
   at::Tensor qf = as_float(q);
-  at::Tensor kt = pack_panels(k, /*transpose=*/true, K.nr);
-  at::Tensor vp = pack_panels(v, /*transpose=*/false, K.nr);
+  Prep prep;
+  at::Tensor kt = prep.panels(k, /*transpose=*/true, K.nr);
+  at::Tensor vp = prep.panels(v, /*transpose=*/false, K.nr);
+  prep.run();
   at::Tensor out_f = float_target(out);
   ForwardArgs a;
   a.p = p;
@@ -364,16 +406,15 @@ void backward_bf16(const Kernels& K, const Problem& p, const at::Tensor& dout, c
   at::Tensor delta = at::empty({p.B, p.Hq, p.L}, q.options().dtype(at::kFloat));
   float* dl = delta.data_ptr<float>();
   const int64_t EvP = (p.Ev + 1) / 2;
-  at::parallel_for(0, p.B * p.Hq, std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, p.L * p.Ev)),
-                   [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / p.Hq, h = bh % p.Hq;
-      K.bf16_row_dots(p.L, EvP, dov.row(b, h, 0), dov.sl, ov.row(b, h, 0), ov.sl, dl + bh * p.L);
-    }
+  Prep prep;
+  prep.per_head(p.B * p.Hq, p.L * p.Ev, [&](int64_t bh) {
+    const int64_t b = bh / p.Hq, h = bh % p.Hq;
+    K.bf16_row_dots(p.L, EvP, dov.row(b, h, 0), dov.sl, ov.row(b, h, 0), ov.sl, dl + bh * p.L);
   });
-  at::Tensor kt = pack_pair_panels(k, true, K.nr), vt = pack_pair_panels(v, true, K.nr);
-  at::Tensor kp = pack_pair_panels(k, false, K.nr), qp = pack_pair_panels(q, false, K.nr);
-  at::Tensor dop = pack_pair_panels(dout, false, K.nr);
+  at::Tensor kt = prep.pair_panels(k, true, K.nr), vt = prep.pair_panels(v, true, K.nr);
+  at::Tensor kp = prep.pair_panels(k, false, K.nr), qp = prep.pair_panels(q, false, K.nr);
+  at::Tensor dop = prep.pair_panels(dout, false, K.nr);
+  prep.run();
   const int64_t chunks = backward_chunks(p);
   at::Tensor dq_part = at::zeros({chunks, p.B, p.Hq, p.L, p.Epad}, q.options().dtype(at::kFloat));
   at::Tensor dk_f = float_target(dk), dv_f = float_target(dv);
@@ -434,14 +475,17 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
   // Delta = rowsum(dO * O), (B, Hq, L), by the kernels' own dot product (see row_dots).
   at::Tensor dof_c = dof.contiguous(), out_c = as_float(out).contiguous();
   at::Tensor delta = at::empty({p.B, p.Hq, p.L}, q.options().dtype(at::kFloat));
-  const int64_t rows = p.B * p.Hq * p.L;
-  at::parallel_for(0, rows, std::max<int64_t>(256, (int64_t{1} << 18) / std::max<int64_t>(1, p.Ev)),
-                   [&](int64_t begin, int64_t end) {
-    K.row_dots(end - begin, p.Ev, dof_c.data_ptr<float>() + begin * p.Ev, p.Ev, out_c.data_ptr<float>() + begin * p.Ev,
-               p.Ev, delta.data_ptr<float>() + begin);
+  const float* dop_rows = dof_c.data_ptr<float>();
+  const float* out_rows = out_c.data_ptr<float>();
+  float* dl = delta.data_ptr<float>();
+  Prep prep;
+  prep.per_head(p.B * p.Hq, p.L * p.Ev, [&](int64_t bh) {
+    const int64_t r0 = bh * p.L;
+    K.row_dots(p.L, p.Ev, dop_rows + r0 * p.Ev, p.Ev, out_rows + r0 * p.Ev, p.Ev, dl + r0);
   });
-  at::Tensor kt = pack_panels(k, true, K.nr), vt = pack_panels(v, true, K.nr), kp = pack_panels(k, false, K.nr);
-  at::Tensor qp = pack_panels(q, false, K.nr), dop = pack_panels(dout, false, K.nr);
+  at::Tensor kt = prep.panels(k, true, K.nr), vt = prep.panels(v, true, K.nr), kp = prep.panels(k, false, K.nr);
+  at::Tensor qp = prep.panels(q, false, K.nr), dop = prep.panels(dout, false, K.nr);
+  prep.run();
   const int64_t chunks = backward_chunks(p);
   at::Tensor dq_part = at::zeros({chunks, p.B, p.Hq, p.L, p.Epad}, q.options().dtype(at::kFloat));
   at::Tensor dk_f = float_target(dk), dv_f = float_target(dv);

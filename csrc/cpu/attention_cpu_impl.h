@@ -537,20 +537,30 @@ static void forward_item(const ForwardArgs& a, int64_t item, float* scratch) {
 // exactly 0 where it should be (one visible key: O = v, dS = 0, as torch).
 static void row_dots(int64_t rows, int64_t n, const float* a, int64_t a_rs, const float* b, int64_t b_rs,
                      float* out) {
-  std::vector<float> panel(n * NR);
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* x = a + r * a_rs;
-    const float* y = b + r * b_rs;
-    // Through the micro-kernel itself (y as column 0 of a one-panel B), so Delta is the
-    // very sum dP's gemm forms for a key equal to y: a scalar loop compiled apart rounded
-    // differently on AVX-512 and left single-key rows a ~1e-6 gradient (dP - Delta != 0).
-    for (int64_t e = 0; e < n; ++e) {
-      panel[e * NR] = y[e];
-      std::fill(panel.begin() + e * NR + 1, panel.begin() + (e + 1) * NR, 0.f);
+  // W rows at a time, one per vector lane: each lane runs `acc += x * y` over e = 0..n-1, the
+  // micro-kernel's own statement (`c += s * b`, contracted to the same FMA, or not, as the
+  // target has it), so Delta is the very sum dP's gemm forms for a key equal to y. (A scalar
+  // loop compiled apart rounded differently on AVX-512 and left single-key rows a ~1e-6
+  // gradient, dP - Delta != 0; the previous fix ran the micro-kernel on a one-column panel:
+  // 32 times the work, 5 % of an L = 256 backward.) The rows are transposed into lanes first.
+  std::vector<float> at(n * W), bt(n * W);
+  for (int64_t r0 = 0; r0 < rows; r0 += W) {
+    const int64_t m = std::min<int64_t>(W, rows - r0);
+    for (int64_t t = 0; t < W; ++t) {  // lanes past the last row repeat it (their sums are dropped)
+      const int64_t r = r0 + std::min<int64_t>(t, m - 1);
+      for (int64_t e = 0; e < n; ++e) {
+        at[e * W + t] = a[r * a_rs + e];
+        bt[e * W + t] = b[r * b_rs + e];
+      }
     }
-    alignas(64) float c[NR];
-    micro<1>(n, x, 0, 1, panel.data(), c, NR, false);
-    out[r] = c[0];
+    vf acc = vf{};
+    for (int64_t e = 0; e < n; ++e) {
+      const vf x = vload(at.data() + e * W), y = vload(bt.data() + e * W);
+      acc += x * y;
+    }
+    float c[W];
+    std::memcpy(c, &acc, sizeof(acc));
+    for (int64_t t = 0; t < m; ++t) out[r0 + t] = c[t];
   }
 }
 

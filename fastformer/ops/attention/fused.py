@@ -275,14 +275,40 @@ def draw_rng_state(dropout_p: float, device: torch.device) -> Optional[Tensor]:
     return torch.randint(0, 2**31 - 1, (2,), dtype=torch.int64, device=device)
 
 
-def _direct(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """True when a forward may call the kernel itself instead of the custom op: plain tensors
-    (no fake or other subclass), no gradient to record, outside torch.compile / export."""
+def _eager(q: Tensor, k: Tensor, v: Tensor) -> Optional[str]:
+    """How a dense forward may skip the custom op: ``"no_grad"`` (call the kernel itself),
+    ``"grad"`` (:class:`_EagerAttention`) or None (the custom op: under torch.compile, export,
+    ``torch.jit.trace`` or functorch transforms, or for tensor subclasses such as fake tensors)."""
     if type(q) is not Tensor or type(k) is not Tensor or type(v) is not Tensor:
-        return False
+        return None
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active():
+        return None
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return False
-    return not torch.compiler.is_compiling()
+        return "grad"
+    return "no_grad"
+
+
+class _EagerAttention(torch.autograd.Function):
+    """``attention_fwd`` with its registered backward, as a plain autograd Function for eager calls:
+    the same kernels, outputs and saved tensors, without torch's custom-op dispatch. That dispatch
+    costs ~300 us of Python per forward+backward under torch 2.13 (its ``fill_defaults`` rebuilds
+    the schema's argument list once per argument), 5-10 % of a 3-6 ms CPU training call."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, rng_state, opts, backend):
+        out, lse = _kernels(backend, "forward")(q, k, v, mask, rng_state, opts)
+        out, lse = out.contiguous(), lse.contiguous()
+        ctx.save_for_backward(q, k, v, out, lse, mask, rng_state, opts.alibi_slopes)
+        ctx.opts, ctx.backend = opts, backend
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, mask, rng_state, _slopes = ctx.saved_tensors
+        dq, dk, dv = _kernels(ctx.backend, "backward")(dout.contiguous(), q, k, v, out, lse, mask, rng_state, ctx.opts)
+        return dq.contiguous(), dk.contiguous(), dv.contiguous(), None, None, None, None
 
 
 def run_problem(problem, backend, return_lse: bool = False):
@@ -302,11 +328,14 @@ def run_problem(problem, backend, return_lse: bool = False):
             # Head dim 0: every score is 0 and torch attends uniformly (mean of V). One zero
             # column gives any kernel those scores; the pad's gradient slices dq, dk back to 0 wide.
             q, k = F.pad(q, (0, 1)), F.pad(k, (0, 1))
-        if _direct(q, k, problem.v):
-            # Nothing for autograd to record and no trace: the op's own body, without the custom
-            # op's dispatch (~25-45 us of Python a call: a visible share of a 0.3-1 ms CPU problem).
+        eager = _eager(q, k, problem.v)
+        if eager == "no_grad":
+            # Nothing for autograd to record: the op's own body, without the custom op's dispatch
+            # (~25-45 us of Python a call: a visible share of a 0.3-1 ms CPU problem).
             out, lse = _kernels(backend.name, "forward")(q, k, problem.v, problem.mask, rng_state, opts)
             out, lse = out.contiguous(), lse.contiguous()
+        elif eager == "grad":
+            out, lse = _EagerAttention.apply(q, k, problem.v, problem.mask, rng_state, opts, backend.name)
         else:
             out, lse = attention_fwd(q, k, problem.v, problem.mask, rng_state, opts.alibi_slopes, *opts.op_args(),
                                      backend.name)
