@@ -183,6 +183,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     device = common.pick_device(args.device)
+    if device == "cpu":
+        common.steady_cpu_allocator()  # as the attention benchmarks: glibc's long-run state, not fresh mmaps per call
     env = common.environment(device)
     try:
         import transformers  # noqa: F401
