@@ -211,3 +211,13 @@ def test_isa_variants(variant):
     res = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, variant], cwd=root, env=env, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0 and "ok" in res.stdout, res.stdout + res.stderr
+
+
+def test_vector_input_as_f_linear():
+    """A 1-D x (in_features,) gives (out_features,), as F.linear."""
+    torch.manual_seed(6)
+    x, w, b = torch.randn(300), torch.randn(700, 300), torch.randn(700)
+    with torch.no_grad():
+        y = ops.linear(x, w, b)
+        assert y.shape == (700,)
+        assert_close_by_rule(y, F.linear(x.double(), w.double(), b.double()), F.linear(x, w, b))
