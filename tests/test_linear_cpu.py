@@ -221,3 +221,47 @@ def test_vector_input_as_f_linear():
         y = ops.linear(x, w, b)
         assert y.shape == (700,)
         assert_close_by_rule(y, F.linear(x.double(), w.double(), b.double()), F.linear(x, w, b))
+
+
+def test_traces_transforms_and_subclasses_get_f_linear():
+    """The kernel writes through raw pointers: torch.jit.trace, vmap and a tensor subclass with
+    __torch_function__ must see F.linear (a traced graph that baked the kernel's output in would
+    return the example's answer for every input)."""
+    torch.manual_seed(7)
+    w, b = torch.randn(600, 500), torch.randn(600)
+
+    def f(x):
+        return ops.linear(x, w, b)
+
+    with torch.no_grad():
+        traced = torch.jit.trace(f, torch.randn(1, 500), check_trace=False)
+        x2 = torch.randn(1, 500)
+        assert torch.allclose(traced(x2), F.linear(x2, w, b), rtol=1e-5, atol=1e-5)
+        xs = torch.randn(3, 1, 500)
+        assert torch.allclose(torch.vmap(f)(xs), F.linear(xs, w, b), rtol=1e-5, atol=1e-5)
+
+    seen = []
+
+    class Logged(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    with torch.no_grad():
+        ops.linear(torch.randn(1, 500).as_subclass(Logged), w, b)
+    assert F.linear in seen
+    with pytest.raises(ValueError, match="invisible"):
+        ops.linear(torch.randn(1, 500).as_subclass(Logged), w, b, backend="cpu")
+
+
+def test_hooked_projection_is_called_as_a_module():
+    """nn.Attention calls a hooked (or replaced) projection as a module, so the hook fires."""
+    from fastformer.nn import Attention
+
+    attn = Attention(384, num_heads=6).eval()
+    fired = []
+    attn.qkv.register_forward_hook(lambda mod, inp, out: fired.append(out.shape))
+    with torch.no_grad():
+        attn(torch.randn(1, 1, 384))
+    assert fired == [torch.Size([1, 1, 1152])]

@@ -13,7 +13,12 @@ from typing import Callable, Optional, Tuple, Union
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+from torch.nn.modules.module import (
+    _global_backward_hooks,
+    _global_backward_pre_hooks,
+    _global_forward_hooks,
+    _global_forward_pre_hooks,
+)
 
 from .. import ops as _ops
 
@@ -97,6 +102,8 @@ def apply_linear(module: nn.Module, x: Tensor) -> Tensor:
     instead (the same math; a CPU decoding step takes the C++ kernel). A replaced module (LoRA, a
     quantized linear) or a hooked one is called as a module, so it behaves as it would in torch."""
     if (type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
-            and not _global_forward_hooks and not _global_forward_pre_hooks):
+            and not module._backward_hooks and not module._backward_pre_hooks
+            and not _global_forward_hooks and not _global_forward_pre_hooks and not _global_backward_hooks
+            and not _global_backward_pre_hooks):
         return _ops.linear(x, module.weight, module.bias)
     return module(x)

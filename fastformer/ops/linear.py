@@ -34,6 +34,14 @@ CPU_AUTO_MAX_ROWS = {torch.float32: 8, torch.bfloat16: 2}
 CPU_AUTO_MIN_WEIGHT_BYTES = 256 << 10
 
 
+def _traced(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
+    """True where the kernel must not run: the C++ call writes through raw pointers, which
+    torch.compile / export, ``torch.jit.trace`` and functorch transforms cannot see, and it would
+    bypass a tensor subclass's ``__torch_function__`` (``F.linear`` honours both)."""
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()
+            or torch.overrides.has_torch_function_variadic(x, weight, bias))
+
+
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, backend: str = "auto") -> Tensor:
     """``x @ weightᵀ + bias``: ``torch.nn.functional.linear``'s arguments and result.
 
@@ -46,7 +54,8 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, backend:
             ``CPU_AUTO_MAX_ROWS[float32]`` rows of x (the product of its leading dims) or bfloat16
             with at most ``CPU_AUTO_MAX_ROWS[bfloat16]``, a weight of at least
             ``CPU_AUTO_MIN_WEIGHT_BYTES`` with unit stride along ``in_features``, no gradient to
-            record, no autocast, outside ``torch.compile``; else ``F.linear``.
+            record, no autocast, outside ``torch.compile`` / ``torch.jit.trace`` / functorch transforms,
+            no tensor subclass with ``__torch_function__``; else ``F.linear``.
             ``ops.use_kernel_backend("torch")`` makes ``"auto"`` mean ``"torch"``. ``"cpu"`` runs the
             kernel for any row count and raises ``ValueError`` naming what it cannot take.
 
@@ -58,7 +67,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, backend:
     if backend == "auto":
         C = _ext.C
         stack = kernel_backend._DEFAULT_STACK
-        if C is not None and not (stack and stack[-1] == "torch") and not torch.compiler.is_compiling():
+        if C is not None and not (stack and stack[-1] == "torch") and not _traced(x, weight, bias):
             y = C.linear_cpu_auto(x, weight, bias, CPU_AUTO_MAX_ROWS[torch.float32],
                                   CPU_AUTO_MAX_ROWS[torch.bfloat16], CPU_AUTO_MIN_WEIGHT_BYTES)
             if y is not None:
@@ -67,7 +76,8 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, backend:
     if backend == "torch":
         return F.linear(x, weight, bias)
     if backend == "cpu":
-        if torch.compiler.is_compiling():
-            raise ValueError("linear(backend='cpu'): not traceable by torch.compile; use backend='auto'")
+        if _traced(x, weight, bias):
+            raise ValueError("linear(backend='cpu'): a plain C++ call, invisible to torch.compile, torch.jit.trace, "
+                             "functorch transforms and tensor subclasses; use backend='auto' there")
         return _ext.require("linear(backend='cpu')").linear_cpu(x, weight, bias)
     raise ValueError(f"linear: backend must be 'auto', 'cpu' or 'torch', got {backend!r}")
