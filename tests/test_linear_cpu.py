@@ -265,3 +265,13 @@ def test_hooked_projection_is_called_as_a_module():
     with torch.no_grad():
         attn(torch.randn(1, 1, 384))
     assert fired == [torch.Size([1, 1, 1152])]
+
+
+def test_dispatch_modes_see_the_matmul():
+    """FlopCounterMode (any dispatch mode) sees F.linear's matmul, not an opaque C++ call."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    w, b = torch.randn(600, 500), torch.randn(600)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        ops.linear(torch.randn(1, 500), w, b)
+    assert counter.get_total_flops() == 2 * 600 * 500

@@ -36,9 +36,11 @@ CPU_AUTO_MIN_WEIGHT_BYTES = 256 << 10
 
 def _traced(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
     """True where the kernel must not run: the C++ call writes through raw pointers, which
-    torch.compile / export, ``torch.jit.trace`` and functorch transforms cannot see, and it would
-    bypass a tensor subclass's ``__torch_function__`` (``F.linear`` honours both)."""
+    torch.compile / export, ``torch.jit.trace``, functorch transforms and dispatch modes (e.g.
+    ``FlopCounterMode``) cannot see, and it would bypass a tensor subclass's
+    ``__torch_function__`` (``F.linear`` honours all of them)."""
     return (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()
+            or torch._C._len_torch_dispatch_stack() > 0
             or torch.overrides.has_torch_function_variadic(x, weight, bias))
 
 
@@ -54,8 +56,8 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, backend:
             ``CPU_AUTO_MAX_ROWS[float32]`` rows of x (the product of its leading dims) or bfloat16
             with at most ``CPU_AUTO_MAX_ROWS[bfloat16]``, a weight of at least
             ``CPU_AUTO_MIN_WEIGHT_BYTES`` with unit stride along ``in_features``, no gradient to
-            record, no autocast, outside ``torch.compile`` / ``torch.jit.trace`` / functorch transforms,
-            no tensor subclass with ``__torch_function__``; else ``F.linear``.
+            record, no autocast, outside ``torch.compile`` / ``torch.jit.trace`` / functorch transforms /
+            dispatch modes, no tensor subclass with ``__torch_function__``; else ``F.linear``.
             ``ops.use_kernel_backend("torch")`` makes ``"auto"`` mean ``"torch"``. ``"cpu"`` runs the
             kernel for any row count and raises ``ValueError`` naming what it cannot take.
 

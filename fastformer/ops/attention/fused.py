@@ -278,10 +278,13 @@ def draw_rng_state(dropout_p: float, device: torch.device) -> Optional[Tensor]:
 def _eager(q: Tensor, k: Tensor, v: Tensor) -> Optional[str]:
     """How a dense forward may skip the custom op: ``"no_grad"`` (call the kernel itself),
     ``"grad"`` (:class:`_EagerAttention`) or None (the custom op: under torch.compile, export,
-    ``torch.jit.trace`` or functorch transforms, or for tensor subclasses such as fake tensors)."""
+    ``torch.jit.trace``, functorch transforms or a dispatch mode such as ``FlopCounterMode``, or
+    for tensor subclasses such as fake tensors)."""
     if type(q) is not Tensor or type(k) is not Tensor or type(v) is not Tensor:
         return None
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active():
+        return None
+    if torch._C._len_torch_dispatch_stack() > 0:  # a dispatch mode (FlopCounterMode, a recorder) sees the op
         return None
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return "grad"
