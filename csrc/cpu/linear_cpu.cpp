@@ -19,7 +19,8 @@ const Kernels& kernels() {
   static const Kernels* chosen = [] {
 #if defined(__x86_64__)
     const std::string& isa = cpu_isa();
-    if (isa == "avx512_bf16" || isa == "avx512") return &kernels_avx512;
+    if (isa == "avx512_bf16") return &kernels_avx512bf16;
+    if (isa == "avx512") return &kernels_avx512;
     if (isa == "avx2") return &kernels_avx2;
 #endif
     return &kernels_generic;
@@ -62,15 +63,22 @@ std::string unsupported(const at::Tensor& x, const at::Tensor& weight, const c10
 at::Tensor run(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   const int64_t K = weight.size(1), N = weight.size(0);
   const auto dtype = weight.scalar_type();
-  // x as contiguous float32 rows (one step's activations: tiny next to the weight).
-  const at::Tensor x32 = x.reshape({-1, K}).to(at::kFloat).contiguous();
-  const int64_t M = x32.size(0);
+  const Kernels& k = kernels();
+  const bool keep_bf16 = dtype == at::kBFloat16 && k.bf16_x;
+  // x as contiguous rows (one step's activations: tiny next to the weight), widened to float32
+  // unless the kernel multiplies bf16 pairs itself.
+  const at::Tensor xr = x.reshape({-1, K});
+  const at::Tensor xc = keep_bf16 ? xr.contiguous() : xr.to(at::kFloat).contiguous();
+  const int64_t M = xc.size(0);
   std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
   out_sizes.back() = N;
   at::Tensor y = at::empty(out_sizes, weight.options());
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   Args a;
-  a.x = x32.data_ptr<float>();
+  if (keep_bf16)
+    a.x_bf16 = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+  else
+    a.x = xc.data_ptr<float>();
   a.M = M;
   a.K = K;
   a.ldx = K;
@@ -80,7 +88,6 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& weight, const c10::optiona
   a.y = y.data_ptr();
   a.ldy = N;
   a.bf16 = dtype == at::kBFloat16;
-  const Kernels& k = kernels();
   // Groups of 4 weight rows, split into contiguous ranges (one per thread); each
   // thread gets at least kMinBytesPerThread of weight.
   const int64_t groups = (N + 3) / 4;

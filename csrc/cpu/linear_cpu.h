@@ -14,30 +14,30 @@
 namespace fastformer {
 namespace cpu_linear {
 
-// Rows of x are handled this many at a time per pass over a group of W rows.
-constexpr int kMaxRowsPerPass = 4;
-
 struct Args {
   const float* x = nullptr;  // (M, K) float32, rows contiguous with stride ldx
+  const uint16_t* x_bf16 = nullptr;  // the same rows as bfloat16, for kernels with bf16_x (else null)
   int64_t M = 0, K = 0, ldx = 0;
   const void* w = nullptr;   // (N, K), row stride ldw (elements), float32 or bfloat16
   int64_t ldw = 0;
   const void* bias = nullptr;  // (N,) same dtype as w, or null
   void* y = nullptr;           // (M, N), row stride ldy, float32 or bfloat16
   int64_t ldy = 0;
-  bool bf16 = false;           // w, bias and y are bfloat16 (x was widened to float32)
+  bool bf16 = false;           // w, bias and y are bfloat16 (x was widened to float32, or kept: x_bf16)
 };
 
 // Computes columns [n0, n1) of y for every row of x.
 struct Kernels {
   const char* name;
   void (*columns)(const Args& a, int64_t n0, int64_t n1);
+  bool bf16_x;  // bf16 problems read x as bfloat16 (x_bf16), not widened
 };
 
 extern const Kernels kernels_generic;
 #if defined(__x86_64__)
 extern const Kernels kernels_avx2;
 extern const Kernels kernels_avx512;
+extern const Kernels kernels_avx512bf16;
 #endif
 
 }  // namespace cpu_linear

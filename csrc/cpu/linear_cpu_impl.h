@@ -153,7 +153,7 @@ static void columns(const Args& a, int64_t n0, int64_t n1) {
 
 }  // namespace FF_ISA
 
-const Kernels FF_KERNELS = {FF_ISA_NAME, &FF_ISA::columns};
+const Kernels FF_KERNELS = {FF_ISA_NAME, &FF_ISA::columns, false};
 
 }  // namespace cpu_linear
 }  // namespace fastformer

@@ -26,11 +26,15 @@ from . import kernel_backend
 
 # Where "auto" takes the CPU kernel, from bench/results/cpu-amd-epyc-avx512/cpu_linear.json (ours ÷
 # F.linear, weights read from memory and from cache, d = 384…2048; bench/NOTES.md "CPU linear for
-# decoding"): float32 up to 8 rows (1.30-6.6× there; at 16 rows one cached shape is 1.00×),
-# bfloat16 up to 2 rows (1.12-2.1×; from 4 rows torch's bf16 GEMM with the bf16 dot-product
-# instructions wins on cached weights), and weights of at least CPU_AUTO_MIN_WEIGHT_BYTES (below,
-# the ~2 µs a call costs around the kernel is a visible share).
-CPU_AUTO_MAX_ROWS = {torch.float32: 8, torch.bfloat16: 2}
+# decoding"): float32 up to 8 rows (1.54-6.7× there; at 16 rows one cached shape is 1.08×);
+# bfloat16 up to 8 rows with the vdpbf16ps kernel (avx512_bf16: 1.08-5.4×, 0.99× at 16 rows), but
+# only up to 2 rows with the widening kernels of other processors (1.12-2.1×; from 4 rows torch's
+# oneDNN GEMM won); and weights of at least CPU_AUTO_MIN_WEIGHT_BYTES (below, the ~2 µs a call
+# costs around the kernel is a visible share).
+# The extension when it has the kernel (None: not built, or a build older than the kernel).
+_C = _ext.C if hasattr(_ext.C, "linear_cpu_auto") else None
+_ISA = _C.linear_cpu_isa() if _C is not None else "none"
+CPU_AUTO_MAX_ROWS = {torch.float32: 8, torch.bfloat16: 8 if _ISA == "avx512_bf16" else 2}
 CPU_AUTO_MIN_WEIGHT_BYTES = 256 << 10
 
 
@@ -67,7 +71,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, backend:
         with ``F.linear`` to float32 rounding, not bit for bit.
     """
     if backend == "auto":
-        C = _ext.C
+        C = _C
         stack = kernel_backend._DEFAULT_STACK
         if C is not None and not (stack and stack[-1] == "torch") and not _traced(x, weight, bias):
             y = C.linear_cpu_auto(x, weight, bias, CPU_AUTO_MAX_ROWS[torch.float32],
@@ -81,5 +85,9 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, backend:
         if _traced(x, weight, bias):
             raise ValueError("linear(backend='cpu'): a plain C++ call, invisible to torch.compile, torch.jit.trace, "
                              "functorch transforms and tensor subclasses; use backend='auto' there")
-        return _ext.require("linear(backend='cpu')").linear_cpu(x, weight, bias)
+        if _C is None:
+            _ext.require("linear(backend='cpu')")
+            raise RuntimeError("linear(backend='cpu'): the compiled extension predates the kernel; rebuild it "
+                               "('pip install --no-build-isolation -e .')")
+        return _C.linear_cpu(x, weight, bias)
     raise ValueError(f"linear: backend must be 'auto', 'cpu' or 'torch', got {backend!r}")
