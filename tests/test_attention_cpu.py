@@ -16,6 +16,7 @@ import fastformer
 from attention_cases import Case, check_case, require_backend
 from dropout_checks import dropout_all, dropout_matches_explicit_mask, dropout_reproducible, dropout_statistics
 from error_rule import assert_close_by_rule
+from isa_variants import VARIANTS, run_under_variant
 
 DTYPES = [torch.float32, torch.bfloat16]
 _ids = lambda t: str(t).split(".")[-1]  # noqa: E731
@@ -290,20 +291,11 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("variant", ["generic", "avx2", "avx512", "avx512_bf16"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_isa_variants(variant):
     """Each kernel variant this processor can run (FASTFORMER_CPU_ISA forces one), in a fresh process.
     avx512_bf16 runs bf16 inputs on the bf16 dot-product kernels (vdpbf16ps)."""
-    flags = set(fastformer._ext.C.cpu_features())
-    needs = {"generic": set(), "avx2": {"avx2", "fma"}, "avx512": {"avx512f", "avx2", "fma"},
-             "avx512_bf16": {"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx2", "fma"}}[variant]
-    if not needs <= flags:
-        pytest.skip(f"this processor lacks {sorted(needs - flags)}")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, FASTFORMER_CPU_ISA=variant)
-    res = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, variant], cwd=root, env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stdout + res.stderr
+    run_under_variant(variant, _ISA_SCRIPT)
 
 
 def test_eager_paths_match_the_custom_op(monkeypatch):

@@ -9,9 +9,6 @@ the 4-row groups, x rows past the per-pass count, strided weights.
 from __future__ import annotations
 
 import importlib
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,6 +17,7 @@ import torch.nn.functional as F
 import fastformer
 from error_rule import assert_close_by_rule
 from fastformer import ops
+from isa_variants import VARIANTS, run_under_variant
 
 linear_mod = importlib.import_module("fastformer.ops.linear")  # the module (ops.linear is the function)
 
@@ -199,20 +197,11 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("variant", ["generic", "avx2", "avx512", "avx512_bf16"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_isa_variants(variant):
     """Each variant this processor can run (FASTFORMER_CPU_ISA forces one), in a fresh process.
     avx512_bf16 multiplies bf16 problems as bf16 pairs (vdpbf16ps), including K tails of 1-31."""
-    flags = set(fastformer._ext.C.cpu_features())
-    needs = {"generic": set(), "avx2": {"avx2", "fma"}, "avx512": {"avx512f", "avx2", "fma"},
-             "avx512_bf16": {"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx2", "fma"}}[variant]
-    if not needs <= flags:
-        pytest.skip(f"this processor lacks {sorted(needs - flags)}")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, FASTFORMER_CPU_ISA=variant)
-    res = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, variant], cwd=root, env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stdout + res.stderr
+    run_under_variant(variant, _ISA_SCRIPT)
 
 
 def test_vector_input_as_f_linear():

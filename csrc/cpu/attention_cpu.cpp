@@ -23,16 +23,13 @@ namespace {
 
 // The variant for cpu_isa() (FASTFORMER_CPU_ISA=generic|avx2|avx512|avx512_bf16 forces one).
 const Kernels& kernels() {
-  static const Kernels* chosen = [] {
 #if defined(__x86_64__)
-    const std::string& isa = cpu_isa();
-    if (isa == "avx512_bf16") return &kernels_avx512bf16;
-    if (isa == "avx512") return &kernels_avx512;
-    if (isa == "avx2") return &kernels_avx2;
+  static const Kernels& chosen =
+      table_for_cpu_isa(kernels_generic, kernels_avx2, kernels_avx512, kernels_avx512bf16);
+  return chosen;
+#else
+  return kernels_generic;
 #endif
-    return &kernels_generic;
-  }();
-  return *chosen;
 }
 
 int64_t env_int(const char* name, int64_t fallback) {

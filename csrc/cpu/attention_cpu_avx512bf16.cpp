@@ -111,14 +111,6 @@ static inline void rows_to_bf16_pairs_t(int64_t rows, int64_t npad, const float*
   }
 }
 
-// fp32 -> bf16 bits, round to nearest even, NaN kept (as c10::BFloat16).
-static inline uint16_t to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-  return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
 // ---------------------------------------------------------------- forward
 
 static inline int64_t pairs(int64_t n) { return (n + 1) / 2; }
@@ -173,7 +165,7 @@ static void bf16_forward_item(const Bf16ForwardArgs& a, int64_t item, float* scr
     }
     const float inv = 1.f / l[r];
     const float* o = O + r * Evpad;
-    for (int64_t e = 0; e < p.Ev; ++e) out[e] = to_bf16(o[e] * inv);
+    for (int64_t e = 0; e < p.Ev; ++e) out[e] = float_to_bf16(o[e] * inv);
     a.lse[bh * p.L + i] = (m[r] + std::log2(l[r])) * kLn2;
   }
 }

@@ -23,6 +23,7 @@
 #endif
 
 #include "attention_cpu.h"
+#include "bf16_bits.h"
 
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -215,13 +216,6 @@ static void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, 
 // ---------------------------------------------------------------- row operations
 
 static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
-static inline float bf16_to_float(uint16_t bits) {
-  uint32_t u = (uint32_t)bits << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 
 // A float mask value in the log2 domain. Finite fills beyond +-kMaskLimit (finfo.min, the
 // padding fill of Hugging Face models) would overflow to -+inf once scaled by log2(e):

@@ -16,16 +16,13 @@ namespace cpu_linear {
 namespace {
 
 const Kernels& kernels() {
-  static const Kernels* chosen = [] {
 #if defined(__x86_64__)
-    const std::string& isa = cpu_isa();
-    if (isa == "avx512_bf16") return &kernels_avx512bf16;
-    if (isa == "avx512") return &kernels_avx512;
-    if (isa == "avx2") return &kernels_avx2;
+  static const Kernels& chosen =
+      table_for_cpu_isa(kernels_generic, kernels_avx2, kernels_avx512, kernels_avx512bf16);
+  return chosen;
+#else
+  return kernels_generic;
 #endif
-    return &kernels_generic;
-  }();
-  return *chosen;
 }
 
 // Work handed to one thread at least: below this many weight bytes the thread

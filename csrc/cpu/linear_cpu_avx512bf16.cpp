@@ -10,8 +10,7 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 
-#include <cstring>
-
+#include "bf16_bits.h"
 #include "linear_cpu.h"
 
 #pragma GCC push_options
@@ -24,21 +23,6 @@ namespace {
 
 constexpr int R = 4;   // weight rows per group
 constexpr int MB = 4;  // x rows per pass: 16 accumulators
-
-inline float bf16_to_float(uint16_t h) {
-  const uint32_t bits = (uint32_t)h << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-inline uint16_t float_to_bf16(float f) {  // round to nearest even; NaN stays NaN
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return (uint16_t)(bits >> 16);
-}
 
 // y[m0 .. m0+M) x [n, n+RR): RR weight rows against M rows of x.
 template <int M, int RR>

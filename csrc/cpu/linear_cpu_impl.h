@@ -12,6 +12,7 @@
 // the one rounding to bf16).
 #include <cstring>
 
+#include "bf16_bits.h"
 #include "linear_cpu.h"
 
 #pragma GCC diagnostic push
@@ -35,22 +36,6 @@ typedef float vf __attribute__((vector_size(W * 4)));
 typedef float vfu __attribute__((vector_size(W * 4), aligned(4)));
 typedef int32_t vi __attribute__((vector_size(W * 4)));
 typedef uint16_t vhu __attribute__((vector_size(W * 2), aligned(2)));
-
-static inline float bf16_to_float(uint16_t h) {
-  const uint32_t bits = (uint32_t)h << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-// Round to nearest even; NaN stays a (quiet) NaN.
-static inline uint16_t float_to_bf16(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return (uint16_t)(bits >> 16);
-}
 
 template <bool BF16>
 static inline vf wload(const void* w, int64_t i) {

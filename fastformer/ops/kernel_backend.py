@@ -87,6 +87,14 @@ def resolve_backend(backend: str, device: torch.device, op: str, choices: Iterab
     return backend
 
 
+def direct_calls_allowed() -> bool:
+    """True where a kernel may be called directly rather than through a torch op: outside
+    torch.compile / export, ``torch.jit.trace``, functorch transforms and dispatch modes
+    (``FlopCounterMode``, op recorders), which see only the ops dispatched through torch."""
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()
+                or torch._C._len_torch_dispatch_stack() > 0)
+
+
 def new_seed() -> int:
     """A dropout seed drawn from torch's default CPU generator (so torch.manual_seed reproduces it)."""
     return int(torch.randint(0, 2**31 - 1, (1,)).item())

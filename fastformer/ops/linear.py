@@ -38,14 +38,12 @@ CPU_AUTO_MAX_ROWS = {torch.float32: 8, torch.bfloat16: 8 if _ISA == "avx512_bf16
 CPU_AUTO_MIN_WEIGHT_BYTES = 256 << 10
 
 
-def _traced(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
+def _kernel_hidden(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
     """True where the kernel must not run: the C++ call writes through raw pointers, which
     torch.compile / export, ``torch.jit.trace``, functorch transforms and dispatch modes (e.g.
-    ``FlopCounterMode``) cannot see, and it would bypass a tensor subclass's
-    ``__torch_function__`` (``F.linear`` honours all of them)."""
-    return (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()
-            or torch._C._len_torch_dispatch_stack() > 0
-            or torch.overrides.has_torch_function_variadic(x, weight, bias))
+    ``FlopCounterMode``) cannot see (:func:`kernel_backend.direct_calls_allowed`), and it would
+    bypass a tensor subclass's ``__torch_function__`` (``F.linear`` honours all of them)."""
+    return not kernel_backend.direct_calls_allowed() or torch.overrides.has_torch_function_variadic(x, weight, bias)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, backend: str = "auto") -> Tensor:
@@ -73,7 +71,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, backend:
     if backend == "auto":
         C = _C
         stack = kernel_backend._DEFAULT_STACK
-        if C is not None and not (stack and stack[-1] == "torch") and not _traced(x, weight, bias):
+        if C is not None and not (stack and stack[-1] == "torch") and not _kernel_hidden(x, weight, bias):
             y = C.linear_cpu_auto(x, weight, bias, CPU_AUTO_MAX_ROWS[torch.float32],
                                   CPU_AUTO_MAX_ROWS[torch.bfloat16], CPU_AUTO_MIN_WEIGHT_BYTES)
             if y is not None:
@@ -82,7 +80,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, backend:
     if backend == "torch":
         return F.linear(x, weight, bias)
     if backend == "cpu":
-        if _traced(x, weight, bias):
+        if _kernel_hidden(x, weight, bias):
             raise ValueError("linear(backend='cpu'): a plain C++ call, invisible to torch.compile, torch.jit.trace, "
                              "functorch transforms and tensor subclasses; use backend='auto' there")
         if _C is None:

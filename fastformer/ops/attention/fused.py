@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..kernel_backend import direct_calls_allowed
 from .problem import AttentionOptions
 from .registry import get_backend
 
@@ -282,9 +283,7 @@ def _eager(q: Tensor, k: Tensor, v: Tensor) -> Optional[str]:
     for tensor subclasses such as fake tensors)."""
     if type(q) is not Tensor or type(k) is not Tensor or type(v) is not Tensor:
         return None
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active():
-        return None
-    if torch._C._len_torch_dispatch_stack() > 0:  # a dispatch mode (FlopCounterMode, a recorder) sees the op
+    if not direct_calls_allowed():
         return None
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return "grad"
