@@ -6,6 +6,7 @@ import copy
 import importlib.util
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,11 +52,19 @@ def _worker(rank, world, init_file, out_dir):
     full = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach() for n, p in fsdp_model.named_parameters()}
     if rank == 0:
         torch.save({"ddp": ddp_model.state_dict(), "fsdp": full}, os.path.join(out_dir, "params.pt"))
-    # Both ranks reach the teardown together: under torch 2.11 a rank that destroyed its gloo
-    # group while the other was still working aborted ("terminate called without an active
-    # exception", SIGABRT) in about one run in four.
+    # No teardown: under torch 2.11 the gloo group's destruction (destroy_process_group, or the
+    # interpreter's finalization when it is skipped) aborted a rank now and then ("terminate
+    # called without an active exception", SIGABRT), even after a barrier. Each rank instead
+    # waits, through files rather than gloo, until every rank has finished its collectives, then
+    # leaves with os._exit, which runs no destructor.
     dist.barrier()
-    dist.destroy_process_group()
+    Path(out_dir, f"done{rank}").touch()
+    deadline = time.monotonic() + 60
+    while not all(Path(out_dir, f"done{r}").exists() for r in range(world)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def test_ddp_and_fsdp2_step_equal_single_process(tmp_path):
