@@ -29,6 +29,7 @@ SUITE = [  # in priority order: with --budget, later entries run only if time is
     ("bench_pytest.py", 120, []),  # the same attention comparisons as pytest-benchmark JSON
     ("bench_cpu_attention.py", 600, []),  # issue 5: "cpu" backend vs torch CPU SDPA (on a GPU host: its CPU, 2 threads)
     ("bench_cpu_linear.py", 240, []),  # issue 20: the CPU decoding GEMM vs F.linear (CPU only)
+    ("bench_cpu_activation.py", 120, []),  # issue 20: the CPU GELU-tanh kernel vs torch (CPU only)
     ("bench_variants.py", 240, []),  # issue 18: window time vs L, ALiBi/soft-cap overhead, paged vs contiguous decode
 ]
 

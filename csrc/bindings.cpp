@@ -18,6 +18,7 @@
 namespace fastformer {
 void register_cpu_attention(pybind11::module& m);  // cpu/attention_cpu.cpp
 void register_cpu_linear(pybind11::module& m);     // cpu/linear_cpu.cpp
+void register_cpu_activation(pybind11::module& m);  // cpu/activation_cpu.cpp
 void register_launch_plan(pybind11::module& m);    // launch_plan_binding.cpp (CUDA launch planning, every build)
 #ifdef FASTFORMER_WITH_CUDA
 void register_cuda_kernels(pybind11::module& m);   // cuda/attention_binding.cpp
@@ -30,6 +31,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "x86 features detected at run time (the CPU kernels dispatch on them)");
   fastformer::register_cpu_attention(m);
   fastformer::register_cpu_linear(m);
+  fastformer::register_cpu_activation(m);
   fastformer::register_launch_plan(m);
 #ifdef FASTFORMER_WITH_CUDA
   fastformer::register_cuda_kernels(m);

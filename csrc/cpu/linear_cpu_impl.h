@@ -14,6 +14,7 @@
 
 #include "bf16_bits.h"
 #include "linear_cpu.h"
+#include "vec.h"
 
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -22,45 +23,25 @@ namespace fastformer {
 namespace cpu_linear {
 namespace FF_ISA {
 
+using namespace cpu_vec::FF_ISA;
+
 #ifdef FF_TARGET
-#define FF_DO_PRAGMA(x) _Pragma(#x)
-#define FF_TARGET_PRAGMA(t) FF_DO_PRAGMA(GCC target(t))
 #pragma GCC push_options
 FF_TARGET_PRAGMA(FF_TARGET)
 #endif
 
-constexpr int W = FF_W;
 constexpr int R = 4;  // weight rows per group
-
-typedef float vf __attribute__((vector_size(W * 4)));
-typedef float vfu __attribute__((vector_size(W * 4), aligned(4)));
-typedef int32_t vi __attribute__((vector_size(W * 4)));
-typedef uint16_t vhu __attribute__((vector_size(W * 2), aligned(2)));
 
 template <bool BF16>
 static inline vf wload(const void* w, int64_t i) {
-  if constexpr (BF16) {
-    const vhu h = *reinterpret_cast<const vhu*>(static_cast<const uint16_t*>(w) + i);
-    return (vf)(__builtin_convertvector(h, vi) << 16);
-  } else {
-    return *reinterpret_cast<const vfu*>(static_cast<const float*>(w) + i);
-  }
+  if constexpr (BF16) return vload_bf16(static_cast<const uint16_t*>(w) + i);
+  return vload(static_cast<const float*>(w) + i);
 }
 
 template <bool BF16>
 static inline float wscalar(const void* w, int64_t i) {
   if constexpr (BF16) return bf16_to_float(static_cast<const uint16_t*>(w)[i]);
   return static_cast<const float*>(w)[i];
-}
-
-static inline float hsum(vf v) {
-  float a[W];
-  std::memcpy(a, &v, sizeof(v));
-#pragma GCC unroll 8
-  for (int w = W / 2; w >= 1; w /= 2)
-#pragma GCC unroll 16
-    for (int t = 0; t < w; ++t) a[t] += a[t + w];
-  return a[0];
 }
 
 // y[m0 .. m0+MB) x [n, n+RR): RR weight rows (4, or 1 for the remainder) against MB rows of x.
@@ -86,7 +67,7 @@ static inline void group(const Args& a, int64_t m0, int64_t n) {
     }
 #pragma GCC unroll 4
     for (int m = 0; m < MB; ++m) {
-      const vf xv = *reinterpret_cast<const vfu*>(x + m * a.ldx + k);
+      const vf xv = vload(x + m * a.ldx + k);
 #pragma GCC unroll 4
       for (int r = 0; r < RR; ++r) acc[m][r] += xv * wv[r];
     }

@@ -18,11 +18,12 @@ from .softmax import softmax
 from .layernorm import layer_norm, rms_norm
 from .ffn import feed_forward, gated_linear, linear_act
 from .linear import linear
+from .activation import gelu
 from .rope import apply_rotary
 from .sinusoidal import add_sinusoidal_positions
 
 __all__ = ["attention", "scaled_dot_product_attention", "varlen_attention", "backends", "use_backend",
-           "decode_attention", "linear", "softmax", "layer_norm", "rms_norm", "linear_act", "gated_linear", "feed_forward",
+           "decode_attention", "linear", "gelu", "softmax", "layer_norm", "rms_norm", "linear_act", "gated_linear", "feed_forward",
            "apply_rotary", "add_sinusoidal_positions"]
 
 # Backends register themselves on import; do it now, outside any torch.compile trace.

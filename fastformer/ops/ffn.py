@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .activation import gelu
 from .buffers import new_output
 from .kernel_backend import resolve_backend
 from .linear import linear
@@ -26,13 +27,15 @@ ACTIVATIONS = ("identity", "relu", "gelu", "gelu_tanh", "silu")
 _CODES = {name: i for i, name in enumerate(ACTIVATIONS)}  # same codes as kernels/ffn.py
 
 
-def _act_torch(h: Tensor, activation: str) -> Tensor:
+def _act_torch(h: Tensor, activation: str, backend: str = "torch") -> Tensor:
+    """The activation outside the Triton epilogue: torch's, except GELU-tanh, which is
+    :func:`fastformer.ops.activation.gelu` (its CPU kernel under ``backend="auto"``)."""
     if activation == "relu":
         return F.relu(h)
     if activation == "gelu":
         return F.gelu(h)
     if activation == "gelu_tanh":
-        return F.gelu(h, approximate="tanh")
+        return gelu(h, approximate="tanh", backend=backend)
     if activation == "silu":
         return F.silu(h)
     return h
@@ -235,8 +238,9 @@ def _needs_grad(*ts) -> bool:
 
 
 def _linear_backend(backend: str) -> str:
-    """What the torch path's matmul runs: ``ops.linear``'s choice (the CPU decoding kernel for a
-    few rows) unless the caller forced plain torch."""
+    """What the torch path's matmul and activation run: ``ops.linear``'s and ``ops.activation.gelu``'s
+    choice (the CPU kernels: decoding GEMM for a few rows, GELU-tanh) unless the caller forced
+    plain torch."""
     return "torch" if backend == "torch" else "auto"
 
 
@@ -257,7 +261,8 @@ def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activat
     _check("linear_act", x, weight, bias, activation, gated=False)
     chosen = resolve_backend(backend, x.device, "linear_act", dtype=x.dtype)
     if chosen == "torch" or _too_big(x, weight):
-        return _act_torch(linear(x, weight, bias, backend=_linear_backend(backend)), activation)
+        return _act_torch(linear(x, weight, bias, backend=_linear_backend(backend)), activation,
+                          _linear_backend(backend))
     act = _CODES[activation]
     x2 = x.reshape(-1, x.shape[-1])
     y, _ = _linear_act_fwd_op(x2, weight, bias, act, _stores_pre(act) and _needs_grad(x, weight, bias))
@@ -276,7 +281,7 @@ def gated_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activ
     chosen = resolve_backend(backend, x.device, "gated_linear", dtype=x.dtype)
     if chosen == "torch" or _too_big(x, weight):
         a, b = linear(x, weight, bias, backend=_linear_backend(backend)).chunk(2, dim=-1)
-        return _act_torch(a, activation) * b
+        return _act_torch(a, activation, _linear_backend(backend)) * b
     x2 = x.reshape(-1, x.shape[-1])
     out, _ = _gated_fwd_op(x2, weight, bias, _CODES[activation], _needs_grad(x, weight, bias))
     return out.view(*x.shape[:-1], weight.shape[0] // 2)
