@@ -189,13 +189,13 @@ def test_traces_transforms_and_subclasses_get_f_gelu():
 def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="approximate='tanh'"):
         ops.gelu(torch.randn(10), backend="cpu")
-    with pytest.raises(TypeError, match="x must be float32 or bfloat16"):
+    with pytest.raises(TypeError, match="input must be float32 or bfloat16"):
         ops.gelu(torch.randn(10, dtype=torch.float64), approximate="tanh", backend="cpu")
     with pytest.raises(ValueError, match="backend must be"):
         ops.gelu(torch.randn(10), approximate="tanh", backend="triton")
-    with pytest.raises(ValueError, match="grad_output .* and x .* must have one shape"):
+    with pytest.raises(ValueError, match="grad_output .* and input .* must have one shape"):
         activation_mod._C.gelu_tanh_backward_cpu(torch.randn(3), torch.randn(4))
-    with pytest.raises(TypeError, match="grad_output .* and x .* must have one dtype"):
+    with pytest.raises(TypeError, match="grad_output .* and input .* must have one dtype"):
         activation_mod._C.gelu_tanh_backward_cpu(torch.randn(3), torch.randn(3).bfloat16())
 
 
@@ -285,3 +285,24 @@ def test_replayed_reports_of_other_gelu_tanh_kernels():
     rel = ((ops.gelu(x, approximate="tanh", backend="cpu").double() - y64).abs() / y64.abs()).max().item()
     # exp(-2u) at u ~ -60 has condition number 120: fp32's rounding of u alone moves it ~1e-5.
     assert rel < 1e-4, f"negative tail: relative error {rel:.2e} (torch's own: up to 100 %)"
+
+
+def test_forward_mode_ad_and_memory_format_follow_f_gelu():
+    """Forward-mode AD (dual tensors) gets F.gelu: the raw-pointer kernel would drop the tangent
+    (ops.linear's kernel too, for a decoding-size call); a channels_last input keeps its memory
+    format as F.gelu does; the argument is F.gelu's ``input``."""
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(6)
+    x, t = torch.randn(8, 1024), torch.randn(8, 1024)
+    w = torch.randn(600, 1024) * 0.03
+    with fwAD.dual_level():
+        y = ops.gelu(fwAD.make_dual(x, t), approximate="tanh")
+        yl = ops.linear(fwAD.make_dual(x[:1], t[:1]), w)
+        tangent, tangent_l = fwAD.unpack_dual(y).tangent, fwAD.unpack_dual(yl).tangent
+    assert tangent is not None and tangent_l is not None
+    torch.testing.assert_close(tangent, torch.ops.aten.gelu_backward(t, x, approximate="tanh"))
+    torch.testing.assert_close(tangent_l, t[:1] @ w.t(), rtol=1e-4, atol=1e-5)
+    xc = torch.randn(2, 64, 8, 8).to(memory_format=torch.channels_last)
+    assert ops.gelu(xc, approximate="tanh").stride() == F.gelu(xc, approximate="tanh").stride()
+    torch.testing.assert_close(ops.gelu(input=x, approximate="tanh"), F.gelu(x, approximate="tanh"))

@@ -35,7 +35,7 @@ void check(const char* op, const char* name, const at::Tensor& t) {
 
 // gelu(x, approximate="tanh") for a CPU tensor x, float32 or bfloat16; a new contiguous tensor.
 at::Tensor gelu_tanh(const at::Tensor& x) {
-  check("gelu_tanh_cpu", "x", x);
+  check("gelu_tanh_cpu", "input", x);
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   const bool bf16 = x.scalar_type() == at::kBFloat16;
@@ -52,11 +52,11 @@ at::Tensor gelu_tanh(const at::Tensor& x) {
 // grad_output * gelu'(x) (approximate="tanh"): aten::gelu_backward's arguments and result.
 at::Tensor gelu_tanh_backward(const at::Tensor& grad_output, const at::Tensor& x) {
   check("gelu_tanh_backward_cpu", "grad_output", grad_output);
-  check("gelu_tanh_backward_cpu", "x", x);
+  check("gelu_tanh_backward_cpu", "input", x);
   TORCH_CHECK_VALUE(grad_output.sizes() == x.sizes(), "gelu_tanh_backward_cpu: grad_output ", grad_output.sizes(),
-                    " and x ", x.sizes(), " must have one shape");
+                    " and input ", x.sizes(), " must have one shape");
   TORCH_CHECK_TYPE(grad_output.scalar_type() == x.scalar_type(), "gelu_tanh_backward_cpu: grad_output ",
-                   grad_output.scalar_type(), " and x ", x.scalar_type(), " must have one dtype");
+                   grad_output.scalar_type(), " and input ", x.scalar_type(), " must have one dtype");
   const at::Tensor dyc = grad_output.contiguous(), xc = x.contiguous();
   at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   const bool bf16 = x.scalar_type() == at::kBFloat16;
@@ -77,9 +77,10 @@ at::Tensor gelu_tanh_backward(const at::Tensor& grad_output, const at::Tensor& x
 void register_cpu_activation(pybind11::module& m) {
   using namespace pybind11::literals;
   m.def("gelu_tanh_cpu", &cpu_act::gelu_tanh,
-        "gelu(x, approximate='tanh') for a CPU tensor, float32 or bfloat16", "x"_a);
+        "gelu(input, approximate='tanh') for a CPU tensor, float32 or bfloat16", "input"_a);
   m.def("gelu_tanh_backward_cpu", &cpu_act::gelu_tanh_backward,
-        "grad_output * gelu'(x) with approximate='tanh', CPU tensors of one shape and dtype", "grad_output"_a, "x"_a);
+        "grad_output * gelu'(input) with approximate='tanh', CPU tensors of one shape and dtype", "grad_output"_a,
+        "input"_a);
   m.def("activation_cpu_isa", [] { return std::string(cpu_act::kernels().name); },
         "The instruction-set variant the CPU activation passes run with here");
 }

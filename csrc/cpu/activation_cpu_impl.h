@@ -38,7 +38,9 @@ static inline vf sigmoid_2u(vf x, vf* e_out) {
   const vf u = kBeta * (x + kKappa * (x * x * x));
   const vf z = u * (-2.f * kLog2e);  // log2(e)
   const vf e = vexp2(z);              // z clamped to 127 inside: finite
-  const vf s = vselect(z > vsplat(126.f), vf{}, 1.f / (1.f + e));
+  // A vector ?: (one blend), not vselect's bit masks: GCC evaluated the division twice for those.
+  const vf r = 1.f / (1.f + e);
+  const vf s = z > vsplat(126.f) ? vf{} : r;
   if (e_out) *e_out = e;
   return s;
 }
@@ -50,7 +52,8 @@ static inline vf fwd_vec(vf x) {
   vf e;
   const vf s = sigmoid_2u(x, &e);
   const vf es = e * s;  // 1 - s; 0 for x = +inf, where x * es would be NaN
-  return vselect(x > vsplat(1.f), x - vselect(es > vf{}, x * es, vf{}), x * s);
+  const vf tail = es > vf{} ? x * es : vf{};
+  return x > vsplat(1.f) ? x - tail : x * s;
 }
 
 static inline vf bwd_vec(vf dy, vf x) {

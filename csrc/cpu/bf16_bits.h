@@ -14,7 +14,8 @@ inline float bf16_to_float(uint16_t bits) {
   return f;
 }
 
-// Round to nearest even; NaN stays a (quiet) NaN, as c10::BFloat16.
+// Round to nearest even (c10::BFloat16's bits for every non-NaN value); a NaN stays a quiet NaN
+// with its sign and payload (c10 returns the canonical 0x7fc0).
 inline uint16_t float_to_bf16(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);

@@ -54,15 +54,21 @@ static inline vf vload_bf16(const uint16_t* p) {
   return (vf)(__builtin_convertvector(h, vi) << 16);
 }
 
-// W floats rounded to bf16, nearest even, NaN kept a quiet NaN: float_to_bf16 (bf16_bits.h)
-// lane by lane, which is what c10::BFloat16 does.
+// W floats rounded to bf16, nearest even: float_to_bf16 (bf16_bits.h) lane by lane. Non-NaN
+// values get c10::BFloat16's bits exactly; a NaN stays a quiet NaN with its sign and payload
+// (c10 returns the canonical 0x7fc0: a NaN either way).
 static inline void vstore_bf16(uint16_t* p, vf x) {
   const vi u = (vi)x;
   const vi rounded = (vi)((uint32_t __attribute__((vector_size(W * 4))))(u + 0x7fff + ((u >> 16) & 1)) >> 16);
   const vi nan = (u & 0x7fffffff) > 0x7f800000;
   const vi quiet = (vi)((uint32_t __attribute__((vector_size(W * 4))))u >> 16) | 0x40;
   const vi bits = (rounded & ~nan) | (quiet & nan);
+#if FF_W == 16 && defined(__x86_64__)
+  // One vpmovdw: GCC lowers the generic narrowing to a pack, a permute and a stack round trip.
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16((__m512i)bits));
+#else
   *reinterpret_cast<vhu*>(p) = __builtin_convertvector(bits, vhu);
+#endif
 }
 
 // 2^x for x <= 0 (attention weights): exact 0 below -126 (and for -inf), NaN stays NaN;

@@ -42,45 +42,48 @@ class _GeluTanh(torch.autograd.Function):
 
 
 def _kernel_takes(x: Tensor) -> bool:
+    """``auto``'s conditions besides size: a contiguous float32/bfloat16 CPU tensor (F.gelu keeps
+    other memory formats, the kernel writes contiguous), a plain call (see ``direct_calls_allowed``)."""
     return (x.device.type == "cpu" and x.dtype in _DTYPES and x.layout == torch.strided
-            and kernel_backend.direct_calls_allowed() and not torch.overrides.has_torch_function_unary(x))
+            and kernel_backend.direct_calls_allowed() and not torch.overrides.has_torch_function_unary(x)
+            and x.is_contiguous())
 
 
-def gelu(x: Tensor, approximate: str = "none", *, backend: str = "auto") -> Tensor:
+def gelu(input: Tensor, approximate: str = "none", *, backend: str = "auto") -> Tensor:
     """``torch.nn.functional.gelu``'s arguments and result (any shape, float dtypes).
 
     Args:
-        x: the input, any shape.
+        input: any shape (``F.gelu``'s name).
         approximate: ``"none"`` (exact, erf) or ``"tanh"``.
         backend: ``"auto"``, ``"cpu"`` or ``"torch"`` (``F.gelu``). ``"auto"`` runs the CPU kernel for
-            ``approximate="tanh"`` on a float32 or bfloat16 CPU tensor of at least
+            ``approximate="tanh"`` on a contiguous float32 or bfloat16 CPU tensor of at least
             ``CPU_AUTO_MIN_NUMEL`` elements, outside ``torch.compile`` / ``torch.jit.trace`` / functorch
-            transforms / dispatch modes, without a tensor subclass's ``__torch_function__``; its
+            transforms / dispatch modes / forward-mode AD, without a tensor subclass's ``__torch_function__``; its
             backward is the kernel too (torch's formula under ``create_graph``). Else ``F.gelu``.
             ``ops.use_kernel_backend("torch")`` makes ``"auto"`` mean ``"torch"``. ``"cpu"`` runs the
             kernel for any size and raises ``ValueError`` / ``TypeError`` for what it cannot take.
 
     Returns:
-        ``x``'s shape and dtype (contiguous from the kernel). float32 results agree with
+        ``input``'s shape and dtype (contiguous from the kernel). float32 results agree with
         ``F.gelu`` to float32 rounding, bfloat16 ones to the one rounding of the float32 value.
     """
     if backend == "auto":
         stack = kernel_backend._DEFAULT_STACK
         if (approximate == "tanh" and _C is not None and not (stack and stack[-1] == "torch")
-                and _kernel_takes(x) and x.numel() >= CPU_AUTO_MIN_NUMEL):
-            return _GeluTanh.apply(x)
-        return F.gelu(x, approximate=approximate)
+                and _kernel_takes(input) and input.numel() >= CPU_AUTO_MIN_NUMEL):
+            return _GeluTanh.apply(input)
+        return F.gelu(input, approximate=approximate)
     if backend == "torch":
-        return F.gelu(x, approximate=approximate)
+        return F.gelu(input, approximate=approximate)
     if backend == "cpu":
         if approximate != "tanh":
             raise ValueError(f"gelu(backend='cpu'): the kernel computes approximate='tanh', got {approximate!r}")
-        if not kernel_backend.direct_calls_allowed() or torch.overrides.has_torch_function_unary(x):
+        if not kernel_backend.direct_calls_allowed() or torch.overrides.has_torch_function_unary(input):
             raise ValueError("gelu(backend='cpu'): a plain C++ call, invisible to torch.compile, torch.jit.trace, "
                              "functorch transforms and tensor subclasses; use backend='auto' there")
         if _C is None:
             _ext.require("gelu(backend='cpu')")
             raise RuntimeError("gelu(backend='cpu'): the compiled extension predates the kernel; rebuild it "
                                "('pip install --no-build-isolation -e .')")
-        return _GeluTanh.apply(x)
+        return _GeluTanh.apply(input)
     raise ValueError(f"gelu: backend must be 'auto', 'cpu' or 'torch', got {backend!r}")

@@ -15,6 +15,7 @@ import os
 from typing import Iterable, Iterator, List
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 
 def triton_unavailable(device: torch.device) -> str | None:
@@ -90,9 +91,11 @@ def resolve_backend(backend: str, device: torch.device, op: str, choices: Iterab
 def direct_calls_allowed() -> bool:
     """True where a kernel may be called directly rather than through a torch op: outside
     torch.compile / export, ``torch.jit.trace``, functorch transforms and dispatch modes
-    (``FlopCounterMode``, op recorders), which see only the ops dispatched through torch."""
+    (``FlopCounterMode``, op recorders), which see only the ops dispatched through torch, and
+    outside a forward-mode AD level (``torch.autograd.forward_ad.dual_level``), whose tangents a
+    raw-pointer kernel would drop."""
     return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()
-                or torch._C._len_torch_dispatch_stack() > 0)
+                or torch._C._len_torch_dispatch_stack() > 0 or _forward_ad._current_level >= 0)
 
 
 def new_seed() -> int:
