@@ -38,7 +38,6 @@ static inline vf sigmoid_2u(vf x, vf* e_out) {
   const vf u = kBeta * (x + kKappa * (x * x * x));
   const vf z = u * (-2.f * kLog2e);  // log2(e)
   const vf e = vexp2(z);              // z clamped to 127 inside: finite
-  // A vector ?: (one blend), not vselect's bit masks: GCC evaluated the division twice for those.
   const vf r = 1.f / (1.f + e);
   const vf s = z > vsplat(126.f) ? vf{} : r;
   if (e_out) *e_out = e;

@@ -46,7 +46,9 @@ typedef uint16_t vhu __attribute__((vector_size(W * 2), aligned(2)));  // W bf16
 static inline vf vload(const float* p) { return *reinterpret_cast<const vfu*>(p); }
 static inline void vstore(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
 static inline vf vsplat(float s) { return vf{} + s; }
-static inline vf vselect(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+// mask lanes all ones or all zeros. A vector ?: (one blend): written as bit masks, GCC folded the
+// AND into the operand's computation and evaluated a division twice (activation_cpu_impl.h).
+static inline vf vselect(vi mask, vf a, vf b) { return mask != 0 ? a : b; }
 
 // W bf16 values widened to float (exact: a bf16 is a float's high half).
 static inline vf vload_bf16(const uint16_t* p) {
