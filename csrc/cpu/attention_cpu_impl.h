@@ -420,9 +420,19 @@ static void forward_item(const ForwardArgs& a, int64_t item, float* scratch) {
 
   for (int64_t j0 = j_begin; j0 < j_end; j0 += BK) {
     const int64_t n = std::min(BK, j_end - j0);
-    gemm(mq, n, p.E, A, a.q.sl, a.q.se, kt + (j0 / NR) * p.E * NR, p.E * NR, St, BK, false);
-    forward_tile_rows(p, b, h, i0, mq, j0, n, St, BK, m, l, O, Evpad);
-    gemm(mq, p.Ev, n, St, BK, 1, vp + j0 * NR, p.S * NR, O, Evpad, true);
+    // The tile the causal / right-window edge crosses (its first row does not see its last key)
+    // runs in sub-blocks of NR rows, each over the keys it sees, rounded up to whole panels
+    // (as backward_item): the skipped keys are masked for all the sub-block's rows.
+    const bool edge = p.limit_right && i0 + p.diag_offset + p.window_right < j0 + n - 1;
+    const int64_t step = edge ? NR : mq;
+    for (int64_t r0 = 0; r0 < mq; r0 += step) {
+      const int64_t mr = std::min(step, mq - r0);
+      const int64_t ne = edge ? std::min(n, round_up(i0 + r0 + mr + p.diag_offset + p.window_right - j0, NR)) : n;
+      if (ne <= 0) continue;  // rows that see no key of the tile
+      gemm(mr, ne, p.E, A + r0 * a.q.sl, a.q.sl, a.q.se, kt + (j0 / NR) * p.E * NR, p.E * NR, St, BK, false);
+      forward_tile_rows(p, b, h, i0 + r0, mr, j0, ne, St, BK, m + r0, l + r0, O + r0 * Evpad, Evpad);
+      gemm(mr, p.Ev, ne, St, BK, 1, vp + j0 * NR, p.S * NR, O + r0 * Evpad, Evpad, true);
+    }
   }
 
   for (int64_t r = 0; r < mq; ++r) {
@@ -510,16 +520,27 @@ static void backward_item(const BackwardArgs& a, int64_t item, float* scratch) {
       const float* dop = a.do_panels + bh * a.do_head_stride;
       float* dq = a.dq_partial + ((chunk * p.B * p.Hq + bh) * p.L) * Epad;
       for (int64_t i0 = q_start; i0 < q_end; i0 += BQ) {
-        const int64_t mq = std::min(BQ, q_end - i0);
-        gemm(mq, n, p.E, a.q.row(b, h, i0), a.q.sl, a.q.se, kt + (j0 / NR) * p.E * NR, p.E * NR, SP, BK, false);
-        gemm(mq, n, p.Ev, a.dout.row(b, h, i0), a.dout.sl, a.dout.se, vt + (j0 / NR) * p.Ev * NR, p.Ev * NR, DP,
-             BK, false);
-        backward_tile_rows(p, a.lse, a.delta, b, h, i0, mq, j0, n, SP, DP, BK);
-        // dV += P^T dO, dK += dS^T Q: A read transposed (a_rs = 1, a_cs = BK).
-        gemm(n, p.Ev, mq, SP, 1, BK, dop + i0 * NR, p.L * NR, dVa, Evpad, true);
-        gemm(n, p.E, mq, DP, 1, BK, qp + i0 * NR, p.L * NR, dKa, Epad, true);
-        // dQ += dS K
-        gemm(mq, p.E, n, DP, BK, 1, kp + j0 * NR, p.S * NR, dq + i0 * Epad, Epad, true);
+        const int64_t mb = std::min(BQ, q_end - i0);
+        // A block whose last row does not see the tile's last key (the causal / right-window edge
+        // crosses the tile) runs in sub-blocks of NR rows, each over the keys it sees, rounded up
+        // to whole panels: the skipped keys are masked for all its rows (weights 0). On the
+        // diagonal tile of a causal problem that is 3/4 of the work (BQ = BK = 2 NR).
+        const bool edge = p.limit_right && i0 + mb - 1 + p.diag_offset + p.window_right < j0 + n - 1;
+        const int64_t step = edge ? NR : mb;
+        for (int64_t s0 = i0; s0 < i0 + mb; s0 += step) {
+          const int64_t mq = std::min(step, i0 + mb - s0);
+          const int64_t ne = edge ? std::min(n, round_up(s0 + mq + p.diag_offset + p.window_right - j0, NR)) : n;
+          if (ne <= 0) continue;  // rows that see no key of the tile
+          gemm(mq, ne, p.E, a.q.row(b, h, s0), a.q.sl, a.q.se, kt + (j0 / NR) * p.E * NR, p.E * NR, SP, BK, false);
+          gemm(mq, ne, p.Ev, a.dout.row(b, h, s0), a.dout.sl, a.dout.se, vt + (j0 / NR) * p.Ev * NR, p.Ev * NR,
+               DP, BK, false);
+          backward_tile_rows(p, a.lse, a.delta, b, h, s0, mq, j0, ne, SP, DP, BK);
+          // dV += P^T dO, dK += dS^T Q: A read transposed (a_rs = 1, a_cs = BK).
+          gemm(ne, p.Ev, mq, SP, 1, BK, dop + s0 * NR, p.L * NR, dVa, Evpad, true);
+          gemm(ne, p.E, mq, DP, 1, BK, qp + s0 * NR, p.L * NR, dKa, Epad, true);
+          // dQ += dS K
+          gemm(mq, p.E, ne, DP, BK, 1, kp + j0 * NR, p.S * NR, dq + s0 * Epad, Epad, true);
+        }
       }
     }
     for (int64_t r = 0; r < n; ++r) {
