@@ -148,11 +148,20 @@ static void bf16_forward_item(const Bf16ForwardArgs& a, int64_t item, float* scr
 
   for (int64_t j0 = j_begin; j0 < j_end; j0 += BK) {
     const int64_t n = std::min(BK, j_end - j0);
-    gemm_bf16(mq, n, EP, A, a.q.sl, 1, kt + (j0 / NR) * kt_panel, kt_panel, St, BK, false);
-    forward_tile_rows(p, b, h, i0, mq, j0, n, St, BK, m, l, O, Evpad, Pb);
-    // j0 is even (j_begin a multiple of NR, BK of NR), so key pairs of the tile are pairs of V's panel rows.
-    gemm_bf16(mq, p.Ev, pairs(n), reinterpret_cast<const uint32_t*>(Pb), BK / 2, 1, vp + (j0 / 2) * 2 * NR,
-              v_panel, O, Evpad, true);
+    // The edge tile in sub-blocks of NR rows over the keys each sees (as forward_item).
+    const bool edge = p.limit_right && i0 + p.diag_offset + p.window_right < j0 + n - 1;
+    const int64_t step = edge ? NR : mq;
+    for (int64_t r0 = 0; r0 < mq; r0 += step) {
+      const int64_t mr = std::min(step, mq - r0);
+      const int64_t ne = edge ? std::min(n, round_up(i0 + r0 + mr + p.diag_offset + p.window_right - j0, NR)) : n;
+      if (ne <= 0) continue;
+      uint16_t* Pr = Pb + r0 * BK;
+      gemm_bf16(mr, ne, EP, A + r0 * a.q.sl, a.q.sl, 1, kt + (j0 / NR) * kt_panel, kt_panel, St, BK, false);
+      forward_tile_rows(p, b, h, i0 + r0, mr, j0, ne, St, BK, m + r0, l + r0, O + r0 * Evpad, Evpad, Pr);
+      // j0 is even (j_begin a multiple of NR, BK of NR), so key pairs of the tile are pairs of V's panel rows.
+      gemm_bf16(mr, p.Ev, pairs(ne), reinterpret_cast<const uint32_t*>(Pr), BK / 2, 1, vp + (j0 / 2) * 2 * NR,
+                v_panel, O + r0 * Evpad, Evpad, true);
+    }
   }
 
   for (int64_t r = 0; r < mq; ++r) {
@@ -221,7 +230,7 @@ static void bf16_backward_item(const Bf16BackwardArgs& a, int64_t item, float* s
   const int64_t k_panel = pairs(p.S) * 2 * NR, l_panel = pairs(p.L) * 2 * NR;
 
   for (int64_t t = chunk; t < ntiles; t += chunks) {
-    const int64_t j0 = t * BK, n = std::min(BK, p.S - j0), npad = round_up(n, W);
+    const int64_t j0 = t * BK, n = std::min(BK, p.S - j0);
     std::fill(dKa, dKa + n * Epad, 0.f);
     std::fill(dVa, dVa + n * Evpad, 0.f);
     int64_t q_start = 0, q_end = p.L;  // only the query rows that see some key of the tile
@@ -233,19 +242,28 @@ static void bf16_backward_item(const Bf16BackwardArgs& a, int64_t item, float* s
       const uint16_t* dop = a.do_panels + bh * a.do_head_stride;
       float* dq = a.dq_partial + ((chunk * p.B * p.Hq + bh) * p.L) * Epad;
       for (int64_t i0 = q_start; i0 < q_end; i0 += BQ) {
-        const int64_t mq = std::min(BQ, q_end - i0);
-        gemm_bf16(mq, n, EP, a.q.row(b, h, i0), a.q.sl, 1, kt + (j0 / NR) * kt_panel, kt_panel, SP, BK, false);
-        gemm_bf16(mq, n, EvP, a.dout.row(b, h, i0), a.dout.sl, 1, vt + (j0 / NR) * vt_panel, vt_panel, DP, BK,
-                  false);
-        backward_tile_rows(p, a.lse, a.delta, b, h, i0, mq, j0, n, SP, DP, BK);
-        rows_to_bf16_pairs_t(mq, npad, SP, BK, Pt, BK);
-        rows_to_bf16_pairs_t(mq, npad, DP, BK, dSt, BK);
-        rows_to_bf16(mq, npad, DP, BK, dSb, BK);
-        // i0 is a multiple of BQ (even): query pairs of the block are pairs of the panels' rows.
-        gemm_bf16(n, p.Ev, pairs(mq), Pt, 1, BK, dop + (i0 / 2) * 2 * NR, l_panel, dVa, Evpad, true);
-        gemm_bf16(n, p.E, pairs(mq), dSt, 1, BK, qp + (i0 / 2) * 2 * NR, l_panel, dKa, Epad, true);
-        gemm_bf16(mq, p.E, pairs(n), reinterpret_cast<const uint32_t*>(dSb), BK / 2, 1, kp + (j0 / 2) * 2 * NR,
-                  k_panel, dq + i0 * Epad, Epad, true);
+        const int64_t mb = std::min(BQ, q_end - i0);
+        // The edge block in sub-blocks of NR rows over the keys each sees (as backward_item).
+        const bool edge = p.limit_right && i0 + mb - 1 + p.diag_offset + p.window_right < j0 + n - 1;
+        const int64_t step = edge ? NR : mb;
+        for (int64_t s0 = i0; s0 < i0 + mb; s0 += step) {
+          const int64_t mq = std::min(step, i0 + mb - s0);
+          const int64_t ne = edge ? std::min(n, round_up(s0 + mq + p.diag_offset + p.window_right - j0, NR)) : n;
+          if (ne <= 0) continue;
+          const int64_t npe = round_up(ne, W);
+          gemm_bf16(mq, ne, EP, a.q.row(b, h, s0), a.q.sl, 1, kt + (j0 / NR) * kt_panel, kt_panel, SP, BK, false);
+          gemm_bf16(mq, ne, EvP, a.dout.row(b, h, s0), a.dout.sl, 1, vt + (j0 / NR) * vt_panel, vt_panel, DP, BK,
+                    false);
+          backward_tile_rows(p, a.lse, a.delta, b, h, s0, mq, j0, ne, SP, DP, BK);
+          rows_to_bf16_pairs_t(mq, npe, SP, BK, Pt, BK);
+          rows_to_bf16_pairs_t(mq, npe, DP, BK, dSt, BK);
+          rows_to_bf16(mq, npe, DP, BK, dSb, BK);
+          // s0 is a multiple of NR (even): query pairs of the block are pairs of the panels' rows.
+          gemm_bf16(ne, p.Ev, pairs(mq), Pt, 1, BK, dop + (s0 / 2) * 2 * NR, l_panel, dVa, Evpad, true);
+          gemm_bf16(ne, p.E, pairs(mq), dSt, 1, BK, qp + (s0 / 2) * 2 * NR, l_panel, dKa, Epad, true);
+          gemm_bf16(mq, p.E, pairs(ne), reinterpret_cast<const uint32_t*>(dSb), BK / 2, 1, kp + (j0 / 2) * 2 * NR,
+                    k_panel, dq + s0 * Epad, Epad, true);
+        }
       }
     }
     for (int64_t r = 0; r < n; ++r) {
