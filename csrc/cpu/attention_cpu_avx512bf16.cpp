@@ -149,11 +149,11 @@ static void bf16_forward_item(const Bf16ForwardArgs& a, int64_t item, float* scr
   for (int64_t j0 = j_begin; j0 < j_end; j0 += BK) {
     const int64_t n = std::min(BK, j_end - j0);
     // The edge tile in sub-blocks of NR rows over the keys each sees (as forward_item).
-    const bool edge = p.limit_right && i0 + p.diag_offset + p.window_right < j0 + n - 1;
+    const bool edge = keys_seen(p, i0, j0) < n;
     const int64_t step = edge ? NR : mq;
     for (int64_t r0 = 0; r0 < mq; r0 += step) {
       const int64_t mr = std::min(step, mq - r0);
-      const int64_t ne = edge ? std::min(n, round_up(i0 + r0 + mr + p.diag_offset + p.window_right - j0, NR)) : n;
+      const int64_t ne = edge ? keys_computed(p, i0 + r0 + mr - 1, j0, n) : n;
       if (ne <= 0) continue;
       uint16_t* Pr = Pb + r0 * BK;
       gemm_bf16(mr, ne, EP, A + r0 * a.q.sl, a.q.sl, 1, kt + (j0 / NR) * kt_panel, kt_panel, St, BK, false);
@@ -244,11 +244,11 @@ static void bf16_backward_item(const Bf16BackwardArgs& a, int64_t item, float* s
       for (int64_t i0 = q_start; i0 < q_end; i0 += BQ) {
         const int64_t mb = std::min(BQ, q_end - i0);
         // The edge block in sub-blocks of NR rows over the keys each sees (as backward_item).
-        const bool edge = p.limit_right && i0 + mb - 1 + p.diag_offset + p.window_right < j0 + n - 1;
+        const bool edge = keys_seen(p, i0 + mb - 1, j0) < n;
         const int64_t step = edge ? NR : mb;
         for (int64_t s0 = i0; s0 < i0 + mb; s0 += step) {
           const int64_t mq = std::min(step, i0 + mb - s0);
-          const int64_t ne = edge ? std::min(n, round_up(s0 + mq + p.diag_offset + p.window_right - j0, NR)) : n;
+          const int64_t ne = edge ? keys_computed(p, s0 + mq - 1, j0, n) : n;
           if (ne <= 0) continue;
           const int64_t npe = round_up(ne, W);
           gemm_bf16(mq, ne, EP, a.q.row(b, h, s0), a.q.sl, 1, kt + (j0 / NR) * kt_panel, kt_panel, SP, BK, false);

@@ -133,6 +133,18 @@ static void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, 
 
 static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// The causal / right-window edge inside a key tile: row i sees the tile's first keys_seen keys
+// (j0 .. i + diag_offset + window_right; <= 0 when none, >= n when all of a tile of n).
+static inline int64_t keys_seen(const Problem& p, int64_t i, int64_t j0) {
+  return p.limit_right ? i + 1 + p.diag_offset + p.window_right - j0 : std::numeric_limits<int64_t>::max();
+}
+
+// The keys a sub-block of rows ending at row `last` computes on an edge tile: those its last row
+// sees, rounded up to whole panels (the extra keys are masked for every row of it), at most n.
+static inline int64_t keys_computed(const Problem& p, int64_t last, int64_t j0, int64_t n) {
+  return std::min(n, round_up(keys_seen(p, last, j0), NR));
+}
+
 // A float mask value in the log2 domain. Finite fills beyond +-kMaskLimit (finfo.min, the
 // padding fill of Hugging Face models) would overflow to -+inf once scaled by log2(e):
 // they saturate instead, so a row of equal huge fills stays a row of equal finite scores
@@ -249,24 +261,25 @@ static inline vf vkeep(vf x) {
 // The exponent 2^(round(s * c) - shift) of the weights (see vkeep).
 static inline vf weight_exponent(const float* s, vf c, vf shift) { return vkeep(vload(s) * c) - shift; }
 
-// The weights 2^(s * c - shift) of a row, handed to store(j, e) a vector at a time; returns
-// their sum. Unrolled by two vectors (two independent exp2 chains and sums in flight).
+// The weights 2^(s * c - shift) of a row, handed to store(j, e0, e1) two vectors at a time
+// (columns j .. j + 2W - 1); returns their sum. Two independent exp2 chains and sums in
+// flight. npad (a multiple of W) may end with a single vector: its pair is zero, and the
+// store writes only the first when j + W = npad.
 template <int Degree, typename Store>
 static inline float exp2_row_to(const float* s, int64_t npad, float c, float shift, Store store) {
   vf sum0{}, sum1{};
   const vf sh = vsplat(shift), cv = vsplat(c);
   int64_t j = 0;
   for (; j + 2 * W <= npad; j += 2 * W) {
-    const vf e0 = vexp2<Degree>(weight_exponent(s + j, cv, sh));
-    const vf e1 = vexp2<Degree>(weight_exponent(s + j + W, cv, sh));
-    store(j, e0);
-    store(j + W, e1);
+    const vf e0 = vexp2_weight<Degree>(weight_exponent(s + j, cv, sh));
+    const vf e1 = vexp2_weight<Degree>(weight_exponent(s + j + W, cv, sh));
+    store(j, e0, e1, true);
     sum0 += e0;
     sum1 += e1;
   }
   if (j < npad) {
-    const vf e = vexp2<Degree>(weight_exponent(s + j, cv, sh));
-    store(j, e);
+    const vf e = vexp2_weight<Degree>(weight_exponent(s + j, cv, sh));
+    store(j, e, vf{}, false);
     sum0 += e;
   }
   return hsum(sum0 + sum1);
@@ -274,7 +287,10 @@ static inline float exp2_row_to(const float* s, int64_t npad, float c, float shi
 
 // s = 2^(s * c - shift) in place, the scaling folded into this pass; returns the row sum.
 static inline float exp2_row(float* s, int64_t npad, float c, float shift) {
-  return exp2_row_to<7>(s, npad, c, shift, [s](int64_t j, vf e) { vstore(s + j, e); });
+  return exp2_row_to<7>(s, npad, c, shift, [s](int64_t j, vf e0, vf e1, bool both) {
+    vstore(s + j, e0);
+    if (both) vstore(s + j + W, e1);
+  });
 }
 
 #ifdef FF_HAS_BF16
@@ -292,8 +308,14 @@ static inline void rows_to_bf16(int64_t rows, int64_t npad, const float* X, int6
 
 // exp2_row writing the weights straight to bf16 (y), never to s: one pass, and the
 // degree-4 exp2, whose 2.8e-6 relative error vanishes in the rounding to bf16 (2^-9).
+// A pair of vectors is rounded by one vcvtne2ps2bf16 and stored as one 64-byte row.
 static inline float exp2_row_bf16(const float* s, int64_t npad, float c, float shift, uint16_t* y) {
-  return exp2_row_to<4>(s, npad, c, shift, [y](int64_t j, vf e) { store_bf16(y + j, e); });
+  return exp2_row_to<4>(s, npad, c, shift, [y](int64_t j, vf e0, vf e1, bool both) {
+    if (both)
+      _mm512_storeu_si512(y + j, (__m512i)_mm512_cvtne2ps_pbh((__m512)e1, (__m512)e0));
+    else
+      store_bf16(y + j, e0);
+  });
 }
 #endif
 
@@ -423,11 +445,11 @@ static void forward_item(const ForwardArgs& a, int64_t item, float* scratch) {
     // The tile the causal / right-window edge crosses (its first row does not see its last key)
     // runs in sub-blocks of NR rows, each over the keys it sees, rounded up to whole panels
     // (as backward_item): the skipped keys are masked for all the sub-block's rows.
-    const bool edge = p.limit_right && i0 + p.diag_offset + p.window_right < j0 + n - 1;
+    const bool edge = keys_seen(p, i0, j0) < n;
     const int64_t step = edge ? NR : mq;
     for (int64_t r0 = 0; r0 < mq; r0 += step) {
       const int64_t mr = std::min(step, mq - r0);
-      const int64_t ne = edge ? std::min(n, round_up(i0 + r0 + mr + p.diag_offset + p.window_right - j0, NR)) : n;
+      const int64_t ne = edge ? keys_computed(p, i0 + r0 + mr - 1, j0, n) : n;
       if (ne <= 0) continue;  // rows that see no key of the tile
       gemm(mr, ne, p.E, A + r0 * a.q.sl, a.q.sl, a.q.se, kt + (j0 / NR) * p.E * NR, p.E * NR, St, BK, false);
       forward_tile_rows(p, b, h, i0 + r0, mr, j0, ne, St, BK, m + r0, l + r0, O + r0 * Evpad, Evpad);
@@ -525,11 +547,11 @@ static void backward_item(const BackwardArgs& a, int64_t item, float* scratch) {
         // crosses the tile) runs in sub-blocks of NR rows, each over the keys it sees, rounded up
         // to whole panels: the skipped keys are masked for all its rows (weights 0). On the
         // diagonal tile of a causal problem that is 3/4 of the work (BQ = BK = 2 NR).
-        const bool edge = p.limit_right && i0 + mb - 1 + p.diag_offset + p.window_right < j0 + n - 1;
+        const bool edge = keys_seen(p, i0 + mb - 1, j0) < n;
         const int64_t step = edge ? NR : mb;
         for (int64_t s0 = i0; s0 < i0 + mb; s0 += step) {
           const int64_t mq = std::min(step, i0 + mb - s0);
-          const int64_t ne = edge ? std::min(n, round_up(s0 + mq + p.diag_offset + p.window_right - j0, NR)) : n;
+          const int64_t ne = edge ? keys_computed(p, s0 + mq - 1, j0, n) : n;
           if (ne <= 0) continue;  // rows that see no key of the tile
           gemm(mq, ne, p.E, a.q.row(b, h, s0), a.q.sl, a.q.se, kt + (j0 / NR) * p.E * NR, p.E * NR, SP, BK, false);
           gemm(mq, ne, p.Ev, a.dout.row(b, h, s0), a.dout.sl, a.dout.se, vt + (j0 / NR) * p.Ev * NR, p.Ev * NR,

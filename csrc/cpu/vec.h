@@ -73,21 +73,9 @@ static inline void vstore_bf16(uint16_t* p, vf x) {
 #endif
 }
 
-// 2^x for x <= 0 (attention weights): exact 0 below -126 (and for -inf), NaN stays NaN;
-// x > 127 is taken as 127 (callers with positive arguments handle that range themselves).
-// Range reduction x = n + f with n = round(x), |f| <= 1/2, by the "magic number"
-// rounding (x + 1.5 * 2^23 leaves round(x) in the low mantissa bits, round-to-nearest
-// mode; no floor/convert round trip), then a degree-7 polynomial (relative error
-// < 1e-8, under fp32 rounding) and 2^n built from n's bits. 17 vector operations;
-// the softmax of every tile runs this once per score.
-template <int Degree = 7>
-static inline vf vexp2(vf x) {
-  const vi tiny = x < vsplat(-126.f);
-  vf xc = x < vsplat(-126.f) ? vsplat(-126.f) : x;
-  xc = xc > vsplat(127.f) ? vsplat(127.f) : xc;
-  const vf magic = vsplat(12582912.f);  // 1.5 * 2^23
-  const vf t = xc + magic;              // round(xc) in the low mantissa bits
-  const vf f = xc - (t - magic);
+// The polynomial part of vexp2: 2^f for |f| <= 1/2.
+template <int Degree>
+static inline vf exp2_poly(vf f) {
   vf p;
   if constexpr (Degree == 7) {
     p = vsplat(1.525273380405984e-05f);
@@ -106,32 +94,63 @@ static inline vf vexp2(vf x) {
     p = p * f + 6.931241155e-01f;
     p = p * f + 1.f;
   }
+  return p;
+}
+
+// 2^x for x <= 0 (attention weights): exact 0 below -126 (and for -inf), NaN stays NaN;
+// x > 127 is taken as 127 (callers with positive arguments handle that range themselves).
+// Range reduction x = n + f with n = round(x), |f| <= 1/2, by the "magic number"
+// rounding (x + 1.5 * 2^23 leaves round(x) in the low mantissa bits, round-to-nearest
+// mode; no floor/convert round trip), then a degree-7 polynomial (relative error
+// < 1e-8, under fp32 rounding) and 2^n built from n's bits. 17 vector operations.
+// (The softmax runs vexp2_weight, below, once per score.)
+template <int Degree = 7>
+static inline vf vexp2(vf x) {
+  const vi tiny = x < vsplat(-126.f);
+  vf xc = x < vsplat(-126.f) ? vsplat(-126.f) : x;
+  xc = xc > vsplat(127.f) ? vsplat(127.f) : xc;
+  const vf magic = vsplat(12582912.f);  // 1.5 * 2^23
+  const vf t = xc + magic;              // round(xc) in the low mantissa bits
+  const vf f = xc - (t - magic);
+  const vf p = exp2_poly<Degree>(f);
   // (bits(t) + 127) << 23: the low 9 bits of bits(t) are n (two's complement), so this is
   // (n + 127) << 23, the exponent field of 2^n, for n in [-126, 127].
   const vf r = p * (vf)(((vi)t + 127) << 23);
   return (vf)((vi)r & ~tiny);
 }
 
-// Horizontal max / sum of one vector: a tree (log2 W dependent steps, not W).
-static inline float hmax(vf v) {
+// vexp2 for softmax weights: x <= 0 up to a rounding (a score minus the row's max or its
+// log-sum-exp), so no upper clamp. Same results as vexp2 for x <= 0 (the same f, polynomial
+// and n; exact 0 below -126 and for -inf, never a subnormal; NaN stays NaN). On AVX-512,
+// n = round(x) is one vrndscaleps and p * 2^n one zero-masked vscalefps: 8 instructions a
+// vector with the degree-4 polynomial instead of vexp2's 13 (its bit assembly and clamps).
+template <int Degree = 7>
+static inline vf vexp2_weight(vf x) {
+#if FF_W == 16 && defined(__x86_64__)
+  const __mmask16 keep = _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(-126.f), _CMP_NLT_UQ);  // NaN kept
+  const vf n = (vf)_mm512_roundscale_ps((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const vf p = exp2_poly<Degree>(x - n);
+  return (vf)_mm512_maskz_scalef_ps(keep, (__m512)p, (__m512)n);
+#else
+  return vexp2<Degree>(x);
+#endif
+}
+
+// Horizontal reduction of one vector by op(kept, other): a tree (log2 W dependent steps, not W).
+template <typename Op>
+static inline float hreduce(vf v, Op op) {
   float a[W];
   std::memcpy(a, &v, sizeof(v));
 #pragma GCC unroll 8
   for (int w = W / 2; w >= 1; w /= 2)
 #pragma GCC unroll 16
-    for (int t = 0; t < w; ++t) a[t] = a[t + w] > a[t] ? a[t + w] : a[t];
+    for (int t = 0; t < w; ++t) a[t] = op(a[t], a[t + w]);
   return a[0];
 }
 
-static inline float hsum(vf v) {
-  float a[W];
-  std::memcpy(a, &v, sizeof(v));
-#pragma GCC unroll 8
-  for (int w = W / 2; w >= 1; w /= 2)
-#pragma GCC unroll 16
-    for (int t = 0; t < w; ++t) a[t] += a[t + w];
-  return a[0];
-}
+// NaN lanes never win the max (as the row maxima over finite scores need).
+static inline float hmax(vf v) { return hreduce(v, [](float a, float b) { return b > a ? b : a; }); }
+static inline float hsum(vf v) { return hreduce(v, [](float a, float b) { return a + b; }); }
 
 // True if any lane of the mask is set (one instruction on x86).
 static inline bool vany(vi m) {
