@@ -12,6 +12,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "attention_cpu.h"
@@ -90,11 +91,19 @@ class Prep {
     at::Tensor out = at::empty({x.size(0) * H, head}, x.options().dtype(at::kFloat));
     float* dst = out.data_ptr<float>();
     const int64_t sb = x.stride(0), sh = x.stride(1);
+    const auto pack_t = kernels().pack_panel_t;
+    const bool transposed_rows = rs == 1 && cs != 1 && nr == kernels().nr;  // K^T, V^T from contiguous rows
     auto pack = [=](auto* base, int64_t bh) {
       const auto* src = base + (bh / H) * sb + (bh % H) * sh;
       float* d = dst + bh * head;
       for (int64_t p = 0; p < panels; ++p, d += R * nr) {
         const int64_t c0 = p * nr;
+        if constexpr (std::is_same_v<std::decay_t<decltype(*src)>, float>) {
+          if (transposed_rows && c0 + nr <= C) {  // W x W blocks transposed in registers
+            pack_t(src + c0 * cs, cs, R, d);
+            continue;
+          }
+        }
         if (c0 + nr <= C && cs == 1) {  // V, K: each panel row is nr contiguous values (vectorised copy)
           for (int64_t r = 0; r < R; ++r)
             for (int64_t t = 0; t < nr; ++t) d[r * nr + t] = static_cast<float>(src[r * rs + c0 + t]);

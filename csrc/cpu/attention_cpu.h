@@ -166,6 +166,9 @@ struct Kernels {
   void (*row_dots)(int64_t rows, int64_t n, const float* a, int64_t a_rs, const float* b, int64_t b_rs, float* out);
   int64_t (*backward_scratch)(const Problem&);
   void (*backward_item)(const BackwardArgs&, int64_t item, float* scratch);
+  // One full panel (nr columns) of X = x^T from float x whose rows are contiguous: X(r, t) =
+  // src[t * cs + r] for r < R, t < nr, written to d[r * nr + t] (K^T, V^T: Prep::panels).
+  void (*pack_panel_t)(const float* src, int64_t cs, int64_t R, float* d);
   // bf16 dot-product kernels: null where the variant has none (bf16 inputs are then widened to fp32).
   int64_t (*bf16_forward_scratch)(const Problem&) = nullptr;
   void (*bf16_forward_item)(const Bf16ForwardArgs&, int64_t item, float* scratch) = nullptr;

@@ -286,6 +286,7 @@ const Kernels kernels_avx512bf16 = {
     avx512bf16::row_dots,
     avx512bf16::backward_scratch,
     avx512bf16::backward_item,
+    avx512bf16::pack_panel_t,
     avx512bf16::bf16_forward_scratch,
     avx512bf16::bf16_forward_item,
     avx512bf16::bf16_row_dots,

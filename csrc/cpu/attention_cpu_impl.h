@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -572,6 +573,50 @@ static void backward_item(const BackwardArgs& a, int64_t item, float* scratch) {
   }
 }
 
+// ---------------------------------------------------------------- operand packing
+
+// W x W transpose in registers: log2(W) stages, stage H swapping the off-diagonal H x H blocks
+// of every 2H x 2H block (two 2-source shuffles per pair of rows: vpermt2ps on AVX-512).
+template <int H, int... J>
+static inline vf swap_lo(vf a, vf b, std::integer_sequence<int, J...>) {
+  return __builtin_shufflevector(a, b, ((J & H) == 0 ? J : W + J - H)...);
+}
+template <int H, int... J>
+static inline vf swap_hi(vf a, vf b, std::integer_sequence<int, J...>) {
+  return __builtin_shufflevector(a, b, ((J & H) == 0 ? J + H : W + J)...);
+}
+template <int H>
+static inline void transpose_stage(vf* m) {
+  if constexpr (H >= 1) {
+#pragma GCC unroll 16
+    for (int i = 0; i < W; ++i)
+      if ((i & H) == 0) {
+        const vf a = m[i], b = m[i + H];
+        m[i] = swap_lo<H>(a, b, std::make_integer_sequence<int, W>{});
+        m[i + H] = swap_hi<H>(a, b, std::make_integer_sequence<int, W>{});
+      }
+    transpose_stage<H / 2>(m);
+  }
+}
+
+// Kernels::pack_panel_t: W x W blocks transposed in registers. The scalar loop it replaces
+// stored one float per instruction with a stride of NR floats: 8 % of an fp32 forward+backward
+// at L = 256, d = 64 (two transposed operands in the backward, one in the forward).
+static void pack_panel_t(const float* src, int64_t cs, int64_t R, float* d) {
+  int64_t r0 = 0;
+  for (; r0 + W <= R; r0 += W)
+    for (int64_t t0 = 0; t0 < NR; t0 += W) {
+      vf m[W];
+#pragma GCC unroll 16
+      for (int i = 0; i < W; ++i) m[i] = vload(src + (t0 + i) * cs + r0);  // column t0 + i of X
+      transpose_stage<W / 2>(m);
+#pragma GCC unroll 16
+      for (int j = 0; j < W; ++j) vstore(d + (r0 + j) * NR + t0, m[j]);  // row r0 + j of X
+    }
+  for (; r0 < R; ++r0)
+    for (int64_t t = 0; t < NR; ++t) d[r0 * NR + t] = src[t * cs + r0];
+}
+
 #ifdef FF_TARGET
 #pragma GCC pop_options
 #endif
@@ -583,8 +628,8 @@ static void backward_item(const BackwardArgs& a, int64_t item, float* scratch) {
 #ifdef FF_KERNELS
 extern const Kernels FF_KERNELS;
 const Kernels FF_KERNELS = {
-    FF_ISA_NAME,  FF_ISA::NR,           FF_ISA::forward_scratch, FF_ISA::forward_item,
-    FF_ISA::row_dots, FF_ISA::backward_scratch, FF_ISA::backward_item,
+    FF_ISA_NAME,      FF_ISA::NR,       FF_ISA::forward_scratch, FF_ISA::forward_item,
+    FF_ISA::row_dots, FF_ISA::backward_scratch, FF_ISA::backward_item, FF_ISA::pack_panel_t,
 };
 #endif
 
