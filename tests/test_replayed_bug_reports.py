@@ -5,7 +5,7 @@ inputs (the float64 reference), the error rule against torch in the same dtype.
 
 Classes (each section below): large finite values in masks and scores; float32
 masks with bfloat16/float16 queries (and autocast); zero-sized dimensions on forced
-backends; key/value batch broadcasting. ``decode_attention``'s ``cache_seqlens``
+backends; key/value batch broadcasting; NaN inputs. ``decode_attention``'s ``cache_seqlens``
 is in test_decode_attention.py, Triton-less installs in test_graceful_degradation.py.
 """
 
@@ -297,6 +297,62 @@ def test_non_broadcastable_shapes_raise():
         fastformer.scaled_dot_product_attention(q, torch.randn(3, 2, 5, 8), torch.randn(3, 2, 5, 8))
     with pytest.raises(ValueError, match="enable_gqa"):
         fastformer.scaled_dot_product_attention(torch.randn(2, 4, 4, 8), *(torch.randn(2, 2, 5, 8),) * 2)
+
+
+# ---------------------------------------------------------------- 6. NaN inputs
+
+NAN_CASES = ["q_row", "q_all", "k_row", "v_row", "mask_entry"]
+
+
+def _with_nan(case):
+    """(q, k, v, mask) in float64, L = S = 40, with NaN placed as ``case`` says."""
+    q, k, v = rand(1, 2, 40, 16), rand(1, 2, 40, 16), rand(1, 2, 40, 16)
+    mask = None
+    if case == "q_row":
+        q[0, 1, 7] = float("nan")
+    elif case == "q_all":
+        q[:] = float("nan")
+    elif case == "k_row":
+        k[0, 0, 20] = float("nan")
+    elif case == "v_row":
+        v[0, 1, 3] = float("nan")
+    elif case == "mask_entry":
+        mask = torch.zeros(40, 40)
+        mask[9, 5] = float("nan")  # below the diagonal: visible with a causal mask too
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("backend,dtype", PAIRS + [("auto", torch.float32), ("auto", torch.bfloat16)],
+                         ids=IDS + ["auto-float32", "auto-bfloat16"])
+@pytest.mark.parametrize("case", NAN_CASES)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_nan_inputs_give_torchs_nan_rows(backend, dtype, case, causal):
+    """pytorch#141128: torch 2.5's CPU flash kernel returned zeros for a NaN query (its row max
+    skipped NaN, so the row looked fully masked). Output rows are NaN exactly where torch's are
+    (a NaN query row, every row seeing a NaN key, a NaN value or mask entry), the other rows
+    match torch, and dq's NaN rows are torch's. (dk/dv: NaN patterns differ between torch's own
+    kernels, whose 0 * NaN terms spread NaN to keys a NaN row cannot see; not asserted.)"""
+    if backend != "auto":
+        require_backend(backend)
+    q, k, v, mask = _with_nan(case)
+    if causal and mask is not None:
+        mask = mask.masked_fill(torch.ones(40, 40, dtype=torch.bool).triu(1), float("-inf"))
+    mask = mask.to(dtype) if mask is not None else None
+    ours_in = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    torch_in = [t.detach().clone().requires_grad_() for t in ours_in]
+    kw = {"is_causal": causal and mask is None}
+    out = fastformer.scaled_dot_product_attention(*ours_in, attn_mask=mask, backend=backend, **kw)
+    same = F.scaled_dot_product_attention(*torch_in, attn_mask=mask, **kw)
+    nan_rows = torch.isnan(same).any(-1)
+    assert nan_rows.any(), "the case must reach torch's output"
+    assert torch.equal(torch.isnan(out).any(-1), nan_rows), f"{backend}: NaN rows differ from torch's"
+    assert not torch.isnan(out[~nan_rows]).any() and torch.isnan(out[nan_rows]).all()
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out[~nan_rows].float(), same[~nan_rows].float(), atol=tol, rtol=tol)
+    dout = torch.randn_like(same)
+    dq = torch.autograd.grad(out, ours_in[0], dout)[0]
+    dq_torch = torch.autograd.grad(same, torch_in[0], dout)[0]
+    assert torch.equal(torch.isnan(dq).any(-1), torch.isnan(dq_torch).any(-1)), f"{backend}: dq NaN rows differ"
 
 
 # ---------------------------------------------------------------- the same inputs through nn, convert, HF

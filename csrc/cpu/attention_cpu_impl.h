@@ -229,6 +229,14 @@ static inline void mask_row(const Problem& p, int64_t b, int64_t h, int64_t i, i
   }
 }
 
+static inline bool any_nan(const float* s, int64_t npad) {
+  for (int64_t j = 0; j < npad; j += W) {
+    const vf x = vload(s + j);
+    if (vany(x != x)) return true;
+  }
+  return false;
+}
+
 static inline float row_max(const float* s, int64_t npad) {
   vf m0 = vsplat(kNegInf), m1 = m0;  // two chains: the max's latency, not its throughput, bound one
   int64_t j = 0;
@@ -341,11 +349,18 @@ static inline void forward_tile_rows(const Problem& p, int64_t b, int64_t h, int
     const int64_t i = i0 + r;
     score_row(p, b, h, i, j0, n, npad, s, nullptr);
     mask_row(p, b, h, i, j0, n, s);
-    const float m_new = std::max(m[r], row_max(s, npad) * c);
-    if (m_new == kNegInf) {  // nothing visible yet in this row
-      std::fill(s, s + npad, 0.f);
-      if (Pb) std::fill(Pb + r * BK, Pb + r * BK + npad, (uint16_t)0);
-      continue;
+    float m_new = std::max(m[r], row_max(s, npad) * c);
+    if (m_new == kNegInf) {
+      if (!any_nan(s, npad)) {  // nothing visible yet in this row
+        std::fill(s, s + npad, 0.f);
+        if (Pb) std::fill(Pb + r * BK, Pb + r * BK + npad, (uint16_t)0);
+        continue;
+      }
+      // Every visible score is NaN (a NaN query row): row_max skips NaN, but torch's softmax
+      // gives NaN weights, so the row's output and lse must be NaN, not a masked row's zeros
+      // (pytorch#141128 was torch's own CPU kernel making this mistake). A NaN shift does it:
+      // alpha, the weights and l become NaN, and stay so over later tiles (max(NaN, x) = NaN).
+      m_new = std::numeric_limits<float>::quiet_NaN();
     }
     const float alpha = std::exp2(m[r] - m_new);
 #ifdef FF_HAS_BF16
