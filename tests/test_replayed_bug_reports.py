@@ -301,7 +301,7 @@ def test_non_broadcastable_shapes_raise():
 
 # ---------------------------------------------------------------- 6. NaN inputs
 
-NAN_CASES = ["q_row", "q_all", "k_row", "v_row", "mask_entry"]
+NAN_CASES = ["q_row", "q_all", "k_row", "v_row", "mask_entry", "k_row_bool_masked", "k_inf_bool_masked"]
 
 
 def _with_nan(case):
@@ -319,6 +319,10 @@ def _with_nan(case):
     elif case == "mask_entry":
         mask = torch.zeros(40, 40)
         mask[9, 5] = float("nan")  # below the diagonal: visible with a causal mask too
+    elif case.endswith("_bool_masked"):  # pytorch#101967: a non-finite key that a bool mask hides
+        k[0, 0, 20] = float("nan") if case.startswith("k_row") else float("inf")
+        mask = torch.ones(40, 40, dtype=torch.bool)
+        mask[:, 20] = False
     return q, k, v, mask
 
 
@@ -329,15 +333,18 @@ def _with_nan(case):
 def test_nan_inputs_give_torchs_nan_rows(backend, dtype, case, causal):
     """pytorch#141128: torch 2.5's CPU flash kernel returned zeros for a NaN query (its row max
     skipped NaN, so the row looked fully masked). Output rows are NaN exactly where torch's are
-    (a NaN query row, every row seeing a NaN key, a NaN value or mask entry), the other rows
-    match torch, and dq's NaN rows are torch's. (dk/dv: NaN patterns differ between torch's own
+    (a NaN query row, every row seeing a NaN key, a NaN value or mask entry; and, as torch adds a
+    bool mask's -inf bias, a NaN or inf key that a bool mask hides: pytorch#101967, where torch
+    keeps its answer), the other rows match torch, and dq's NaN rows are torch's. (dk/dv: NaN patterns differ between torch's own
     kernels, whose 0 * NaN terms spread NaN to keys a NaN row cannot see; not asserted.)"""
     if backend != "auto":
         require_backend(backend)
     q, k, v, mask = _with_nan(case)
-    if causal and mask is not None:
-        mask = mask.masked_fill(torch.ones(40, 40, dtype=torch.bool).triu(1), float("-inf"))
-    mask = mask.to(dtype) if mask is not None else None
+    if causal and mask is not None:  # torch takes no mask with is_causal: fold it into the mask
+        future = torch.ones(40, 40, dtype=torch.bool).triu(1)
+        mask = mask & ~future if mask.dtype == torch.bool else mask.masked_fill(future, float("-inf"))
+    if mask is not None and mask.is_floating_point():
+        mask = mask.to(dtype)
     ours_in = [t.to(dtype).requires_grad_() for t in (q, k, v)]
     torch_in = [t.detach().clone().requires_grad_() for t in ours_in]
     kw = {"is_causal": causal and mask is None}

@@ -209,8 +209,10 @@ static inline void mask_row(const Problem& p, int64_t b, int64_t h, int64_t i, i
     const int64_t base = b * m.sb + h * m.sh + i * m.sl + j0 * m.ss;
     if (m.kind == kMaskBool) {
       const bool* mb = static_cast<const bool*>(m.data) + base;
+      // Added, not assigned, as torch's kernels add the bool mask's -inf bias: a NaN or inf score
+      // at a masked key (a NaN key row) still makes the row NaN, as torch's output is.
       for (int64_t j = 0; j < n; ++j)
-        if (!mb[j * m.ss]) s[j] = kNegInf;
+        if (!mb[j * m.ss]) s[j] += kNegInf;
     } else if (m.kind == kMaskF32) {
       const float* mf = static_cast<const float*>(m.data) + base;
       for (int64_t j = 0; j < n; ++j) s[j] += mask_log2(mf[j * m.ss]);

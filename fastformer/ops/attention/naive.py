@@ -58,7 +58,9 @@ def _scores(q, k, mask, opts):
                            q.device)
         s = s.masked_fill(~vis, float("-inf"))
     if mask is not None:
-        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.float()
+        # A bool mask is added as a -inf bias (not filled in), as torch does: a NaN score at a
+        # masked key still turns the row NaN, as torch's output.
+        s = s + (torch.where(mask, 0.0, float("-inf")) if mask.dtype == torch.bool else mask.float())
     return s, cap
 
 
