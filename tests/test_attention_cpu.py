@@ -130,6 +130,28 @@ def test_non_contiguous(layout, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "expanded"])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_non_contiguous_grad_output(layout, dtype, is_causal):
+    """The backward reads the output gradient through its strides (no contiguous copy: in training
+    it arrives transposed from the output projection): the gradients equal those of a contiguous
+    copy bit for bit."""
+    q, k, v = (torch.randn(2, 3, 70, 16, dtype=dtype, requires_grad=True) for _ in range(3))
+    out = fastformer.scaled_dot_product_attention(q, k, v, is_causal=is_causal, backend="cpu")
+    if layout == "transposed":  # (B, L, H, E) memory read as (B, H, L, E)
+        dout = torch.randn(2, 70, 3, 16, dtype=dtype).transpose(1, 2)
+    elif layout == "sliced":  # last-dim stride 2
+        dout = torch.randn(2, 3, 70, 32, dtype=dtype)[..., ::2]
+    else:  # broadcast over the batch with stride 0
+        dout = torch.randn(1, 3, 70, 16, dtype=dtype).expand(2, 3, 70, 16)
+    assert not dout.is_contiguous()
+    strided = torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+    contiguous = torch.autograd.grad(out, (q, k, v), dout.contiguous())
+    for name, a, b in zip(("dq", "dk", "dv"), strided, contiguous):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
 def test_mask_strides(dtype):
     """A float mask that is itself a strided (transposed) view, broadcast over heads."""
     base = torch.randn(1, 1, 45, 30, dtype=torch.float64).to(dtype)

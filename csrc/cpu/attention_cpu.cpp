@@ -478,16 +478,19 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
     return;
   }
   at::Tensor qf = as_float(q), dof = as_float(dout);
-  // Delta = rowsum(dO * O), (B, Hq, L), by the kernels' own dot product (see row_dots).
-  at::Tensor dof_c = dof.contiguous(), out_c = as_float(out).contiguous();
+  // Delta = rowsum(dO * O), (B, Hq, L), by the kernels' own dot product (see row_dots), read
+  // in place through the row strides (dO arrives transposed from a (B, L, H, Ev) layout in
+  // training: a contiguous copy of it cost a pass over dO).
+  at::Tensor dof_r = dof.stride(3) == 1 ? dof : dof.contiguous();
+  at::Tensor out_r = as_float(out);
+  if (out_r.stride(3) != 1) out_r = out_r.contiguous();
   at::Tensor delta = at::empty({p.B, p.Hq, p.L}, q.options().dtype(at::kFloat));
-  const float* dop_rows = dof_c.data_ptr<float>();
-  const float* out_rows = out_c.data_ptr<float>();
+  const Strided4 do_rows = strided(dof_r), o_rows = strided(out_r);
   float* dl = delta.data_ptr<float>();
   Prep prep;
   prep.per_head(p.B * p.Hq, p.L * p.Ev, [&](int64_t bh) {
-    const int64_t r0 = bh * p.L;
-    K.row_dots(p.L, p.Ev, dop_rows + r0 * p.Ev, p.Ev, out_rows + r0 * p.Ev, p.Ev, dl + r0);
+    const int64_t b = bh / p.Hq, h = bh % p.Hq;
+    K.row_dots(p.L, p.Ev, do_rows.row(b, h, 0), do_rows.sl, o_rows.row(b, h, 0), o_rows.sl, dl + bh * p.L);
   });
   at::Tensor kt = prep.panels(k, true, K.nr), vt = prep.panels(v, true, K.nr), kp = prep.panels(k, false, K.nr);
   at::Tensor qp = prep.panels(q, false, K.nr), dop = prep.panels(dout, false, K.nr);
