@@ -126,6 +126,27 @@ def test_self_attention(batch_first, train, masks):
     check_parity(SelfAttention(t), SelfAttention(ours), [x], {**kw, "need_weights": False}, train=False, grad=False)
 
 
+@pytest.mark.parametrize("which", ["attn_mask", "key_padding_mask"])
+def test_need_weights_under_autocast_keeps_bfloat16(which):
+    """pytorch#99012: under CPU autocast (bfloat16) a float32 mask must not promote the returned
+    attention weights to float32: torch adds it inside baddbmm, in the scores' dtype."""
+    torch.manual_seed(0)
+    t = nn.MultiheadAttention(16, 2)
+    ours = ffnn.MultiheadAttention(16, 2)
+    ours.load_state_dict(t.state_dict())
+    q, k = torch.randn(5, 1, 16), torch.randn(6, 1, 16)
+    if which == "attn_mask":
+        kw = {"attn_mask": torch.zeros(5, 6).index_fill_(1, torch.tensor([0]), -1.0)}
+    else:
+        kw = {"key_padding_mask": torch.zeros(1, 6).index_fill_(1, torch.tensor([1]), float("-inf"))}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_t, w_t = t(q, k, k, **kw)
+        out_f, w_f = ours(q, k, k, **kw)
+    assert w_f.dtype == w_t.dtype == torch.bfloat16 and out_f.dtype == out_t.dtype
+    torch.testing.assert_close(w_f.float(), w_t.float(), atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(out_f.float(), out_t.float(), atol=2e-2, rtol=2e-2)
+
+
 def test_key_is_value():
     t, ours = make_pair({})
     q, kv = torch.randn(L, B, E), torch.randn(S, B, E)

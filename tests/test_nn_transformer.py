@@ -150,6 +150,24 @@ def test_encoder_stack_nested_tensor_zeros(kpm_kind):
     assert (out[pad] == 0).all()
 
 
+def test_encoder_stack_nested_float_padding_mask_of_ones():
+    """pytorch#111276 / #90534: a float src_key_padding_mask of 0/1 values. torch's eval path on
+    nested tensors drops every key whose entry is nonzero (the values are not added) and outputs
+    0 there; the stack once added the values in its layers and then zeroed the rows, matching
+    neither of torch's paths."""
+    layer_t, layer_f = encoder_pair(batch_first=True)
+    t, ours = nn.TransformerEncoder(layer_t, 2).eval(), ffnn.TransformerEncoder(layer_f, 2).eval()
+    ours.load_state_dict(t.state_dict())
+    kpm = torch.zeros(B, S)
+    kpm[0, S - 2:] = 1.0
+    kpm[1, S - 1:] = 1.0
+    x = torch.randn(B, S, D)
+    with torch.no_grad():
+        expected, got = t(x, src_key_padding_mask=kpm), ours(x, src_key_padding_mask=kpm)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert (got[kpm != 0] == 0).all()
+
+
 @pytest.mark.parametrize("train", [True, False])
 def test_decoder_stack(train):
     layer_t, layer_f = decoder_pair(batch_first=False)

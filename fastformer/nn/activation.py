@@ -522,7 +522,9 @@ def _attention_weights(q: Tensor, k: Tensor, mask: Optional[Tensor], scale: floa
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(mask.logical_not(), float("-inf"))
         else:
-            scores = scores + mask
+            # In the scores' dtype, as torch's baddbmm(mask, q, kᵀ): under autocast a float32 mask
+            # must not promote bfloat16 scores (torch returns bfloat16 weights; pytorch#99012).
+            scores = scores + mask.to(scores.dtype)
     return torch.softmax(scores, dim=-1)
 
 

@@ -420,13 +420,19 @@ class TransformerEncoder(nn.Module):
         first = self.layers[0]
         zero_padding = self._torch_would_nest(src, mask, src_key_padding_mask)
         causal = _detect_is_causal_mask(mask, is_causal, _seq_len(src, first.self_attn.batch_first))
+        layer_padding = src_key_padding_mask
+        pad: Optional[Tensor] = None
+        if zero_padding and src_key_padding_mask is not None:
+            # torch's nested path drops every key whose mask entry is nonzero (a float mask's values
+            # are not added there) and outputs 0 at those positions: the layers see the same keys.
+            pad = src_key_padding_mask if src_key_padding_mask.dtype == torch.bool else src_key_padding_mask != 0
+            layer_padding = pad
         output = src
         for layer in self.layers:
-            output = layer(output, src_mask=mask, is_causal=causal, src_key_padding_mask=src_key_padding_mask)
-        if zero_padding and src_key_padding_mask is not None:
+            output = layer(output, src_mask=mask, is_causal=causal, src_key_padding_mask=layer_padding)
+        if pad is not None:
             if not torch.jit.is_scripting():
                 _warn_padding_computed()
-            pad = src_key_padding_mask if src_key_padding_mask.dtype == torch.bool else src_key_padding_mask != 0
             output = output.masked_fill(pad.unsqueeze(-1), 0.0)
         if self.norm is not None:
             output = self.norm(output)
