@@ -128,6 +128,23 @@ def test_rmsnorm_module_is_drop_in(eps):
     torch.testing.assert_close(ours(x), ref(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64],
+                         ids=["bf16", "fp16", "fp32", "fp64"])
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+def test_rms_norm_default_eps_is_torchs(dtype, backend):
+    """eps=None: torch uses the epsilon of the type it computes in (float32's for 16-bit inputs),
+    not finfo(x.dtype).eps (7.8e-3 for bfloat16: a row of 0.01 came out 0.11, torch's 1.0)."""
+    if backend == "triton" and dtype in (torch.bfloat16, torch.float64):
+        pytest.skip("the Triton interpreter: fp16/fp32 only")
+    x = (torch.randn(5, 32) * 1e-2).to(dtype)
+    x[0] = 0.01
+    expected = F.rms_norm(x, (32,))
+    torch.testing.assert_close(ops.rms_norm(x, 32, backend=backend), expected, atol=0, rtol=0 if backend != "triton" else 1e-3)
+    ref = torch.nn.RMSNorm(32).to(dtype)
+    ours = fnn.RMSNorm(32).to(dtype)
+    torch.testing.assert_close(ours(x), ref(x), atol=0, rtol=0)
+
+
 def test_module_factory_kwargs():
     m = fnn.LayerNorm(16, device="cpu", dtype=torch.float64)
     assert m.weight.dtype == torch.float64 and m(torch.randn(2, 16, dtype=torch.float64)).dtype == torch.float64

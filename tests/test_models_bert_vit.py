@@ -49,6 +49,22 @@ def test_bert_hidden_states_and_mlm_logits_match_hf_with_padding():
     assert_close_by_rule(out.logits[keep], ref.logits[keep], same.logits[keep], "mlm logits")
 
 
+def test_from_hf_returns_eval_mode(tmp_path):
+    """As transformers' from_pretrained: BERT's dropout (0.1 here) must not make a freshly loaded
+    model's outputs random."""
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=32)
+    hf = transformers.BertModel(cfg)  # left in training mode on purpose
+    hf.save_pretrained(tmp_path)
+    ids = torch.randint(1, 50, (2, 11))
+    for ours in (BERT.from_hf(hf), BERT.from_hf(str(tmp_path)), ViT.from_hf(tiny_hf_vit())):
+        assert not ours.training and not any(m.training for m in ours.modules())
+    bert = BERT.from_hf(hf)
+    with torch.no_grad():
+        torch.testing.assert_close(bert(ids).last_hidden_state, bert(ids).last_hidden_state, atol=0, rtol=0)
+
+
 def test_bert_pooler_matches_hf_bert_model_and_export_round_trip(tmp_path):
     torch.manual_seed(0)
     cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

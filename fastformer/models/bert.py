@@ -138,7 +138,8 @@ class BERT(nn.Module):
     @classmethod
     def from_hf(cls, model_or_path, **overrides) -> "BERT":
         """Load a Hugging Face BERT (``BertModel``, ``BertForMaskedLM``, ``BertForPreTraining``
-        object, or a local directory with ``config.json`` + ``*.safetensors``); no network."""
+        object, or a local directory with ``config.json`` + ``*.safetensors``); no network. Returned in
+        eval mode, as ``from_pretrained`` returns it."""
         from .hf_convert import bert_from_hf
 
         return bert_from_hf(cls, model_or_path, **overrides)

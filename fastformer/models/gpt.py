@@ -227,7 +227,8 @@ class GPT(nn.Module):
     @classmethod
     def from_hf(cls, model_or_path, **overrides) -> "GPT":
         """Load a Hugging Face GPT-2 (``GPT2LMHeadModel``/``GPT2Model`` object, or a local
-        directory with ``config.json`` + ``*.safetensors``); no network."""
+        directory with ``config.json`` + ``*.safetensors``); no network. Returned in eval mode, as
+        ``from_pretrained`` returns it."""
         from .hf_convert import gpt2_from_hf
 
         return gpt2_from_hf(cls, model_or_path, **overrides)

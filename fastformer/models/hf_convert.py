@@ -63,7 +63,9 @@ def _load_into(model, state: Dict[str, Tensor]):
     missing = [k for k in missing if k not in ("lm_head.weight", "mlm_head.decoder.weight")]
     if missing or unexpected:
         raise ValueError(f"weights do not match the model: missing {missing}, unexpected {unexpected}")
-    return model
+    # In eval mode, as transformers' from_pretrained returns it (BERT's dropout would otherwise
+    # make every forward random until the caller remembered .eval()).
+    return model.eval()
 
 
 # ----------------------------------------------------------------------------- GPT-2

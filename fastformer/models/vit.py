@@ -139,7 +139,8 @@ class ViT(nn.Module):
     @classmethod
     def from_hf(cls, model_or_path, **overrides) -> "ViT":
         """Load a Hugging Face ``ViTForImageClassification`` / ``ViTModel`` (object or local
-        directory with ``config.json`` + ``*.safetensors``); no network."""
+        directory with ``config.json`` + ``*.safetensors``); no network. Returned in eval mode, as
+        ``from_pretrained`` returns it."""
         from .hf_convert import vit_from_hf
 
         return vit_from_hf(cls, model_or_path, **overrides)

@@ -31,7 +31,8 @@ class LayerNorm(nn.LayerNorm):
 class RMSNorm(nn.RMSNorm):
     """``torch.nn.RMSNorm(normalized_shape, eps=None, elementwise_affine=True, device=None, dtype=None)``.
 
-    ``eps=None`` uses ``torch.finfo(x.dtype).eps`` as torch does.
+    ``eps=None`` uses the epsilon of the type torch computes in (float32's for 16-bit and
+    float32 inputs, float64's for float64), as ``torch.nn.RMSNorm`` does.
     """
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:

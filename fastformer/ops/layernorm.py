@@ -213,6 +213,12 @@ def layer_norm(
                  return_residual, backend)
 
 
+def default_rms_eps(dtype: torch.dtype) -> float:
+    """torch's RMSNorm epsilon for ``eps=None``: that of the type it computes in (float64 for
+    float64 inputs, else float32)."""
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+
+
 def rms_norm(
     x: Tensor,
     normalized_shape: _ShapeArg,
@@ -226,10 +232,12 @@ def rms_norm(
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """``RMSNorm(x + dropout(residual))``: ``h / sqrt(mean(h²) + eps) * weight``.
 
-    ``eps=None`` means ``torch.finfo(x.dtype).eps`` (as ``torch.nn.RMSNorm``).
+    ``eps=None`` means the machine epsilon of the type torch computes in (its "opmath" type):
+    float32's for float16, bfloat16 and float32 inputs, float64's for float64, as
+    ``F.rms_norm`` does (not ``finfo(x.dtype).eps``, which is 7.8e-3 for bfloat16).
     Shapes, ``residual``, ``dropout_p``, ``return_residual`` and ``backend`` as :func:`layer_norm`.
     """
     if eps is None:
-        eps = torch.finfo(x.dtype).eps if isinstance(x, Tensor) and x.dtype.is_floating_point else 1e-6
+        eps = default_rms_eps(x.dtype) if isinstance(x, Tensor) else 1e-6
     return _norm("rms_norm", True, x, normalized_shape, weight, None, eps, residual, dropout_p,
                  return_residual, backend)
