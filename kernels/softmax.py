@@ -10,7 +10,8 @@ Forward: ``y = softmax(x * scale + mask)`` in fp32. A row that fits one block
 (``ONE_BLOCK``) lives in registers: one read, one write. A longer row uses the
 online two-pass scheme: pass 1 streams the row keeping a running max and a
 running sum rescaled whenever the max grows, pass 2 re-reads the row and
-writes ``exp(s - m) / l``. Fully masked rows (max = -inf) produce 0, not NaN.
+writes ``exp(s - m) / l``. Rows a mask hides entirely produce 0, not NaN; a row with NaN or
++inf, or of -inf inputs without a mask, is NaN, as ``F.softmax`` gives it.
 
 Backward: ``dx = scale * y * (dy - sum(dy * y))``, the same one/two-pass split.
 """
@@ -42,6 +43,24 @@ def _masked_scores(x_row, m_row, cols, c, N, scale,
 
 
 @triton.jit
+def _shift(m, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr):
+    """The row max to subtract. With a mask, a fully masked row (max -inf) subtracts 0, so its
+    weights are exp(-inf) = 0 and the row comes out 0 (the op's contract). Without one, a row of
+    -inf inputs is torch's: -inf - (-inf) = NaN, a NaN row, as F.softmax gives."""
+    if HAS_MASK or CAUSAL:
+        return tl.where(m == float("-inf"), 0.0, m)
+    return m
+
+
+@triton.jit
+def _inverse_sum(denom):
+    """1 / denom; 1 for a dead row (denom 0: its weights are all 0 anyway); NaN when the sum is
+    NaN. The row max skips NaN (tl.max on GPUs), so a NaN or +inf input leaves the other weights
+    finite and only the sum says so: the whole row must then be NaN, as F.softmax's."""
+    return tl.where(denom != denom, denom, 1.0 / tl.where(denom > 0, denom, 1.0))
+
+
+@triton.jit
 def _softmax_fwd(
     X, Y, MASK,
     stride_xa, stride_xb, stride_xc,
@@ -62,12 +81,10 @@ def _softmax_fwd(
     if ONE_BLOCK:
         s = _masked_scores(x_row, m_row, offs, c, N, scale, HAS_MASK, MASK_IS_BOOL, CAUSAL, stride_mn, BLOCK)
         m = tl.max(s, 0)
-        # Fully masked row: subtract 0 instead of -inf so exp gives 0, not NaN.
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        m_safe = _shift(m, HAS_MASK, CAUSAL)
         p = tl.exp(s - m_safe)
         denom = tl.sum(p, 0)
-        inv = 1.0 / tl.where(denom > 0, denom, 1.0)  # dead row: p is all 0 anyway
-        tl.store(y_row + offs, (p * inv).to(Y.dtype.element_ty), mask=offs < N)
+        tl.store(y_row + offs, (p * _inverse_sum(denom)).to(Y.dtype.element_ty), mask=offs < N)
     else:
         # Pass 1: running max and rescaled running sum, per lane, combined at the end.
         m_i = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -76,13 +93,15 @@ def _softmax_fwd(
             cols = start + offs
             s = _masked_scores(x_row, m_row, cols, c, N, scale, HAS_MASK, MASK_IS_BOOL, CAUSAL, stride_mn, BLOCK)
             m_new = tl.maximum(m_i, s)
+            # Per lane always: a lane may see only the padding past N (the row's own -inf rows are
+            # decided below, by the combined max).
             m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             l_i = l_i * tl.exp(m_i - m_new_safe) + tl.exp(s - m_new_safe)
             m_i = m_new
         m = tl.max(m_i, 0)
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        m_safe = _shift(m, HAS_MASK, CAUSAL)
         denom = tl.sum(l_i * tl.exp(m_i - m_safe), 0)
-        inv = 1.0 / tl.where(denom > 0, denom, 1.0)  # dead row: p is all 0 anyway
+        inv = _inverse_sum(denom)
         # Pass 2: normalise and write.
         for start in range(0, N, BLOCK):
             cols = start + offs

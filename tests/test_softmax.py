@@ -89,6 +89,38 @@ def test_fully_masked_rows_are_zero(backend, max_block):
     assert torch.isfinite(x.grad).all() and x.grad[:, 1].abs().max() == 0
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("max_block", [0, 16])
+def test_nan_and_inf_rows_are_torchs(backend, max_block):
+    """A row with NaN or +inf, or of -inf inputs without a mask, is NaN as F.softmax gives it
+    (the Triton kernel's row max skips NaN, so it once returned such rows unnormalised, with a
+    single NaN: the intel/torch-xpu-ops#5022 and tenstorrent/tt-metal#56056 class); rows a mask
+    hides entirely stay 0; NaN under a mask and 0 * inf through the scale are NaN too."""
+    inf, nan = float("inf"), float("nan")
+    x = torch.randn(6, 40)
+    x[0] = -inf
+    x[1, 7] = nan
+    x[2, 9] = inf
+    x[3, 0] = -inf
+    x[4, 3] = -inf
+    y = fastformer.softmax(x, backend=backend, _max_block=max_block)
+    ref = torch.softmax(x, -1)
+    assert torch.equal(torch.isnan(y), torch.isnan(ref))
+    torch.testing.assert_close(y[3:], ref[3:])
+    mask = torch.zeros(6, 40)
+    mask[:, 1:] = -inf  # only column 0 survives
+    xm = x.clone()
+    xm[5, 0] = nan
+    y = fastformer.softmax(xm, mask=mask, backend=backend, _max_block=max_block)
+    # rows 0 and 3 see only -inf: hidden, 0; rows 1, 2 hold NaN / inf at masked columns (NaN and
+    # inf + -inf are NaN, as torch's additive mask) and row 5 at column 0: NaN; row 4: one-hot.
+    assert torch.equal(y[[0, 3]], torch.zeros(2, 40))
+    assert torch.isnan(y[[1, 2, 5]]).all()
+    assert torch.equal(y[4], torch.nn.functional.one_hot(torch.tensor(0), 40).float())
+    y = fastformer.softmax(torch.tensor([[inf, 1.0]] * 2), scale=0.0, backend=backend, _max_block=max_block)
+    assert torch.isnan(y).all()
+
+
 def test_huge_logits_stay_finite():
     x = torch.tensor([[1e4, -1e4, 3e4, 0.0]], dtype=torch.float16).repeat(3, 1)
     y = fastformer.softmax(x, backend="triton")
