@@ -65,6 +65,14 @@ def test_from_hf_returns_eval_mode(tmp_path):
         torch.testing.assert_close(bert(ids).last_hidden_state, bert(ids).last_hidden_state, atol=0, rtol=0)
 
 
+def test_bert_too_long_input_names_the_limit():
+    hf = tiny_hf_bert()
+    ours = BERT.from_hf(hf)
+    n = hf.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"input_ids has {n + 1} positions, more than max_position_embeddings"):
+        ours(torch.randint(1, 50, (1, n + 1)))
+
+
 def test_bert_pooler_matches_hf_bert_model_and_export_round_trip(tmp_path):
     torch.manual_seed(0)
     cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

@@ -61,6 +61,9 @@ class Embeddings(nn.Module):
 
     def forward(self, ids: Tensor, token_type_ids: Optional[Tensor]) -> Tensor:
         S = ids.shape[1]
+        if S > self.position_embeddings.num_embeddings:  # the embedding's bare IndexError names nothing
+            raise ValueError(f"input_ids has {S} positions, more than max_position_embeddings "
+                             f"({self.position_embeddings.num_embeddings})")
         pos = torch.arange(S, device=ids.device)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(ids)
