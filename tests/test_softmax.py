@@ -141,6 +141,8 @@ def test_errors():
         fastformer.softmax(x, backend="nope")
     with pytest.raises(TypeError, match="floating"):
         fastformer.softmax(torch.ones(3, 4, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="floating"):  # what torch.softmax raises for integers
+        fastformer.softmax(torch.ones(3, 4, dtype=torch.int64))
     with pytest.raises(RuntimeError, match="cuda"):
         fastformer.softmax(x, backend="cuda")
 

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .buffers import new_output
+from .errors import DtypeError
 from .kernel_backend import resolve_backend
 
 SOFTMAX_BACKENDS = ("auto", "triton", "torch", "cuda")
@@ -138,7 +139,7 @@ def _check(x: Tensor, dim: int, mask: Optional[Tensor], is_causal: bool) -> Tupl
     if not isinstance(x, Tensor):
         raise TypeError(f"softmax: x must be a Tensor, got {type(x).__name__}")
     if not x.dtype.is_floating_point:
-        raise TypeError(f"softmax: x must be floating point, got {x.dtype}")
+        raise DtypeError(f"softmax: x must be floating point, got {x.dtype}")  # torch: a RuntimeError
     if x.dim() == 0:
         raise ValueError("softmax: x must have at least one dimension")
     if not -x.dim() <= dim < x.dim():
