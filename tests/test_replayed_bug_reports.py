@@ -373,16 +373,15 @@ def test_nan_inputs_give_torchs_nan_rows(backend, dtype, case, causal):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["auto", "triton", "cuda"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
 @pytest.mark.parametrize("case", NAN_CASES)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_nan_inputs_give_torchs_nan_rows_on_gpu(backend, dtype, case, causal):
+def test_nan_inputs_give_torchs_nan_rows_on_gpu(backend, case, causal):
     """The NaN-input replay on CUDA tensors. Read, not yet run: the GPU kernels' row max skips
     NaN too (fmaxf / tl.max), and their epilogues divide by the NaN sum, so they should output
     NaN; this test is the check."""
     if backend != "auto":
         require_backend(backend)
-    _check_nan_case(backend, dtype, case, causal, device="cuda")
+    _check_nan_case(backend, torch.bfloat16, case, causal, device="cuda")  # bf16 only: gpu.sh's time
 
 
 # ---------------------------------------------------------------- the same inputs through nn, convert, HF
