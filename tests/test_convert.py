@@ -144,6 +144,39 @@ def test_convert_skips_subclasses_and_hooked_modules():
     assert "subclasses" in reasons["a"] and "hooks" in reasons["c"]
 
 
+def test_convert_keeps_hooks_and_subclasses_inside_a_layer():
+    """A hook on a submodule the swap would rebuild (linear1, self_attn) and an nn.Linear subclass
+    in linear1 (a LoRA-style wrapper whose forward the fused feed-forward would bypass) keep the
+    layer torch's: outputs unchanged, reported; a hook inside an encoder stack still fires."""
+    x = torch.randn(2, 5, D)
+    layer = nn.TransformerEncoderLayer(D, H, 32, dropout=0.0, batch_first=True)
+    layer.linear1.register_forward_hook(lambda m, i, o: o * 0)
+    new, report = fastformer.convert(layer)
+    assert type(new) is nn.TransformerEncoderLayer
+    assert any("hooks (on linear1)" in why for _, why in report.skipped)
+    torch.testing.assert_close(new(x), layer(x))
+
+    class LoRA(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 0 + 1.0
+
+    layer = nn.TransformerEncoderLayer(D, H, 32, dropout=0.0, batch_first=True)
+    layer.linear1 = LoRA(D, 32)
+    new, report = fastformer.convert(layer)
+    assert type(new) is nn.TransformerEncoderLayer and any("LoRA, not nn.Linear" in why for _, why in report.skipped)
+    torch.testing.assert_close(new(x), layer(x))
+
+    stack = nn.TransformerEncoder(nn.TransformerEncoderLayer(D, H, 32, dropout=0.0, batch_first=True), 2,
+                                  enable_nested_tensor=False)
+    fired = []
+    stack.layers[0].self_attn.register_forward_hook(lambda m, i, o: fired.append(1))
+    new, report = fastformer.convert(stack)
+    assert isinstance(new, ffnn.TransformerEncoder) and isinstance(new.layers[1], ffnn.TransformerEncoderLayer)
+    assert type(new.layers[0]) is nn.TransformerEncoderLayer
+    new(x)
+    assert fired == [1]
+
+
 def test_convert_layer_with_replaced_parts_converts_children():
     layer = nn.TransformerEncoderLayer(D, H, 32)
     layer.norm1 = nn.RMSNorm(D)

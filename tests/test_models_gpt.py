@@ -12,7 +12,7 @@ from fastformer.ops.decode_attention import use_decode_backend
 
 from error_rule import assert_close_by_rule
 from fastformer.models import GPT, GPTConfig
-from fastformer.models.sampling import sample_next
+from fastformer.models.sampling import sample_next, warp_logits
 
 from advertised import require_integration
 
@@ -222,6 +222,38 @@ def test_sampling_top_k_top_p(decode_in_torch):
     a = model.generate(torch.zeros(1, 2, dtype=torch.long), 5, top_k=5, generator=torch.Generator().manual_seed(3))
     b = model.generate(torch.zeros(1, 2, dtype=torch.long), 5, top_k=5, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 1.6])
+@pytest.mark.parametrize("top_k", [None, 0, 3, 50])
+@pytest.mark.parametrize("top_p", [None, 0.3, 0.8, 0.95, 1.0])
+def test_warpers_match_transformers(temperature, top_k, top_p):
+    """Temperature, top-k and top-p keep exactly the tokens transformers' warpers keep (its order
+    and arithmetic; top_p=1.0 and top_k=0 filter nothing; transformers#18976's boundary), with the
+    same warped logits."""
+    from transformers.generation import logits_process as lp
+
+    torch.manual_seed(0)
+    logits = torch.cat([torch.randn(6, 40) * 3, torch.tensor([[20.0] + [0.0] * 39]),
+                        torch.tensor([[0.3, 0.1, 0.1, 0.5] + [1e-9] * 36]).log()])
+    expected = lp.TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k:
+        expected = lp.TopKLogitsWarper(top_k)(None, expected)
+    if top_p is not None and top_p < 1.0:
+        expected = lp.TopPLogitsWarper(top_p)(None, expected)
+    ours = warp_logits(logits, temperature, top_k, top_p)
+    assert torch.equal(torch.isinf(ours), torch.isinf(expected))
+    torch.testing.assert_close(ours, expected)
+
+
+def test_sampling_rejects_bad_arguments():
+    logits = torch.randn(2, 5)
+    for kw, match in (({"temperature": -1.0}, "temperature"), ({"top_k": -1}, "top_k"), ({"top_p": 1.5}, "top_p")):
+        with pytest.raises(ValueError, match=match):
+            sample_next(logits, **kw)
+    model = GPT(GPTConfig(vocab_size=20, block_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
+    with pytest.raises(ValueError, match="ids must be"):
+        model.generate(torch.zeros(3, dtype=torch.long), 2)
 
 
 def test_training_loss_and_checkpointing_give_same_gradients():

@@ -196,13 +196,16 @@ class GPT(nn.Module):
 
         ``temperature=0`` is greedy decoding (argmax); otherwise tokens are sampled
         from the softmax of ``logits / temperature`` restricted to the ``top_k`` most
-        likely and/or the smallest set with probability ``>= top_p``. Sequences that
+        likely and/or the nucleus of probability ``top_p`` (transformers' warpers:
+        :func:`~fastformer.models.sampling.sample_next`). Sequences that
         emit ``eos_token_id`` are padded with it; generation stops when all have.
         ``use_cache=False`` recomputes the whole sequence each step (the reference
         that the cached path must reproduce token for token).
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if ids.dim() != 2:
+            raise ValueError(f"ids must be (batch, tokens), got shape {tuple(ids.shape)}")
         B, T = ids.shape
         cache = self.new_cache(B, T + max_new_tokens) if use_cache else None
         done = torch.zeros(B, dtype=torch.bool, device=ids.device)

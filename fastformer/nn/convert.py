@@ -14,8 +14,8 @@ alone and reported, while its children are still converted):
 The new modules *adopt* the old modules' Parameter and buffer objects (no copy):
 weights, device, dtype and ``requires_grad`` stay, and an optimizer built on the
 old model keeps working with ``inplace=True``. Each new module takes the
-train/eval mode of the module it replaces. Modules with hooks are skipped
-(their hooks would be lost).
+train/eval mode of the module it replaces. Modules with hooks, on themselves or on
+a submodule the swap would rebuild, are skipped (their hooks would be lost).
 
 Why a ``(model, report)`` pair rather than an attribute on the model: the report
 is plain data about one call, and attaching it would leak into the model's
@@ -163,8 +163,10 @@ def _check_layer_parts(old: nn.Module, norms: Tuple[str, ...], attns: Tuple[str,
         if type(getattr(old, name)) is not nn.LayerNorm:
             raise ValueError(f"{name} is {type(getattr(old, name)).__name__}, not nn.LayerNorm")
     for name in ("linear1", "linear2"):
-        if not isinstance(getattr(old, name), nn.Linear):
-            raise ValueError(f"{name} is not nn.Linear")
+        # Exact type: the fused feed-forward reads the weights, so a subclass's forward (a LoRA
+        # wrapper, say) would never run.
+        if type(getattr(old, name)) is not nn.Linear:
+            raise ValueError(f"{name} is {type(getattr(old, name)).__name__}, not nn.Linear")
 
 
 def _copy_dropouts(new: nn.Module, old: nn.Module, names: Tuple[str, ...]) -> None:
@@ -312,8 +314,14 @@ def _swap(module: nn.Module, name: str, report: ConversionReport) -> Optional[nn
         if base is not None:
             report.skipped.append((name, f"{cls.__name__} subclasses {base.__name__} (its forward may differ)"))
         return None
-    if _has_hooks(module):
-        report.skipped.append((name, f"{cls.__name__} has hooks, which a swap would drop"))
+    # Converters that rebuild their submodules would drop hooks registered on any of them; the
+    # container shells and timm's Attention keep the old children (and their hooks) instead.
+    keeps_children = fn in (_convert_encoder, _convert_decoder, _convert_transformer, convert_timm_attention)
+    hooked = [n for n, m in (((name, module),) if keeps_children else module.named_modules(prefix=name))
+              if _has_hooks(m)]
+    if hooked:
+        where = "" if hooked == [name] else f" (on {', '.join(hooked)})"
+        report.skipped.append((name, f"{cls.__name__} has hooks{where}, which a swap would drop"))
         return None
     try:
         new = fn(module)
