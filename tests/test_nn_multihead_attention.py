@@ -147,6 +147,27 @@ def test_need_weights_under_autocast_keeps_bfloat16(which):
     torch.testing.assert_close(out_f.float(), out_t.float(), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_nan_key_under_a_bool_mask_is_torchs(need_weights):
+    """pytorch#101967's class through MHA: torch adds bool masks as a -inf bias, so a NaN key under
+    key_padding_mask still turns the output (and the returned weights) NaN; ours must too."""
+    torch.manual_seed(0)
+    t = nn.MultiheadAttention(8, 2, batch_first=True).eval()
+    ours = ffnn.MultiheadAttention(8, 2, batch_first=True).eval()
+    ours.load_state_dict(t.state_dict())
+    x = torch.randn(2, 5, 8)
+    kv = x.clone()
+    kv[0, 4] = float("nan")
+    kpm = torch.zeros(2, 5, dtype=torch.bool)
+    kpm[0, 4] = True
+    out_t, w_t = t(x, kv, kv, key_padding_mask=kpm, need_weights=need_weights)
+    out_f, w_f = ours(x, kv, kv, key_padding_mask=kpm, need_weights=need_weights)
+    assert torch.equal(out_f.isnan(), out_t.isnan())
+    if need_weights:
+        assert torch.equal(w_f.isnan(), w_t.isnan())
+    torch.testing.assert_close(out_f[1], out_t[1], atol=1e-5, rtol=1e-5)
+
+
 def test_key_is_value():
     t, ours = make_pair({})
     q, kv = torch.randn(L, B, E), torch.randn(S, B, E)

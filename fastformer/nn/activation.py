@@ -520,7 +520,9 @@ def _attention_weights(q: Tensor, k: Tensor, mask: Optional[Tensor], scale: floa
     scores = torch.matmul(q * scale, k.transpose(-2, -1))
     if mask is not None:
         if mask.dtype == torch.bool:
-            scores = scores.masked_fill(mask.logical_not(), float("-inf"))
+            # Added as a -inf bias, as torch's (it turns bool masks into float ones first): a NaN
+            # or inf key under the mask still makes the weights NaN, as torch's.
+            scores = scores + torch.zeros_like(scores).masked_fill(mask.logical_not(), float("-inf"))
         else:
             # In the scores' dtype, as torch's baddbmm(mask, q, kᵀ): under autocast a float32 mask
             # must not promote bfloat16 scores (torch returns bfloat16 weights; pytorch#99012).
