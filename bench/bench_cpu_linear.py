@@ -23,7 +23,6 @@ Writes ``bench/results/<device-slug>/cpu_linear[-quick].json``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -86,14 +85,8 @@ def rows_for(d: int, M: int, dtype: torch.dtype, where: str, rounds: int) -> Lis
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
-                   help="CPU only: other devices are skipped (for bench/suite.py)")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--rounds", type=int, default=5)
-    args = p.parse_args(argv)
-    if common.pick_device(args.device) != "cpu":
-        print("bench_cpu_linear.py: a CPU benchmark; nothing to run for --device", args.device)
+    args = common.cpu_benchmark_args("bench_cpu_linear.py", __doc__, 5, argv)
+    if args is None:
         return 0
     common.steady_cpu_allocator()
     env = common.environment("cpu")

@@ -416,6 +416,25 @@ def steady_cpu_allocator() -> None:
         libc.mallopt(_M_TRIM_THRESHOLD, 2 * _STEADY_MMAP_THRESHOLD)
 
 
+def cpu_benchmark_args(script: str, doc: str, rounds: int, argv=None):
+    """The command line of a CPU-only benchmark (``bench_cpu_linear.py``, ``bench_cpu_activation.py``):
+    ``--device`` (what ``bench/suite.py`` passes: anything but the CPU runs nothing), ``--quick``,
+    ``--rounds`` (default ``rounds``). Returns the parsed arguments, or None, after saying so,
+    when ``--device`` is not the CPU."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
+                   help="CPU only: other devices are skipped (for bench/suite.py)")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--rounds", type=int, default=rounds)
+    args = p.parse_args(argv)
+    if pick_device(args.device) != "cpu":
+        print(f"{script}: a CPU benchmark; nothing to run for --device", args.device)
+        return None
+    return args
+
+
 def pick_device(requested: str) -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
