@@ -148,20 +148,15 @@ static void bf16_forward_item(const Bf16ForwardArgs& a, int64_t item, float* scr
 
   for (int64_t j0 = j_begin; j0 < j_end; j0 += BK) {
     const int64_t n = std::min(BK, j_end - j0);
-    // The edge tile in sub-blocks of NR rows over the keys each sees (as forward_item).
-    const bool edge = keys_seen(p, i0, j0) < n;
-    const int64_t step = edge ? NR : mq;
-    for (int64_t r0 = 0; r0 < mq; r0 += step) {
-      const int64_t mr = std::min(step, mq - r0);
-      const int64_t ne = edge ? keys_computed(p, i0 + r0 + mr - 1, j0, n) : n;
-      if (ne <= 0) continue;
+    // The edge tile in sub-blocks (as forward_item).
+    for_tile_sub_blocks(p, i0, mq, j0, n, keys_seen(p, i0, j0) < n, [&](int64_t r0, int64_t mr, int64_t ne) {
       uint16_t* Pr = Pb + r0 * BK;
       gemm_bf16(mr, ne, EP, A + r0 * a.q.sl, a.q.sl, 1, kt + (j0 / NR) * kt_panel, kt_panel, St, BK, false);
       forward_tile_rows(p, b, h, i0 + r0, mr, j0, ne, St, BK, m + r0, l + r0, O + r0 * Evpad, Evpad, Pr);
       // j0 is even (j_begin a multiple of NR, BK of NR), so key pairs of the tile are pairs of V's panel rows.
       gemm_bf16(mr, p.Ev, pairs(ne), reinterpret_cast<const uint32_t*>(Pr), BK / 2, 1, vp + (j0 / 2) * 2 * NR,
                 v_panel, O + r0 * Evpad, Evpad, true);
-    }
+    });
   }
 
   for (int64_t r = 0; r < mq; ++r) {
@@ -243,13 +238,10 @@ static void bf16_backward_item(const Bf16BackwardArgs& a, int64_t item, float* s
       float* dq = a.dq_partial + ((chunk * p.B * p.Hq + bh) * p.L) * Epad;
       for (int64_t i0 = q_start; i0 < q_end; i0 += BQ) {
         const int64_t mb = std::min(BQ, q_end - i0);
-        // The edge block in sub-blocks of NR rows over the keys each sees (as backward_item).
+        // The edge block in sub-blocks (as backward_item).
         const bool edge = keys_seen(p, i0 + mb - 1, j0) < n;
-        const int64_t step = edge ? NR : mb;
-        for (int64_t s0 = i0; s0 < i0 + mb; s0 += step) {
-          const int64_t mq = std::min(step, i0 + mb - s0);
-          const int64_t ne = edge ? keys_computed(p, s0 + mq - 1, j0, n) : n;
-          if (ne <= 0) continue;
+        for_tile_sub_blocks(p, i0, mb, j0, n, edge, [&](int64_t r0, int64_t mq, int64_t ne) {
+          const int64_t s0 = i0 + r0;
           const int64_t npe = round_up(ne, W);
           gemm_bf16(mq, ne, EP, a.q.row(b, h, s0), a.q.sl, 1, kt + (j0 / NR) * kt_panel, kt_panel, SP, BK, false);
           gemm_bf16(mq, ne, EvP, a.dout.row(b, h, s0), a.dout.sl, 1, vt + (j0 / NR) * vt_panel, vt_panel, DP, BK,
@@ -263,7 +255,7 @@ static void bf16_backward_item(const Bf16BackwardArgs& a, int64_t item, float* s
           gemm_bf16(ne, p.E, pairs(mq), dSt, 1, BK, qp + (s0 / 2) * 2 * NR, l_panel, dKa, Epad, true);
           gemm_bf16(mq, p.E, pairs(ne), reinterpret_cast<const uint32_t*>(dSb), BK / 2, 1, kp + (j0 / 2) * 2 * NR,
                     k_panel, dq + s0 * Epad, Epad, true);
-        }
+        });
       }
     }
     for (int64_t r = 0; r < n; ++r) {

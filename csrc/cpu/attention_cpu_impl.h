@@ -146,6 +146,22 @@ static inline int64_t keys_computed(const Problem& p, int64_t last, int64_t j0, 
   return std::min(n, round_up(keys_seen(p, last, j0), NR));
 }
 
+// Rows first .. first+rows-1 against the key tile j0 .. j0+n-1, as fn(r0, mr, ne): rows
+// first+r0 .. +mr-1 over the tile's first ne keys. On an `edge` tile (the causal / right-window
+// edge crosses it) the rows run in sub-blocks of NR, each over keys_computed (the extra keys are
+// masked for all its rows), and a sub-block that sees no key of the tile is skipped; otherwise
+// one block over all n keys. The four kernels (fp32 / bf16, forward / backward) tile this way.
+template <typename Fn>
+static inline void for_tile_sub_blocks(const Problem& p, int64_t first, int64_t rows, int64_t j0, int64_t n, bool edge,
+                                       const Fn& fn) {
+  const int64_t step = edge ? NR : rows;
+  for (int64_t r0 = 0; r0 < rows; r0 += step) {
+    const int64_t mr = std::min(step, rows - r0);
+    const int64_t ne = edge ? keys_computed(p, first + r0 + mr - 1, j0, n) : n;
+    if (ne > 0) fn(r0, mr, ne);
+  }
+}
+
 // A float mask value in the log2 domain. Finite fills beyond +-kMaskLimit (finfo.min, the
 // padding fill of Hugging Face models) would overflow to -+inf once scaled by log2(e):
 // they saturate instead, so a row of equal huge fills stays a row of equal finite scores
@@ -460,19 +476,12 @@ static void forward_item(const ForwardArgs& a, int64_t item, float* scratch) {
 
   for (int64_t j0 = j_begin; j0 < j_end; j0 += BK) {
     const int64_t n = std::min(BK, j_end - j0);
-    // The tile the causal / right-window edge crosses (its first row does not see its last key)
-    // runs in sub-blocks of NR rows, each over the keys it sees, rounded up to whole panels
-    // (as backward_item): the skipped keys are masked for all the sub-block's rows.
-    const bool edge = keys_seen(p, i0, j0) < n;
-    const int64_t step = edge ? NR : mq;
-    for (int64_t r0 = 0; r0 < mq; r0 += step) {
-      const int64_t mr = std::min(step, mq - r0);
-      const int64_t ne = edge ? keys_computed(p, i0 + r0 + mr - 1, j0, n) : n;
-      if (ne <= 0) continue;  // rows that see no key of the tile
+    // A tile whose first row does not see its last key runs in sub-blocks (for_tile_sub_blocks).
+    for_tile_sub_blocks(p, i0, mq, j0, n, keys_seen(p, i0, j0) < n, [&](int64_t r0, int64_t mr, int64_t ne) {
       gemm(mr, ne, p.E, A + r0 * a.q.sl, a.q.sl, a.q.se, kt + (j0 / NR) * p.E * NR, p.E * NR, St, BK, false);
       forward_tile_rows(p, b, h, i0 + r0, mr, j0, ne, St, BK, m + r0, l + r0, O + r0 * Evpad, Evpad);
       gemm(mr, p.Ev, ne, St, BK, 1, vp + j0 * NR, p.S * NR, O + r0 * Evpad, Evpad, true);
-    }
+    });
   }
 
   for (int64_t r = 0; r < mq; ++r) {
@@ -561,16 +570,12 @@ static void backward_item(const BackwardArgs& a, int64_t item, float* scratch) {
       float* dq = a.dq_partial + ((chunk * p.B * p.Hq + bh) * p.L) * Epad;
       for (int64_t i0 = q_start; i0 < q_end; i0 += BQ) {
         const int64_t mb = std::min(BQ, q_end - i0);
-        // A block whose last row does not see the tile's last key (the causal / right-window edge
-        // crosses the tile) runs in sub-blocks of NR rows, each over the keys it sees, rounded up
-        // to whole panels: the skipped keys are masked for all its rows (weights 0). On the
-        // diagonal tile of a causal problem that is 3/4 of the work (BQ = BK = 2 NR).
+        // A block whose last row does not see the tile's last key runs in sub-blocks
+        // (for_tile_sub_blocks): on the diagonal tile of a causal problem that is 3/4 of the work
+        // (BQ = BK = 2 NR).
         const bool edge = keys_seen(p, i0 + mb - 1, j0) < n;
-        const int64_t step = edge ? NR : mb;
-        for (int64_t s0 = i0; s0 < i0 + mb; s0 += step) {
-          const int64_t mq = std::min(step, i0 + mb - s0);
-          const int64_t ne = edge ? keys_computed(p, s0 + mq - 1, j0, n) : n;
-          if (ne <= 0) continue;  // rows that see no key of the tile
+        for_tile_sub_blocks(p, i0, mb, j0, n, edge, [&](int64_t r0, int64_t mq, int64_t ne) {
+          const int64_t s0 = i0 + r0;
           gemm(mq, ne, p.E, a.q.row(b, h, s0), a.q.sl, a.q.se, kt + (j0 / NR) * p.E * NR, p.E * NR, SP, BK, false);
           gemm(mq, ne, p.Ev, a.dout.row(b, h, s0), a.dout.sl, a.dout.se, vt + (j0 / NR) * p.Ev * NR, p.Ev * NR,
                DP, BK, false);
@@ -580,7 +585,7 @@ static void backward_item(const BackwardArgs& a, int64_t item, float* scratch) {
           gemm(ne, p.E, mq, DP, 1, BK, qp + s0 * NR, p.L * NR, dKa, Epad, true);
           // dQ += dS K
           gemm(mq, p.E, ne, DP, BK, 1, kp + j0 * NR, p.S * NR, dq + s0 * Epad, Epad, true);
-        }
+        });
       }
     }
     for (int64_t r = 0; r < n; ++r) {
