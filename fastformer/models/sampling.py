@@ -8,6 +8,13 @@ import torch
 from torch import Tensor
 
 
+def _check_filters(top_k: Optional[int], top_p: Optional[float]) -> None:
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+
+
 def warp_logits(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
                 top_p: Optional[float] = None) -> Tensor:
     """``logits (B, V)`` as float32 after transformers' sampling warpers, in their order and
@@ -21,10 +28,7 @@ def warp_logits(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] =
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0 to sample (0 = greedy in sample_next), got {temperature}")
-    if top_k is not None and top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    _check_filters(top_k, top_p)
     logits = logits.float() / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]
@@ -49,7 +53,7 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] =
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if temperature == 0:
-        warp_logits(logits[:0], 1.0, top_k, top_p)  # the same argument checks
+        _check_filters(top_k, top_p)
         return logits.argmax(dim=-1)
     probs = warp_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
