@@ -15,11 +15,21 @@ variant ran (``isa``); ``bench/cpu_policy.py`` derives ``auto``'s table from it.
     python bench/bench_cpu_attention.py --device cuda    # (gpu.sh) the GPU host's CPU, short set
 
 Writes ``bench/results/<cpu-slug>/cpu_attention[-quick].json``.
+
+An AVX2 machine, emulated on a newer one (the policy's ``avx2`` rows when no AVX2
+machine is at hand): hold our kernels, torch's and its GEMM libraries to AVX2 alike,
+
+    FASTFORMER_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+        ONEDNN_MAX_CPU_ISA=AVX2 python bench/bench_cpu_attention.py
+
+which writes ``bench/results/cpu-<model>-avx2-emulated/``. Forcing our variant alone is
+refused: torch would keep its AVX-512 kernels and the ratios would mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +44,28 @@ import common  # noqa: E402
 import fastformer  # noqa: E402
 
 HEADS = 8  # B·H = 8 (B = 1)
+
+# The settings that hold torch (ATen's kernels, MKL, oneDNN) to the instruction set our
+# kernels are forced to with FASTFORMER_CPU_ISA; only AVX2 is known to all three.
+EMULATION_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                          "ONEDNN_MAX_CPU_ISA": "AVX2"}}
+
+
+def emulated_isa() -> str | None:
+    """The variant this run emulates (FASTFORMER_CPU_ISA), or None for the machine's own.
+    Raises SystemExit when torch is not held to the same instruction set."""
+    forced = os.environ.get("FASTFORMER_CPU_ISA")
+    if not forced:
+        return None
+    need = EMULATION_ENV.get(forced)
+    if need is None:
+        raise SystemExit(f"FASTFORMER_CPU_ISA={forced}: torch cannot be held to that variant too; "
+                         f"emulation supports {sorted(EMULATION_ENV)}")
+    wrong = {k: v for k, v in need.items() if os.environ.get(k, "").lower() != v.lower()}
+    if wrong or torch.backends.cpu.get_cpu_capability().lower() != forced:
+        raise SystemExit(f"FASTFORMER_CPU_ISA={forced} also needs torch held to it: set "
+                         + " ".join(f"{k}={v}" for k, v in need.items()))
+    return forced
 
 
 @dataclass(frozen=True)
@@ -189,8 +221,13 @@ def main(argv=None) -> int:
             ["fwd", "fwd_bwd"], 2
     from fastformer.ops.attention.cpu import isa
 
+    emulated = emulated_isa()
     env = common.environment("cpu")
     env["isa"] = isa()
+    if emulated:  # results go to cpu-<model>-<isa>-emulated/ (common.device_slug)
+        env["emulated_isa"] = emulated
+        env["emulation_env"] = {k: os.environ[k] for k in ("FASTFORMER_CPU_ISA", *EMULATION_ENV[emulated])}
+        env["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     env["load_average"] = list(__import__("os").getloadavg())  # shared machines: say how busy it was
     env["cpu_features_detected"] = list(fastformer._ext.C.cpu_features())
     ceilings = matmul_ceilings(args.quick)

@@ -90,10 +90,12 @@ def environment(device: str) -> Dict[str, object]:
 
 
 def device_slug(env: Dict[str, object]) -> str:
-    """A folder name for results: the GPU name, or 'cpu-<model>-<isa>'."""
+    """A folder name for results: the GPU name, 'cpu-<model>-<isa>', or for a run that held
+    every library to an older instruction set (bench_cpu_attention's emulation),
+    'cpu-<model>-<that isa>-emulated'."""
     if str(env["device"]).startswith("CPU"):
         isa = "avx512" if "avx512f" in env["cpu_flags"] else ("avx2" if "avx2" in env["cpu_flags"] else "base")
-        name = f"cpu-{env['cpu']}-{isa}"
+        name = f"cpu-{env['cpu']}-{env['emulated_isa']}-emulated" if env.get("emulated_isa") else f"cpu-{env['cpu']}-{isa}"
     else:
         name = str(env["device"])
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")

@@ -7,13 +7,18 @@ runs) on the same instruction-set variant; everywhere else, and on variants
 never measured, it takes torch's kernel (the ``reference`` backend).
 
 This script reads every ``bench/results/*/cpu_attention.json`` (full runs, not
-``-quick``), keeps the newest run per variant (``environment.isa``), and writes
-the table to ``fastformer/ops/attention_cpu_policy.py``:
+``-quick``) and keeps, per variant (``environment.isa``), the newest run on a
+machine of that variant and the newest emulated one (``environment.emulated_isa``:
+a newer processor with our kernels, torch's and MKL/oneDNN all held to that
+instruction set). Where both measured a shape, the lower ratio stands: a
+variant's ``cpu`` rows are those every source agrees on. It writes the table to
+``fastformer/ops/attention_cpu_policy.py``:
 
     python bench/cpu_policy.py            # rewrite the table
     python bench/cpu_policy.py --check    # exit 1 if the table is stale (CI test)
     python bench/cpu_policy.py --markdown avx512_bf16   # the README's table (ours ÷ torch, bold = cpu)
     python bench/cpu_policy.py --chart avx512_bf16 bench/results/cpu-amd-epyc-avx512/cpu_attention_policy.png
+    python bench/cpu_policy.py --markdown avx2 --emulated     # the emulated AVX2 run alone
 """
 
 from __future__ import annotations
@@ -40,17 +45,37 @@ def choice(row) -> str:
     return "cpu" if row["speedup_vs_torch"] >= MIN_SPEEDUP + noise(row) else "torch"
 
 
-def load_runs(results_dir: Path):
-    """Newest full run per ISA variant: {isa: (source, environment, rows)}."""
-    runs = {}
+def _key(row):
+    return row["dtype"], row["mode"], row["causal"], row["head_dim"], row["seqlen"]
+
+
+def load_runs(results_dir: Path, only_emulated: bool = False):
+    """Per ISA variant: ``{isa: (sources, rows)}``, ``sources`` a list of (path, environment)
+    (the newest native run, then the newest emulated one) and ``rows`` their union, the
+    lower ``speedup_vs_torch`` where both measured a shape. ``only_emulated``: the emulated
+    runs alone (the README's AVX2 table)."""
+    newest = {}  # (isa, emulated) -> (path, env, rows)
     for path in sorted(results_dir.glob("*/cpu_attention.json")):
         data = json.loads(path.read_text())
         env = data.get("environment", {})
         isa = env.get("isa")
         if not isa or not data.get("results"):
             continue
-        if isa not in runs or env.get("date", "") > runs[isa][1].get("date", ""):
-            runs[isa] = (path.relative_to(ROOT).as_posix(), env, data["results"])
+        slot = (isa, bool(env.get("emulated_isa")))
+        if only_emulated and not slot[1]:
+            continue
+        if slot not in newest or env.get("date", "") > newest[slot][1].get("date", ""):
+            newest[slot] = (path.relative_to(ROOT).as_posix(), env, data["results"])
+    runs = {}
+    for isa in sorted({isa for isa, _ in newest}):
+        parts = [newest[(isa, emulated)] for emulated in (False, True) if (isa, emulated) in newest]
+        rows = {}
+        for _, _, part_rows in parts:
+            for r in part_rows:
+                k = _key(r)
+                if k not in rows or r["speedup_vs_torch"] < rows[k]["speedup_vs_torch"]:
+                    rows[k] = r
+        runs[isa] = ([(source, env) for source, env, _ in parts], list(rows.values()))
     return runs
 
 
@@ -63,11 +88,13 @@ def render(runs) -> str:
         "(noise: the row's torch-vs-torch control, |auto/torch - 1| where auto ran torch in that run).",
         "Sources:",
     ]
-    for isa, (source, env, _) in sorted(runs.items()):
-        lines.append(f"    {isa}: {source} ({env.get('date', '?')[:10]}, commit {str(env.get('commit'))[:10]}, "
-                     f"{env.get('device', '?')}, load {[round(x, 1) for x in env.get('load_average', [])]})")
+    for isa, (sources, _) in sorted(runs.items()):
+        for source, env in sources:
+            how = f", emulated ({env['emulated_isa']} only) on {env.get('cpu_flags')}" if env.get("emulated_isa") else ""
+            lines.append(f"    {isa}: {source} ({env.get('date', '?')[:10]}, commit {str(env.get('commit'))[:10]}, "
+                         f"{env.get('device', '?')}{how}, load {[round(x, 1) for x in env.get('load_average', [])]})")
     lines += ['"""', "", f"MIN_SPEEDUP = {MIN_SPEEDUP}", "", "POLICY = {"]
-    for isa, (_, _, rows) in sorted(runs.items()):
+    for isa, (_, rows) in sorted(runs.items()):
         lines.append(f"    {isa!r}: [")
         for r in sorted(rows, key=lambda r: (r["dtype"], r["mode"], r["causal"], r["head_dim"], r["seqlen"])):
             lines.append(f"        ({r['dtype']!r}, {r['mode']!r}, {r['causal']}, {r['head_dim']}, {r['seqlen']}, "
@@ -91,7 +118,7 @@ def _grid(rows):
 def markdown(runs, isa: str) -> str:
     """The README's CPU table for ``isa``: ours ÷ torch per class and length (full / causal);
     bold where the policy picks ``cpu``."""
-    by_key, lengths, classes = _grid(runs[isa][2])
+    by_key, lengths, classes = _grid(runs[isa][1])
     out = ["| mode dtype d | " + " | ".join(f"L={n} full / causal" for n in lengths) + " |",
            "|---|" + "---|" * len(lengths)]
     for mode, dtype, hd in classes:
@@ -119,7 +146,7 @@ def chart(runs, isa: str, path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    _, env, rows = runs[isa]
+    sources, rows = runs[isa]
     by_key, lengths, classes = _grid(rows)
     cols = [(n, c) for n in lengths for c in (False, True)]
     grid = np.full((len(classes), len(cols)), np.nan)
@@ -141,8 +168,9 @@ def chart(runs, isa: str, path: Path) -> None:
                 ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=1.5, ec="black"))
     ax.set_xticks(range(len(cols)), [f"L{n}\n{'causal' if c else 'full'}" for n, c in cols], fontsize=8)
     ax.set_yticks(range(len(classes)), [f"{m.replace('_', '+')} {dt} d{hd}" for m, dt, hd in classes], fontsize=8)
-    ax.set_title(f"fastformer cpu ÷ torch SDPA ({isa}, {env.get('device', '?')}, "
-                 f"{str(env.get('date', '?'))[:10]}); boxed = auto picks cpu", fontsize=9)
+    where = "; ".join(f"{env.get('device', '?')}{' emulated' if env.get('emulated_isa') else ''}, "
+                      f"{str(env.get('date', '?'))[:10]}" for _, env in sources)
+    ax.set_title(f"fastformer cpu ÷ torch SDPA ({isa}: {where}); boxed = auto picks cpu", fontsize=9)
     fig.colorbar(im, ax=ax, shrink=0.8, label="speed-up (x)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -155,8 +183,12 @@ def main(argv=None) -> int:
     p.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--markdown", metavar="ISA", help="print the README's table for this ISA variant and exit")
     p.add_argument("--chart", nargs=2, metavar=("ISA", "PNG"), help="draw the README's heat map and exit")
+    p.add_argument("--emulated", action="store_true",
+                   help="with --markdown/--chart: the emulated runs alone (bold still = that run's own choice)")
     args = p.parse_args(argv)
-    runs = load_runs(args.results)
+    if args.emulated and not (args.markdown or args.chart):
+        p.error("--emulated goes with --markdown or --chart (the policy always merges)")
+    runs = load_runs(args.results, only_emulated=args.emulated)
     if args.markdown:
         print(markdown(runs, args.markdown))
         return 0
