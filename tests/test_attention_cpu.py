@@ -351,3 +351,53 @@ def test_eager_paths_match_the_custom_op(monkeypatch):
     (dq,) = torch.autograd.grad(out, q, dout, create_graph=True)
     with pytest.raises(RuntimeError):
         torch.autograd.grad(dq.sum(), q)
+
+
+_IN_PLACE_B_SCRIPT = r"""
+import sys, torch, fastformer
+torch.manual_seed(0)
+results = []
+# (B, H, Hkv, L, S, d, layout, causal): layouts the fp32 kernels read in place as B operands
+# (rows contiguous, d a multiple of the panel width) and ones they still pack (d = 40).
+for B, H, Hkv, L, S, d, layout, causal in [
+        (2, 3, 3, 70, 70, 64, "qkv", True), (1, 4, 4, 33, 50, 128, "contiguous", False),
+        (2, 4, 2, 45, 45, 32, "gqa", True), (2, 2, 2, 40, 29, 64, "expanded_kv", False),
+        (1, 2, 2, 37, 37, 40, "qkv", False)]:
+    if layout == "qkv":  # views of one projection's output, as in nn.Attention
+        leaves = [torch.randn(B, L, 3 * H * d, requires_grad=True)]
+        q, k, v = (t.view(B, L, H, d).transpose(1, 2) for t in leaves[0].split([H * d] * 3, dim=-1))
+    elif layout == "expanded_kv":  # batch stride 0
+        leaves = [torch.randn(B, H, L, d, requires_grad=True), torch.randn(1, H, S, d, requires_grad=True),
+                  torch.randn(1, H, S, d, requires_grad=True)]
+        q, k, v = leaves[0], leaves[1].expand(B, H, S, d), leaves[2].expand(B, H, S, d)
+    else:
+        leaves = [torch.randn(B, H, L, d, requires_grad=True), torch.randn(B, Hkv, S, d, requires_grad=True),
+                  torch.randn(B, Hkv, S, d, requires_grad=True)]
+        q, k, v = leaves
+    dout = torch.randn(B, L, H, d).transpose(1, 2)  # as it arrives in training
+    out = fastformer.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=Hkv != H, backend="cpu")
+    results += [out.detach(), *torch.autograd.grad(out, leaves, dout)]
+torch.save(results, sys.argv[1])
+print("ok")
+"""
+
+
+def test_in_place_b_operands_match_packed_ones(tmp_path):
+    """fp32 K, V, Q and dO with contiguous rows a multiple of the panel width are read in place
+    (no packing pass); every other layout is packed. Outputs and gradients must be bit-identical
+    to the all-packed path (FASTFORMER_CPU_ATTN_PACK_B=1): same FMAs in the same order, only the
+    addresses differ. Strided qkv views, GQA, expanded K/V and a transposed dO."""
+    require_backend("cpu")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    outs = {}
+    for pack in ("0", "1"):
+        path = tmp_path / f"pack{pack}.pt"
+        env = dict(os.environ, FASTFORMER_CPU_ATTN_PACK_B=pack)
+        res = subprocess.run([sys.executable, "-c", _IN_PLACE_B_SCRIPT, str(path)], cwd=root, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0 and "ok" in res.stdout, res.stdout + res.stderr
+        outs[pack] = torch.load(path)
+    assert len(outs["0"]) == len(outs["1"]) > 0
+    for a, b in zip(outs["0"], outs["1"]):
+        assert a.isfinite().all()
+        assert torch.equal(a, b)

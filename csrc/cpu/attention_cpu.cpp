@@ -52,6 +52,12 @@ int64_t block_k(int nr, int64_t fallback) {
 }
 constexpr int64_t kForwardBK = 256, kBackwardBK = 128;
 
+// FASTFORMER_CPU_ATTN_PACK_B=1 packs every B operand (the layout before in-place reads; for A/B timing).
+bool pack_b_always() {
+  static const bool v = env_int("FASTFORMER_CPU_ATTN_PACK_B", 0) != 0;
+  return v;
+}
+
 // Run items 0..n-1 on torch's thread pool, handing them out dynamically (causal
 // items differ in cost), with one scratch buffer per thread.
 template <typename F>
@@ -176,6 +182,31 @@ class Prep {
       }
     });
     return out;
+  }
+
+  // x[b, h] (or its transpose) as the fp32 micro-kernel's B operand (attention_cpu.h). A float32
+  // x whose rows are contiguous and a multiple of nr wide (d = 64, 128, ...) is read in place:
+  // the micro-kernel loads each B row as nr contiguous floats wherever it lies, so packing it
+  // only copied (the row copies were ~5 % of an fp32 forward+backward at L = 256). The rest
+  // (transposes, bf16, odd widths) is packed by run(); `keep` holds the packed tensor.
+  PanelsB operand_b(const at::Tensor& x, bool transpose, int nr, at::Tensor& keep) {
+    PanelsB o;
+    if (!transpose && x.scalar_type() == at::kFloat && x.stride(3) == 1 && x.size(3) % nr == 0 && !pack_b_always()) {
+      o.data = x.data_ptr<float>();
+      o.sb = x.stride(0);
+      o.sh = x.stride(1);
+      o.rs = x.stride(2);
+      o.ps = nr;
+      return o;
+    }
+    keep = panels(x, transpose, nr);
+    const int64_t R = transpose ? x.size(3) : x.size(2);
+    o.data = keep.data_ptr<float>();
+    o.sh = keep.size(1);
+    o.sb = x.size(1) * o.sh;
+    o.rs = nr;
+    o.ps = R * nr;
+    return o;
   }
 
   // Runs every queued step. Small totals stay on the calling thread: a parallel region costs a
@@ -370,17 +401,14 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
   }
   at::Tensor qf = as_float(q);
   Prep prep;
-  at::Tensor kt = prep.panels(k, /*transpose=*/true, K.nr);
-  at::Tensor vp = prep.panels(v, /*transpose=*/false, K.nr);
+  at::Tensor kt, vp;  // packed operands, alive until the kernels are done
+  ForwardArgs a;
+  a.kt = prep.operand_b(k, /*transpose=*/true, K.nr, kt);
+  a.v = prep.operand_b(v, /*transpose=*/false, K.nr, vp);
   prep.run();
   at::Tensor out_f = float_target(out);
-  ForwardArgs a;
   a.p = p;
   a.q = strided(qf);
-  a.kt_panels = kt.data_ptr<float>();
-  a.kt_head_stride = kt.size(1);
-  a.v_panels = vp.data_ptr<float>();
-  a.v_head_stride = vp.size(1);
   a.out = out_f.data_ptr<float>();
   a.lse = lse.data_ptr<float>();
   run_items(forward_items(p), K.forward_scratch(p), [&](int64_t i, float* s) { K.forward_item(a, i, s); });
@@ -492,26 +520,21 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
     const int64_t b = bh / p.Hq, h = bh % p.Hq;
     K.row_dots(p.L, p.Ev, do_rows.row(b, h, 0), do_rows.sl, o_rows.row(b, h, 0), o_rows.sl, dl + bh * p.L);
   });
-  at::Tensor kt = prep.panels(k, true, K.nr), vt = prep.panels(v, true, K.nr), kp = prep.panels(k, false, K.nr);
-  at::Tensor qp = prep.panels(q, false, K.nr), dop = prep.panels(dout, false, K.nr);
+  // Q and dO as B operands come from their float32 versions (read in place where they can be).
+  at::Tensor kt, vt, kp, qp, dop;  // packed operands, alive until the kernels are done
+  BackwardArgs a;
+  a.kt = prep.operand_b(k, true, K.nr, kt);
+  a.vt = prep.operand_b(v, true, K.nr, vt);
+  a.k = prep.operand_b(k, false, K.nr, kp);
+  a.qb = prep.operand_b(qf, false, K.nr, qp);
+  a.dob = prep.operand_b(dof, false, K.nr, dop);
   prep.run();
   const int64_t chunks = backward_chunks(p);
   at::Tensor dq_part = at::zeros({chunks, p.B, p.Hq, p.L, p.Epad}, q.options().dtype(at::kFloat));
   at::Tensor dk_f = float_target(dk), dv_f = float_target(dv);
-  BackwardArgs a;
   a.p = p;
   a.q = strided(qf);
   a.dout = strided(dof);
-  a.kt_panels = kt.data_ptr<float>();
-  a.vt_panels = vt.data_ptr<float>();
-  a.k_panels = kp.data_ptr<float>();
-  a.kt_head_stride = kt.size(1);
-  a.vt_head_stride = vt.size(1);
-  a.k_head_stride = kp.size(1);
-  a.q_panels = qp.data_ptr<float>();
-  a.do_panels = dop.data_ptr<float>();
-  a.q_head_stride = qp.size(1);
-  a.do_head_stride = dop.size(1);
   a.lse = lse.data_ptr<float>();
   a.delta = delta.data_ptr<float>();
   a.dq_partial = dq_part.data_ptr<float>();

@@ -81,13 +81,23 @@ struct Strided4 {
   const float* row(int64_t b, int64_t h, int64_t i) const { return data + b * sb + h * sh + i * sl; }
 };
 
+// A per-head matrix X (R x C) as the fp32 micro-kernel's B operand: columns in panels of NR,
+// element (r, c) of panel c / NR at head(b, h) + (c / NR) * ps + r * rs. Either packed panels
+// (rs = NR, ps = R * NR) or, for a float32 X with contiguous rows whose width is a multiple of NR,
+// X itself read in place (rs = its row stride, ps = NR): no copy, no pass over memory.
+struct PanelsB {
+  const float* data = nullptr;
+  int64_t sb = 0, sh = 0;  // head (b, h) starts at data + b * sb + h * sh
+  int64_t rs = 0, ps = 0;
+  const float* head(int64_t b, int64_t h) const { return data + b * sb + h * sh; }
+  const float* at(const float* head, int64_t r, int64_t c0, int64_t nr) const { return head + (c0 / nr) * ps + r * rs; }
+};
+
 struct ForwardArgs {
   Problem p;
   Strided4 q;  // (B, Hq, L, E) fp32
-  const float* kt_panels = nullptr;  // per kv head: K^T (E x S) in panels over keys
-  int64_t kt_head_stride = 0;
-  const float* v_panels = nullptr;  // per kv head: V (S x Ev) in panels over Ev
-  int64_t v_head_stride = 0;
+  PanelsB kt;  // per kv head: K^T (E x S), packed
+  PanelsB v;   // per kv head: V (S x Ev)
   float* out = nullptr;  // (B, Hq, L, Ev) contiguous fp32
   float* lse = nullptr;  // (B, Hq, L) contiguous
 };
@@ -96,13 +106,11 @@ struct BackwardArgs {
   Problem p;
   Strided4 q;   // (B, Hq, L, E) fp32
   Strided4 dout;  // (B, Hq, L, Ev) fp32
-  const float* kt_panels = nullptr;  // per kv head: K^T (E x S), panels over keys
-  const float* vt_panels = nullptr;  // per kv head: V^T (Ev x S), panels over keys
-  const float* k_panels = nullptr;   // per kv head: K (S x E), panels over E
-  int64_t kt_head_stride = 0, vt_head_stride = 0, k_head_stride = 0;
-  const float* q_panels = nullptr;   // per q head: Q (L x E), panels over E
-  const float* do_panels = nullptr;  // per q head: dO (L x Ev), panels over Ev
-  int64_t q_head_stride = 0, do_head_stride = 0;
+  PanelsB kt;  // per kv head: K^T (E x S), packed
+  PanelsB vt;  // per kv head: V^T (Ev x S), packed
+  PanelsB k;   // per kv head: K (S x E)
+  PanelsB qb;  // per q head: Q (L x E)
+  PanelsB dob; // per q head: dO (L x Ev)
   const float* lse = nullptr;    // (B, Hq, L)
   const float* delta = nullptr;  // (B, Hq, L): rowsum(dO * O)
   float* dq_partial = nullptr;   // (chunks, B, Hq, L, Epad), zeroed

@@ -78,10 +78,10 @@ static inline vf vtanh(vf x, vf* deriv) {
 
 // ---------------------------------------------------------------- GEMM
 
-// C[0:R, 0:NR] (+)= sum_k A(r, k) * B[k, 0:NR], A(r, k) = A[r * a_rs + k * a_cs].
+// C[0:R, 0:NR] (+)= sum_k A(r, k) * B[k * b_rs + 0:NR], A(r, k) = A[r * a_rs + k * a_cs].
 template <int R>
-static inline void micro(int64_t K, const float* A, int64_t a_rs, int64_t a_cs, const float* B, float* C,
-                         int64_t ldc, bool acc) {
+static inline void micro(int64_t K, const float* A, int64_t a_rs, int64_t a_cs, const float* B, int64_t b_rs,
+                         float* C, int64_t ldc, bool acc) {
   vf c0[R], c1[R];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
@@ -89,7 +89,7 @@ static inline void micro(int64_t K, const float* A, int64_t a_rs, int64_t a_cs, 
     c1[r] = acc ? vload(C + r * ldc + W) : vf{};
   }
   for (int64_t k = 0; k < K; ++k) {
-    const vf b0 = vload(B + k * NR), b1 = vload(B + k * NR + W);
+    const vf b0 = vload(B + k * b_rs), b1 = vload(B + k * b_rs + W);
     const float* a = A + k * a_cs;
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
@@ -107,26 +107,26 @@ static inline void micro(int64_t K, const float* A, int64_t a_rs, int64_t a_cs, 
 
 template <int R>
 static inline void micro_tail(int64_t rows, int64_t K, const float* A, int64_t a_rs, int64_t a_cs, const float* B,
-                              float* C, int64_t ldc, bool acc) {
+                              int64_t b_rs, float* C, int64_t ldc, bool acc) {
   if constexpr (R > 0) {
     if (rows == R)
-      micro<R>(K, A, a_rs, a_cs, B, C, ldc, acc);
+      micro<R>(K, A, a_rs, a_cs, B, b_rs, C, ldc, acc);
     else
-      micro_tail<R - 1>(rows, K, A, a_rs, a_cs, B, C, ldc, acc);
+      micro_tail<R - 1>(rows, K, A, a_rs, a_cs, B, b_rs, C, ldc, acc);
   }
 }
 
 // C (M x ceil(N/NR)*NR, row stride ldc) (+)= A (M x K, strides a_rs/a_cs) * B, where
-// B's panel p (K x NR) starts at B + p * b_panel_stride. Columns past N are
+// B's panel p (K x NR, row stride b_rs) starts at B + p * b_panel_stride. Columns past N are
 // computed from the zero padding and may be written (ldc leaves room).
 static void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, int64_t a_cs, const float* B,
-                 int64_t b_panel_stride, float* C, int64_t ldc, bool acc) {
+                 int64_t b_rs, int64_t b_panel_stride, float* C, int64_t ldc, bool acc) {
   for (int64_t p = 0; p * NR < N; ++p) {
     const float* Bp = B + p * b_panel_stride;
     float* Cp = C + p * NR;
     int64_t r = 0;
-    for (; r + MR <= M; r += MR) micro<MR>(K, A + r * a_rs, a_rs, a_cs, Bp, Cp + r * ldc, ldc, acc);
-    if (r < M) micro_tail<MR - 1>(M - r, K, A + r * a_rs, a_rs, a_cs, Bp, Cp + r * ldc, ldc, acc);
+    for (; r + MR <= M; r += MR) micro<MR>(K, A + r * a_rs, a_rs, a_cs, Bp, b_rs, Cp + r * ldc, ldc, acc);
+    if (r < M) micro_tail<MR - 1>(M - r, K, A + r * a_rs, a_rs, a_cs, Bp, b_rs, Cp + r * ldc, ldc, acc);
   }
 }
 
@@ -471,16 +471,16 @@ static void forward_item(const ForwardArgs& a, int64_t item, float* scratch) {
   if (p.limit_right) j_end = std::clamp<int64_t>(i0 + mq + p.diag_offset + p.window_right, 0, p.S);
   if (p.limit_left) j_begin = std::clamp<int64_t>(i0 + p.diag_offset - p.window_left, 0, j_end) / NR * NR;
   const float* A = a.q.row(b, h, i0);
-  const float* kt = a.kt_panels + (b * p.Hkv + hk) * a.kt_head_stride;
-  const float* vp = a.v_panels + (b * p.Hkv + hk) * a.v_head_stride;
+  const float* kt = a.kt.head(b, hk);
+  const float* vh = a.v.head(b, hk);
 
   for (int64_t j0 = j_begin; j0 < j_end; j0 += BK) {
     const int64_t n = std::min(BK, j_end - j0);
     // A tile whose first row does not see its last key runs in sub-blocks (for_tile_sub_blocks).
     for_tile_sub_blocks(p, i0, mq, j0, n, keys_seen(p, i0, j0) < n, [&](int64_t r0, int64_t mr, int64_t ne) {
-      gemm(mr, ne, p.E, A + r0 * a.q.sl, a.q.sl, a.q.se, kt + (j0 / NR) * p.E * NR, p.E * NR, St, BK, false);
+      gemm(mr, ne, p.E, A + r0 * a.q.sl, a.q.sl, a.q.se, a.kt.at(kt, 0, j0, NR), a.kt.rs, a.kt.ps, St, BK, false);
       forward_tile_rows(p, b, h, i0 + r0, mr, j0, ne, St, BK, m + r0, l + r0, O + r0 * Evpad, Evpad);
-      gemm(mr, p.Ev, ne, St, BK, 1, vp + j0 * NR, p.S * NR, O + r0 * Evpad, Evpad, true);
+      gemm(mr, p.Ev, ne, St, BK, 1, a.v.at(vh, j0, 0, NR), a.v.rs, a.v.ps, O + r0 * Evpad, Evpad, true);
     });
   }
 
@@ -551,9 +551,9 @@ static void backward_item(const BackwardArgs& a, int64_t item, float* scratch) {
   float* DP = SP + BQ * BK;      // dO V^T -> dS
   float* dKa = DP + BQ * BK;     // (BK, Epad)
   float* dVa = dKa + BK * Epad;  // (BK, Evpad)
-  const float* kt = a.kt_panels + bhk * a.kt_head_stride;
-  const float* vt = a.vt_panels + bhk * a.vt_head_stride;
-  const float* kp = a.k_panels + bhk * a.k_head_stride;
+  const float* kt = a.kt.head(b, hk);
+  const float* vt = a.vt.head(b, hk);
+  const float* kh = a.k.head(b, hk);
 
   for (int64_t t = chunk; t < ntiles; t += chunks) {  // round-robin: balances causal work
     const int64_t j0 = t * BK, n = std::min(BK, p.S - j0);
@@ -565,8 +565,8 @@ static void backward_item(const BackwardArgs& a, int64_t item, float* scratch) {
     if (p.limit_left) q_end = std::clamp<int64_t>(j0 + n - p.diag_offset + p.window_left, 0, p.L);
     for (int64_t g = 0; g < G; ++g) {
       const int64_t h = hk * G + g, bh = b * p.Hq + h;
-      const float* qp = a.q_panels + bh * a.q_head_stride;
-      const float* dop = a.do_panels + bh * a.do_head_stride;
+      const float* qh = a.qb.head(b, h);
+      const float* doh = a.dob.head(b, h);
       float* dq = a.dq_partial + ((chunk * p.B * p.Hq + bh) * p.L) * Epad;
       for (int64_t i0 = q_start; i0 < q_end; i0 += BQ) {
         const int64_t mb = std::min(BQ, q_end - i0);
@@ -576,15 +576,16 @@ static void backward_item(const BackwardArgs& a, int64_t item, float* scratch) {
         const bool edge = keys_seen(p, i0 + mb - 1, j0) < n;
         for_tile_sub_blocks(p, i0, mb, j0, n, edge, [&](int64_t r0, int64_t mq, int64_t ne) {
           const int64_t s0 = i0 + r0;
-          gemm(mq, ne, p.E, a.q.row(b, h, s0), a.q.sl, a.q.se, kt + (j0 / NR) * p.E * NR, p.E * NR, SP, BK, false);
-          gemm(mq, ne, p.Ev, a.dout.row(b, h, s0), a.dout.sl, a.dout.se, vt + (j0 / NR) * p.Ev * NR, p.Ev * NR,
+          gemm(mq, ne, p.E, a.q.row(b, h, s0), a.q.sl, a.q.se, a.kt.at(kt, 0, j0, NR), a.kt.rs, a.kt.ps, SP, BK,
+               false);
+          gemm(mq, ne, p.Ev, a.dout.row(b, h, s0), a.dout.sl, a.dout.se, a.vt.at(vt, 0, j0, NR), a.vt.rs, a.vt.ps,
                DP, BK, false);
           backward_tile_rows(p, a.lse, a.delta, b, h, s0, mq, j0, ne, SP, DP, BK);
           // dV += P^T dO, dK += dS^T Q: A read transposed (a_rs = 1, a_cs = BK).
-          gemm(ne, p.Ev, mq, SP, 1, BK, dop + s0 * NR, p.L * NR, dVa, Evpad, true);
-          gemm(ne, p.E, mq, DP, 1, BK, qp + s0 * NR, p.L * NR, dKa, Epad, true);
+          gemm(ne, p.Ev, mq, SP, 1, BK, a.dob.at(doh, s0, 0, NR), a.dob.rs, a.dob.ps, dVa, Evpad, true);
+          gemm(ne, p.E, mq, DP, 1, BK, a.qb.at(qh, s0, 0, NR), a.qb.rs, a.qb.ps, dKa, Epad, true);
           // dQ += dS K
-          gemm(mq, p.E, ne, DP, BK, 1, kp + j0 * NR, p.S * NR, dq + s0 * Epad, Epad, true);
+          gemm(mq, p.E, ne, DP, BK, 1, a.k.at(kh, j0, 0, NR), a.k.rs, a.k.ps, dq + s0 * Epad, Epad, true);
         });
       }
     }
