@@ -113,7 +113,7 @@ struct BackwardArgs {
   PanelsB dob; // per q head: dO (L x Ev)
   const float* lse = nullptr;    // (B, Hq, L)
   const float* delta = nullptr;  // (B, Hq, L): rowsum(dO * O)
-  float* dq_partial = nullptr;   // (chunks, B, Hq, L, Epad), zeroed
+  float* dq_partial = nullptr;   // (chunks, B, Hq, L, Epad); each item zeroes its rows
   float* dk = nullptr;           // (B, Hkv, S, E) contiguous fp32
   float* dv = nullptr;           // (B, Hkv, S, Ev) contiguous fp32
   int64_t chunks = 1;            // key tiles of one kv head are split round-robin over chunks
@@ -158,7 +158,7 @@ struct Bf16BackwardArgs {
   int64_t q_head_stride = 0, do_head_stride = 0;
   const float* lse = nullptr;    // (B, Hq, L)
   const float* delta = nullptr;  // (B, Hq, L): rowsum(dO * O)
-  float* dq_partial = nullptr;   // (chunks, B, Hq, L, Epad), zeroed
+  float* dq_partial = nullptr;   // (chunks, B, Hq, L, Epad); each item zeroes its rows
   float* dk = nullptr;           // (B, Hkv, S, E) contiguous fp32
   float* dv = nullptr;           // (B, Hkv, S, Ev) contiguous fp32
   int64_t chunks = 1;

@@ -224,6 +224,9 @@ static void bf16_backward_item(const Bf16BackwardArgs& a, int64_t item, float* s
   const int64_t kt_panel = EP * 2 * NR, vt_panel = EvP * 2 * NR;
   const int64_t k_panel = pairs(p.S) * 2 * NR, l_panel = pairs(p.L) * 2 * NR;
 
+  // This item's rows of dQ's partial sum (chunk, b, every head of the group), zeroed here.
+  for (int64_t g = 0; g < G; ++g)
+    std::fill_n(a.dq_partial + ((chunk * p.B * p.Hq + b * p.Hq + hk * G + g) * p.L) * Epad, p.L * Epad, 0.f);
   for (int64_t t = chunk; t < ntiles; t += chunks) {
     const int64_t j0 = t * BK, n = std::min(BK, p.S - j0);
     std::fill(dKa, dKa + n * Epad, 0.f);

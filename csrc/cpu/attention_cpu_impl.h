@@ -555,6 +555,9 @@ static void backward_item(const BackwardArgs& a, int64_t item, float* scratch) {
   const float* vt = a.vt.head(b, hk);
   const float* kh = a.k.head(b, hk);
 
+  // This item's rows of dQ's partial sum (chunk, b, every head of the group), zeroed here.
+  for (int64_t g = 0; g < G; ++g)
+    std::fill_n(a.dq_partial + ((chunk * p.B * p.Hq + b * p.Hq + hk * G + g) * p.L) * Epad, p.L * Epad, 0.f);
   for (int64_t t = chunk; t < ntiles; t += chunks) {  // round-robin: balances causal work
     const int64_t j0 = t * BK, n = std::min(BK, p.S - j0);
     std::fill(dKa, dKa + n * Epad, 0.f);
