@@ -10,8 +10,9 @@ This script reads every ``bench/results/*/cpu_attention.json`` (full runs, not
 ``-quick``) and keeps, per variant (``environment.isa``), the newest run on a
 machine of that variant and the newest emulated one (``environment.emulated_isa``:
 a newer processor with our kernels, torch's and MKL/oneDNN all held to that
-instruction set). Where both measured a shape, the lower ratio stands: a
-variant's ``cpu`` rows are those every source agrees on. It writes the table to
+instruction set). Where both measured a shape, the lower ratio is shown and
+the row is ``cpu`` only if each run's own verdict (its noise included) is
+``cpu``; a shape only one run measured takes that run's verdict. It writes the table to
 ``fastformer/ops/attention_cpu_policy.py``:
 
     python bench/cpu_policy.py            # rewrite the table
@@ -42,6 +43,8 @@ def noise(row) -> float:
 
 
 def choice(row) -> str:
+    if row.get("every_source_cpu") is False:  # a merged row (load_runs): one source said torch
+        return "torch"
     return "cpu" if row["speedup_vs_torch"] >= MIN_SPEEDUP + noise(row) else "torch"
 
 
@@ -69,13 +72,17 @@ def load_runs(results_dir: Path, only_emulated: bool = False):
     runs = {}
     for isa in sorted({isa for isa, _ in newest}):
         parts = [newest[(isa, emulated)] for emulated in (False, True) if (isa, emulated) in newest]
-        rows = {}
+        groups = {}
         for _, _, part_rows in parts:
             for r in part_rows:
-                k = _key(r)
-                if k not in rows or r["speedup_vs_torch"] < rows[k]["speedup_vs_torch"]:
-                    rows[k] = r
-        runs[isa] = ([(source, env) for source, env, _ in parts], list(rows.values()))
+                groups.setdefault(_key(r), []).append(r)
+        rows = []
+        for group in groups.values():
+            row = min(group, key=lambda r: r["speedup_vs_torch"])
+            if len(group) > 1:  # cpu only where every source's own verdict (its noise included) is cpu
+                row = dict(row, every_source_cpu=all(choice(r) == "cpu" for r in group))
+            rows.append(row)
+        runs[isa] = ([(source, env) for source, env, _ in parts], rows)
     return runs
 
 
@@ -189,6 +196,10 @@ def main(argv=None) -> int:
     if args.emulated and not (args.markdown or args.chart):
         p.error("--emulated goes with --markdown or --chart (the policy always merges)")
     runs = load_runs(args.results, only_emulated=args.emulated)
+    wanted = args.markdown or (args.chart[0] if args.chart else None)
+    if wanted and wanted not in runs:
+        p.error(f"no {'emulated ' if args.emulated else ''}run for variant {wanted!r} in {args.results} "
+                f"(have {sorted(runs)})")
     if args.markdown:
         print(markdown(runs, args.markdown))
         return 0

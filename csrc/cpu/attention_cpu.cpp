@@ -52,9 +52,13 @@ int64_t block_k(int nr, int64_t fallback) {
 }
 constexpr int64_t kForwardBK = 256, kBackwardBK = 128;
 
-// FASTFORMER_CPU_ATTN_PACK_B=1 packs every B operand (the layout before in-place reads; for A/B timing).
+// FASTFORMER_CPU_ATTN_PACK_B=1 packs every B operand (the layout before in-place reads; for A/B
+// timing); unset or 0 reads them in place. (Not env_int: it clamps every set value to >= 1.)
 bool pack_b_always() {
-  static const bool v = env_int("FASTFORMER_CPU_ATTN_PACK_B", 0) != 0;
+  static const bool v = [] {
+    const char* e = std::getenv("FASTFORMER_CPU_ATTN_PACK_B");
+    return e != nullptr && std::atoll(e) != 0;
+  }();
   return v;
 }
 
@@ -502,6 +506,11 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
   check_output("dq", dq, q.sizes(), q.scalar_type());
   check_output("dk", dk, k.sizes(), k.scalar_type());
   check_output("dv", dv, v.sizes(), v.scalar_type());
+  // The kernels write dq (it is their dQ accumulator), dk and dv while still reading the inputs
+  // in place, so an output sharing memory with an input would be read after it was overwritten.
+  for (const at::Tensor* o : {&dq, &dk, &dv})
+    for (const at::Tensor* i : {&dout, &q, &k, &v, &out})
+      TORCH_CHECK(!o->is_alias_of(*i), "attention_cpu: dq, dk and dv must not share memory with dout, q, k, v or out");
   if (p.B * p.Hq * p.L == 0 || p.S == 0) {
     dq.zero_();
     dk.zero_();
