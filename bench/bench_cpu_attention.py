@@ -228,7 +228,7 @@ def main(argv=None) -> int:
         env["emulated_isa"] = emulated
         env["emulation_env"] = {k: os.environ[k] for k in ("FASTFORMER_CPU_ISA", *EMULATION_ENV[emulated])}
         env["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
-    env["load_average"] = list(__import__("os").getloadavg())  # shared machines: say how busy it was
+    env["load_average"] = list(os.getloadavg())  # shared machines: say how busy it was
     env["cpu_features_detected"] = list(fastformer._ext.C.cpu_features())
     ceilings = matmul_ceilings(args.quick)
     print(f"{env['device']} flags={env['cpu_flags']} isa={env['isa']} ceilings={ceilings}", flush=True)

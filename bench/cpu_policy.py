@@ -54,9 +54,10 @@ def _key(row):
 
 def load_runs(results_dir: Path, only_emulated: bool = False):
     """Per ISA variant: ``{isa: (sources, rows)}``, ``sources`` a list of (path, environment)
-    (the newest native run, then the newest emulated one) and ``rows`` their union, the
-    lower ``speedup_vs_torch`` where both measured a shape. ``only_emulated``: the emulated
-    runs alone (the README's AVX2 table)."""
+    (the newest native run, then the newest emulated one) and ``rows`` their union: where both
+    measured a shape, the lower ``speedup_vs_torch``, with ``every_source_cpu`` saying whether
+    each run's own :func:`choice` was ``cpu``. ``only_emulated``: the emulated runs alone (the
+    README's AVX2 table)."""
     newest = {}  # (isa, emulated) -> (path, env, rows)
     for path in sorted(results_dir.glob("*/cpu_attention.json")):
         data = json.loads(path.read_text())

@@ -309,12 +309,16 @@ def test_policy_merge_takes_torch_where_any_source_does(tmp_path, monkeypatch):
 
 
 def test_outputs_aliasing_inputs_are_refused():
-    """The backward writes dq, dk, dv while it still reads q, k, v and dO in place: an output
-    sharing memory with an input raises instead of reading overwritten values."""
+    """The kernels write out/lse (forward) and dq, dk, dv (backward) while they still read q, k, v
+    and dO in place: an output sharing memory with an input raises instead of reading
+    overwritten values."""
     require_backend("cpu")
     C = fastformer._ext.C
     q, k, v, dout = (torch.randn(1, 2, 16, 32) for _ in range(4))
     out, lse = torch.empty(1, 2, 16, 32), torch.empty(1, 2, 16)
+    for fwd_out in (v, q):
+        with pytest.raises(RuntimeError, match="out and lse must not share memory"):
+            C.attention_cpu_forward(q, k, v, None, 0.0, 0, 0, False, False, 0.2, fwd_out, lse, -1, -1, None, 0.0)
     C.attention_cpu_forward(q, k, v, None, 0.0, 0, 0, False, False, 0.2, out, lse, -1, -1, None, 0.0)
     for dq, dk, dv in [(q, torch.empty_like(k), torch.empty_like(v)), (torch.empty_like(q), k, torch.empty_like(v)),
                        (torch.empty_like(q), torch.empty_like(k), dout[:, :, :, :].view_as(v))]:

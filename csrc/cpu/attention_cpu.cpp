@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <initializer_list>
 #include <memory>
 #include <string>
 #include <type_traits>
@@ -300,6 +301,16 @@ void check_output(const char* name, const at::Tensor& t, at::IntArrayRef shape, 
               t.scalar_type(), " ", t.sizes());
 }
 
+// The kernels write their outputs (out and lse; dq, their dQ accumulator, dk and dv) while still
+// reading the inputs in place (Q, V, K, dO as GEMM operands), so an output sharing memory with
+// an input would be read after it was overwritten.
+void check_no_alias(const char* out_names, std::initializer_list<const at::Tensor*> outs, const char* in_names,
+                    std::initializer_list<const at::Tensor*> ins) {
+  for (const at::Tensor* o : outs)
+    for (const at::Tensor* i : ins)
+      TORCH_CHECK(!o->is_alias_of(*i), "attention_cpu: ", out_names, " must not share memory with ", in_names);
+}
+
 // Window / ALiBi / soft-cap (FlashAttention's conventions: -1 = unlimited side, causal = right 0).
 struct VariantArgs {
   int64_t window_left = -1, window_right = -1;
@@ -385,6 +396,7 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
                            {window_left, window_right, alibi_slopes, softcap}, kForwardBK);
   check_output("out", out, {p.B, p.Hq, p.L, p.Ev}, q.scalar_type());
   check_output("lse", lse, {p.B, p.Hq, p.L}, at::kFloat);
+  check_no_alias("out and lse", {&out, &lse}, "q, k or v", {&q, &k, &v});
   if (p.B * p.Hq * p.L == 0) return;
   if (q.scalar_type() == at::kBFloat16 && K.bf16_forward_item != nullptr) {
     at::Tensor qb = pairs_operand(q);
@@ -506,11 +518,7 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
   check_output("dq", dq, q.sizes(), q.scalar_type());
   check_output("dk", dk, k.sizes(), k.scalar_type());
   check_output("dv", dv, v.sizes(), v.scalar_type());
-  // The kernels write dq (it is their dQ accumulator), dk and dv while still reading the inputs
-  // in place, so an output sharing memory with an input would be read after it was overwritten.
-  for (const at::Tensor* o : {&dq, &dk, &dv})
-    for (const at::Tensor* i : {&dout, &q, &k, &v, &out})
-      TORCH_CHECK(!o->is_alias_of(*i), "attention_cpu: dq, dk and dv must not share memory with dout, q, k, v or out");
+  check_no_alias("dq, dk and dv", {&dq, &dk, &dv}, "dout, q, k, v or out", {&dout, &q, &k, &v, &out});
   if (p.B * p.Hq * p.L == 0 || p.S == 0) {
     dq.zero_();
     dk.zero_();

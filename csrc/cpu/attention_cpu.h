@@ -93,6 +93,11 @@ struct PanelsB {
   const float* at(const float* head, int64_t r, int64_t c0, int64_t nr) const { return head + (c0 / nr) * ps + r * rs; }
 };
 
+// Rows of (b, h) = bh in chunk `chunk` of dQ's partial sums, (chunks, B, Hq, L, Epad) float32.
+inline float* dq_partial_rows(float* dq_partial, const Problem& p, int64_t chunk, int64_t bh) {
+  return dq_partial + ((chunk * p.B * p.Hq + bh) * p.L) * p.Epad;
+}
+
 struct ForwardArgs {
   Problem p;
   Strided4 q;  // (B, Hq, L, E) fp32

@@ -226,7 +226,7 @@ static void bf16_backward_item(const Bf16BackwardArgs& a, int64_t item, float* s
 
   // This item's rows of dQ's partial sum (chunk, b, every head of the group), zeroed here.
   for (int64_t g = 0; g < G; ++g)
-    std::fill_n(a.dq_partial + ((chunk * p.B * p.Hq + b * p.Hq + hk * G + g) * p.L) * Epad, p.L * Epad, 0.f);
+    std::fill_n(dq_partial_rows(a.dq_partial, p, chunk, b * p.Hq + hk * G + g), p.L * Epad, 0.f);
   for (int64_t t = chunk; t < ntiles; t += chunks) {
     const int64_t j0 = t * BK, n = std::min(BK, p.S - j0);
     std::fill(dKa, dKa + n * Epad, 0.f);
@@ -238,7 +238,7 @@ static void bf16_backward_item(const Bf16BackwardArgs& a, int64_t item, float* s
       const int64_t h = hk * G + g, bh = b * p.Hq + h;
       const uint16_t* qp = a.q_panels + bh * a.q_head_stride;
       const uint16_t* dop = a.do_panels + bh * a.do_head_stride;
-      float* dq = a.dq_partial + ((chunk * p.B * p.Hq + bh) * p.L) * Epad;
+      float* dq = dq_partial_rows(a.dq_partial, p, chunk, bh);
       for (int64_t i0 = q_start; i0 < q_end; i0 += BQ) {
         const int64_t mb = std::min(BQ, q_end - i0);
         // The edge block in sub-blocks (as backward_item).

@@ -557,7 +557,7 @@ static void backward_item(const BackwardArgs& a, int64_t item, float* scratch) {
 
   // This item's rows of dQ's partial sum (chunk, b, every head of the group), zeroed here.
   for (int64_t g = 0; g < G; ++g)
-    std::fill_n(a.dq_partial + ((chunk * p.B * p.Hq + b * p.Hq + hk * G + g) * p.L) * Epad, p.L * Epad, 0.f);
+    std::fill_n(dq_partial_rows(a.dq_partial, p, chunk, b * p.Hq + hk * G + g), p.L * Epad, 0.f);
   for (int64_t t = chunk; t < ntiles; t += chunks) {  // round-robin: balances causal work
     const int64_t j0 = t * BK, n = std::min(BK, p.S - j0);
     std::fill(dKa, dKa + n * Epad, 0.f);
@@ -570,7 +570,7 @@ static void backward_item(const BackwardArgs& a, int64_t item, float* scratch) {
       const int64_t h = hk * G + g, bh = b * p.Hq + h;
       const float* qh = a.qb.head(b, h);
       const float* doh = a.dob.head(b, h);
-      float* dq = a.dq_partial + ((chunk * p.B * p.Hq + bh) * p.L) * Epad;
+      float* dq = dq_partial_rows(a.dq_partial, p, chunk, bh);
       for (int64_t i0 = q_start; i0 < q_end; i0 += BQ) {
         const int64_t mb = std::min(BQ, q_end - i0);
         // A block whose last row does not see the tile's last key runs in sub-blocks
