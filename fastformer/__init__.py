@@ -5,14 +5,14 @@ Importing ``fastformer`` (or ``fastformer.ops``, ``fastformer.kernels``) loads t
 (which swaps torch.nn modules for ``fastformer.nn``'s) with them.
 """
 
-from .ops import attention, backends, scaled_dot_product_attention, use_backend
+from .ops import attention, attention_qkvpacked, backends, scaled_dot_product_attention, use_backend
 from .ops import decode_attention
 from .ops import softmax  # issue 7: fused scaled/masked/causal softmax
 from .ops import varlen_attention
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "backends", "scaled_dot_product_attention", "use_backend", "decode_attention", "varlen_attention", "convert", "softmax", "__version__"]
+__all__ = ["attention", "attention_qkvpacked", "backends", "scaled_dot_product_attention", "use_backend", "decode_attention", "varlen_attention", "convert", "softmax", "__version__"]
 
 
 def __getattr__(name):

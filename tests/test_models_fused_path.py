@@ -55,7 +55,7 @@ EXPECTED = {
     "timeseries": {"feed_forward", "layer_norm+residual", "attention"},
 }
 _NAMES = {"feed_forward", "linear_act", "gated_linear", "layer_norm", "apply_rotary", "add_sinusoidal_positions",
-          "scaled_dot_product_attention", "decode_attention"}
+          "scaled_dot_product_attention", "attention_qkvpacked", "decode_attention"}
 
 
 def _record_cpu(fn):
@@ -70,7 +70,7 @@ def _record_cpu(fn):
             name = code.co_name
             if name == "layer_norm" and frame.f_locals.get("residual") is not None:
                 seen.add("layer_norm+residual")
-            seen.add("attention" if name == "scaled_dot_product_attention" else name)
+            seen.add("attention" if name in ("scaled_dot_product_attention", "attention_qkvpacked") else name)
 
     threading.setprofile(prof)
     sys.setprofile(prof)

@@ -104,15 +104,20 @@ def test_slopes_stay_float32_and_follow_the_device():
     assert m2.alibi_slopes.dtype == torch.float32 and torch.equal(m2.alibi_slopes, own.float())
 
 
-def test_plain_block_calls_plain_sdpa(monkeypatch):
-    """No variant: the block still calls the SDPA drop-in (not the variant path)."""
+def test_plain_block_calls_the_packed_op_without_variants(monkeypatch):
+    """No variant: self-attention runs attention_qkvpacked with no variant arguments (the variant
+    path, ops.attention, is not called); with a mask it is the SDPA drop-in."""
     import fastformer.ops as ops
 
     calls = []
-    real = ops.scaled_dot_product_attention
-    monkeypatch.setattr(ops, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in ("attention_qkvpacked", "scaled_dot_product_attention", "attention"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _n=name, _r=real, **k: calls.append((_n, sorted(k))) or _r(*a, **k))
     ffnn.Attention(DIM, HEADS)(torch.randn(1, 3, DIM))
-    assert calls
+    assert calls == [("attention_qkvpacked", ["causal", "softmax_scale"])]
+    calls.clear()
+    ffnn.Attention(DIM, HEADS)(torch.randn(1, 3, DIM), torch.ones(3, 3, dtype=torch.bool))
+    assert [c[0] for c in calls] == ["scaled_dot_product_attention"]
 
 
 def test_bad_arguments():

@@ -33,11 +33,21 @@ FF_TARGET_PRAGMA(FF_TARGET)
 constexpr float kBeta = 0.7978845608028654f;  // sqrt(2 / pi)
 constexpr float kKappa = 0.044715f;
 
+// -2 log2(e) sqrt(2/pi) and the same times 0.044715: z = -2u log2(e) = x (kZ1 + kZ3 x^2), three
+// operations (x^2, one fma, one product) where u's own form takes five.
+constexpr float kZ1 = -2.302208198144325f;
+constexpr float kZ3 = -0.1029432395800235f;
+
 // s = 1 / (1 + exp(-2u)) and e = exp(-2u) (e finite, s = 0 where it overflows).
 static inline vf sigmoid_2u(vf x, vf* e_out) {
-  const vf u = kBeta * (x + kKappa * (x * x * x));
-  const vf z = u * (-2.f * kLog2e);  // log2(e)
-  const vf e = vexp2(z);              // z clamped to 127 inside: finite
+  const vf z = x * (kZ1 + kZ3 * (x * x));
+#if FF_W == 16 && defined(__x86_64__)
+  // vexp2's arithmetic with AVX-512's rounding and scaling instructions (vexp2_weight): the same
+  // values, 11 instructions instead of 17. z is capped at 127 so e stays finite (s is 0 there).
+  const vf e = vexp2_weight<7>(z > vsplat(127.f) ? vsplat(127.f) : z);
+#else
+  const vf e = vexp2(z);  // z clamped to 127 inside: finite
+#endif
   const vf r = 1.f / (1.f + e);
   const vf s = z > vsplat(126.f) ? vf{} : r;
   if (e_out) *e_out = e;

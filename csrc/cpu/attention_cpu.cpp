@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
@@ -14,6 +15,7 @@
 #include <memory>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "attention_cpu.h"
@@ -301,6 +303,42 @@ void check_output(const char* name, const at::Tensor& t, at::IntArrayRef shape, 
               t.scalar_type(), " ", t.sizes());
 }
 
+// No two elements of t share memory: with its dims sorted by stride, each stride at least spans
+// the dims below it (sufficient, and true of every view of a contiguous tensor that drops or
+// permutes dims: a transposed (B, L, H, E) tensor, one slice of a (B, L, 3, H, E) one).
+bool non_overlapping(const at::Tensor& t) {
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the dims with size > 1
+  for (int64_t d = 0; d < t.dim(); ++d)
+    if (t.size(d) > 1) dims.emplace_back(t.stride(d), t.size(d));
+  std::sort(dims.begin(), dims.end());
+  int64_t span = 1;
+  for (const auto& [stride, size] : dims) {
+    if (stride < span) return false;
+    span = stride * size;
+  }
+  return true;
+}
+
+// An output written row by row (out; dq, dk, dv): rows with unit element stride, any strides
+// between them as long as no two elements overlap.
+void check_rows_output(const char* name, const at::Tensor& t, at::IntArrayRef shape, at::ScalarType dtype) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.sizes() == shape &&
+                  (t.size(3) <= 1 || t.stride(3) == 1) && non_overlapping(t),
+              "attention_cpu: ", name, " must be a CPU ", dtype, " tensor of shape ", shape,
+              " with unit stride along its last dim and no overlapping elements, got ", t.scalar_type(), " ",
+              t.sizes(), " strides ", t.strides());
+}
+
+template <typename T>
+Rows<T> rows(const at::Tensor& t) {
+  Rows<T> r;
+  r.data = reinterpret_cast<T*>(t.data_ptr());
+  r.sb = t.stride(0);
+  r.sh = t.stride(1);
+  r.sl = t.stride(2);
+  return r;
+}
+
 // The kernels write their outputs (out and lse; dq, their dQ accumulator, dk and dv) while still
 // reading the inputs in place (Q, V, K, dO as GEMM operands), so an output sharing memory with
 // an input would be read after it was overwritten.
@@ -394,7 +432,7 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
   const Kernels& K = kernels();
   Problem p = make_problem(q, k, v, mask, dropout_p, seed, offset, is_causal, bottom_right, scale, K.nr,
                            {window_left, window_right, alibi_slopes, softcap}, kForwardBK);
-  check_output("out", out, {p.B, p.Hq, p.L, p.Ev}, q.scalar_type());
+  check_rows_output("out", out, {p.B, p.Hq, p.L, p.Ev}, q.scalar_type());
   check_output("lse", lse, {p.B, p.Hq, p.L}, at::kFloat);
   check_no_alias("out and lse", {&out, &lse}, "q, k or v", {&q, &k, &v});
   if (p.B * p.Hq * p.L == 0) return;
@@ -410,7 +448,7 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
     a.kt_head_stride = kt.size(1);
     a.v_panels = bits(vp);
     a.v_head_stride = vp.size(1);
-    a.out = reinterpret_cast<uint16_t*>(out.data_ptr());
+    a.out = rows<uint16_t>(out);
     a.lse = lse.data_ptr<float>();
     run_items(forward_items(p), K.bf16_forward_scratch(p), [&](int64_t i, float* s) { K.bf16_forward_item(a, i, s); });
     return;
@@ -425,7 +463,7 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
   at::Tensor out_f = float_target(out);
   a.p = p;
   a.q = strided(qf);
-  a.out = out_f.data_ptr<float>();
+  a.out = rows<float>(out_f);
   a.lse = lse.data_ptr<float>();
   run_items(forward_items(p), K.forward_scratch(p), [&](int64_t i, float* s) { K.forward_item(a, i, s); });
   if (!out_f.is_same(out)) out.copy_(out_f);
@@ -439,16 +477,25 @@ int64_t backward_chunks(const Problem& p) {
 }
 
 // dQ's partial sums, (chunks, B, Hq, L, Epad) float32, each zeroed by the items that own it
-// (in parallel, into their own cache). With one chunk and no column padding they are dq itself:
-// no zero-fill of a separate buffer and no copy after (~2 % of an L = 256 backward).
-at::Tensor dq_partials(const Problem& p, int64_t chunks, at::Tensor& dq) {
-  if (chunks == 1 && p.Epad == p.E && dq.scalar_type() == at::kFloat) return dq.view({1, p.B, p.Hq, p.L, p.E});
-  return at::empty({chunks, p.B, p.Hq, p.L, p.Epad}, dq.options().dtype(at::kFloat));
+// (in parallel, into their own cache). With one chunk and no column padding they are dq itself,
+// in its own layout: no zero-fill of a separate buffer and no copy after (~2 % of an L = 256
+// backward). `buffer` is then dq, else the separate buffer.
+DqPartials dq_partials(const Problem& p, int64_t chunks, at::Tensor& dq, at::Tensor& buffer) {
+  DqPartials d;
+  if (chunks == 1 && p.Epad == p.E && dq.scalar_type() == at::kFloat) {
+    buffer = dq;
+    d.rows = rows<float>(dq);
+    return d;
+  }
+  buffer = at::empty({chunks, p.B, p.Hq, p.L, p.Epad}, dq.options().dtype(at::kFloat));
+  d.rows = rows<float>(buffer[0]);
+  d.chunk_stride = buffer.stride(0);
+  return d;
 }
 
 void finish_backward(const Problem& p, int64_t chunks, const at::Tensor& dq_part, at::Tensor& dq,
                      const at::Tensor& dk_f, at::Tensor& dk, const at::Tensor& dv_f, at::Tensor& dv) {
-  if (dq_part.data_ptr() != dq.data_ptr()) dq.copy_((chunks == 1 ? dq_part[0] : dq_part.sum(0)).narrow(-1, 0, p.E));
+  if (!dq_part.is_same(dq)) dq.copy_((chunks == 1 ? dq_part[0] : dq_part.sum(0)).narrow(-1, 0, p.E));
   if (!dk_f.is_same(dk)) dk.copy_(dk_f);
   if (!dv_f.is_same(dv)) dv.copy_(dv_f);
 }
@@ -473,7 +520,8 @@ void backward_bf16(const Kernels& K, const Problem& p, const at::Tensor& dout, c
   at::Tensor dop = prep.pair_panels(dout, false, K.nr);
   prep.run();
   const int64_t chunks = backward_chunks(p);
-  at::Tensor dq_part = dq_partials(p, chunks, dq);
+  at::Tensor dq_part;
+  const DqPartials dq_rows = dq_partials(p, chunks, dq, dq_part);
   at::Tensor dk_f = float_target(dk), dv_f = float_target(dv);
   Bf16BackwardArgs a;
   a.p = p;
@@ -491,9 +539,9 @@ void backward_bf16(const Kernels& K, const Problem& p, const at::Tensor& dout, c
   a.do_head_stride = dop.size(1);
   a.lse = lse.data_ptr<float>();
   a.delta = dl;
-  a.dq_partial = dq_part.data_ptr<float>();
-  a.dk = dk_f.data_ptr<float>();
-  a.dv = dv_f.data_ptr<float>();
+  a.dq = dq_rows;
+  a.dk = rows<float>(dk_f);
+  a.dv = rows<float>(dv_f);
   a.chunks = chunks;
   run_items(backward_items(p, chunks), K.bf16_backward_scratch(p),
             [&](int64_t i, float* s) { K.bf16_backward_item(a, i, s); });
@@ -515,9 +563,9 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
               " ", dout.sizes());
   TORCH_CHECK(out.sizes() == dout.sizes(), "attention_cpu: out must have dout's shape, got ", out.sizes());
   check_output("lse", lse, {p.B, p.Hq, p.L}, at::kFloat);
-  check_output("dq", dq, q.sizes(), q.scalar_type());
-  check_output("dk", dk, k.sizes(), k.scalar_type());
-  check_output("dv", dv, v.sizes(), v.scalar_type());
+  check_rows_output("dq", dq, q.sizes(), q.scalar_type());
+  check_rows_output("dk", dk, k.sizes(), k.scalar_type());
+  check_rows_output("dv", dv, v.sizes(), v.scalar_type());
   check_no_alias("dq, dk and dv", {&dq, &dk, &dv}, "dout, q, k, v or out", {&dout, &q, &k, &v, &out});
   if (p.B * p.Hq * p.L == 0 || p.S == 0) {
     dq.zero_();
@@ -554,16 +602,17 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
   a.dob = prep.operand_b(dof, false, K.nr, dop);
   prep.run();
   const int64_t chunks = backward_chunks(p);
-  at::Tensor dq_part = dq_partials(p, chunks, dq);
+  at::Tensor dq_part;
+  const DqPartials dq_rows = dq_partials(p, chunks, dq, dq_part);
   at::Tensor dk_f = float_target(dk), dv_f = float_target(dv);
   a.p = p;
   a.q = strided(qf);
   a.dout = strided(dof);
   a.lse = lse.data_ptr<float>();
   a.delta = delta.data_ptr<float>();
-  a.dq_partial = dq_part.data_ptr<float>();
-  a.dk = dk_f.data_ptr<float>();
-  a.dv = dv_f.data_ptr<float>();
+  a.dq = dq_rows;
+  a.dk = rows<float>(dk_f);
+  a.dv = rows<float>(dv_f);
   a.chunks = chunks;
   run_items(backward_items(p, chunks), K.backward_scratch(p), [&](int64_t i, float* s) { K.backward_item(a, i, s); });
   finish_backward(p, chunks, dq_part, dq, dk_f, dk, dv_f, dv);

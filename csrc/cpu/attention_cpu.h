@@ -12,6 +12,7 @@
 // streams one panel while broadcasting elements of the other operand.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 namespace fastformer {
@@ -93,9 +94,32 @@ struct PanelsB {
   const float* at(const float* head, int64_t r, int64_t c0, int64_t nr) const { return head + (c0 / nr) * ps + r * rs; }
 };
 
-// Rows of (b, h) = bh in chunk `chunk` of dQ's partial sums, (chunks, B, Hq, L, Epad) float32.
-inline float* dq_partial_rows(float* dq_partial, const Problem& p, int64_t chunk, int64_t bh) {
-  return dq_partial + ((chunk * p.B * p.Hq + bh) * p.L) * p.Epad;
+// An output the kernels write row by row: row (b, h, i) at data + b * sb + h * sh + i * sl, its
+// elements contiguous. A contiguous (B, H, L, E) tensor, or a (B, H, L, E) view of another layout:
+// a transposed (B, L, H, E) tensor (FlashAttention's layout: attention_qkvpacked's output) or one
+// slice of a packed (B, L, 3, H, E) gradient (its dq, dk, dv), written in place, no copy after.
+template <typename T>
+struct Rows {
+  T* data = nullptr;
+  int64_t sb = 0, sh = 0, sl = 0;
+  T* row(int64_t b, int64_t h, int64_t i) const { return data + b * sb + h * sh + i * sl; }
+};
+
+// dQ's partial sums: `chunks` accumulators of (B, Hq, L) rows Epad wide (chunk c at c * chunk_stride
+// from rows.data); with one chunk and no column padding, dq itself (any row-strided layout).
+struct DqPartials {
+  Rows<float> rows;
+  int64_t chunk_stride = 0;
+  float* row0(int64_t chunk, int64_t b, int64_t h) const { return rows.row(b, h, 0) + chunk * chunk_stride; }
+};
+
+// Zero rows [0, n) of width `width` at `base`, `sl` floats apart (one fill when they are adjacent).
+inline void zero_rows(float* base, int64_t n, int64_t width, int64_t sl) {
+  if (sl == width) {
+    std::fill_n(base, n * width, 0.f);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) std::fill_n(base + i * sl, width, 0.f);
 }
 
 struct ForwardArgs {
@@ -103,7 +127,7 @@ struct ForwardArgs {
   Strided4 q;  // (B, Hq, L, E) fp32
   PanelsB kt;  // per kv head: K^T (E x S), packed
   PanelsB v;   // per kv head: V (S x Ev)
-  float* out = nullptr;  // (B, Hq, L, Ev) contiguous fp32
+  Rows<float> out;       // (B, Hq, L, Ev) fp32
   float* lse = nullptr;  // (B, Hq, L) contiguous
 };
 
@@ -118,9 +142,9 @@ struct BackwardArgs {
   PanelsB dob; // per q head: dO (L x Ev)
   const float* lse = nullptr;    // (B, Hq, L)
   const float* delta = nullptr;  // (B, Hq, L): rowsum(dO * O)
-  float* dq_partial = nullptr;   // (chunks, B, Hq, L, Epad); each item zeroes its rows
-  float* dk = nullptr;           // (B, Hkv, S, E) contiguous fp32
-  float* dv = nullptr;           // (B, Hkv, S, Ev) contiguous fp32
+  DqPartials dq;                 // each item zeroes its rows
+  Rows<float> dk;                // (B, Hkv, S, E) fp32
+  Rows<float> dv;                // (B, Hkv, S, Ev) fp32
   int64_t chunks = 1;            // key tiles of one kv head are split round-robin over chunks
 };
 
@@ -147,7 +171,7 @@ struct Bf16ForwardArgs {
   int64_t kt_head_stride = 0;           // in bf16 elements
   const uint16_t* v_panels = nullptr;   // per kv head: V (S x Ev), pair panels over Ev
   int64_t v_head_stride = 0;
-  uint16_t* out = nullptr;  // (B, Hq, L, Ev) contiguous bf16 (bits)
+  Rows<uint16_t> out;       // (B, Hq, L, Ev) bf16 (bits)
   float* lse = nullptr;     // (B, Hq, L) contiguous
 };
 
@@ -163,9 +187,9 @@ struct Bf16BackwardArgs {
   int64_t q_head_stride = 0, do_head_stride = 0;
   const float* lse = nullptr;    // (B, Hq, L)
   const float* delta = nullptr;  // (B, Hq, L): rowsum(dO * O)
-  float* dq_partial = nullptr;   // (chunks, B, Hq, L, Epad); each item zeroes its rows
-  float* dk = nullptr;           // (B, Hkv, S, E) contiguous fp32
-  float* dv = nullptr;           // (B, Hkv, S, Ev) contiguous fp32
+  DqPartials dq;                 // each item zeroes its rows
+  Rows<float> dk;                // (B, Hkv, S, E) fp32
+  Rows<float> dv;                // (B, Hkv, S, Ev) fp32
   int64_t chunks = 1;
 };
 

@@ -161,7 +161,7 @@ static void bf16_forward_item(const Bf16ForwardArgs& a, int64_t item, float* scr
 
   for (int64_t r = 0; r < mq; ++r) {
     const int64_t i = i0 + r;
-    uint16_t* out = a.out + (bh * p.L + i) * p.Ev;
+    uint16_t* out = a.out.row(b, h, i);
     if (m[r] == kNegInf || l[r] == 0.f) {  // every key masked: torch gives 0
       std::fill(out, out + p.Ev, (uint16_t)0);
       a.lse[bh * p.L + i] = kNegInf;
@@ -226,7 +226,7 @@ static void bf16_backward_item(const Bf16BackwardArgs& a, int64_t item, float* s
 
   // This item's rows of dQ's partial sum (chunk, b, every head of the group), zeroed here.
   for (int64_t g = 0; g < G; ++g)
-    std::fill_n(dq_partial_rows(a.dq_partial, p, chunk, b * p.Hq + hk * G + g), p.L * Epad, 0.f);
+    zero_rows(a.dq.row0(chunk, b, hk * G + g), p.L, Epad, a.dq.rows.sl);
   for (int64_t t = chunk; t < ntiles; t += chunks) {
     const int64_t j0 = t * BK, n = std::min(BK, p.S - j0);
     std::fill(dKa, dKa + n * Epad, 0.f);
@@ -238,7 +238,8 @@ static void bf16_backward_item(const Bf16BackwardArgs& a, int64_t item, float* s
       const int64_t h = hk * G + g, bh = b * p.Hq + h;
       const uint16_t* qp = a.q_panels + bh * a.q_head_stride;
       const uint16_t* dop = a.do_panels + bh * a.do_head_stride;
-      float* dq = dq_partial_rows(a.dq_partial, p, chunk, bh);
+      float* dq = a.dq.row0(chunk, b, h);
+      const int64_t dq_sl = a.dq.rows.sl;
       for (int64_t i0 = q_start; i0 < q_end; i0 += BQ) {
         const int64_t mb = std::min(BQ, q_end - i0);
         // The edge block in sub-blocks (as backward_item).
@@ -257,13 +258,13 @@ static void bf16_backward_item(const Bf16BackwardArgs& a, int64_t item, float* s
           gemm_bf16(ne, p.Ev, pairs(mq), Pt, 1, BK, dop + (s0 / 2) * 2 * NR, l_panel, dVa, Evpad, true);
           gemm_bf16(ne, p.E, pairs(mq), dSt, 1, BK, qp + (s0 / 2) * 2 * NR, l_panel, dKa, Epad, true);
           gemm_bf16(mq, p.E, pairs(ne), reinterpret_cast<const uint32_t*>(dSb), BK / 2, 1, kp + (j0 / 2) * 2 * NR,
-                    k_panel, dq + s0 * Epad, Epad, true);
+                    k_panel, dq + s0 * dq_sl, dq_sl, true);
         });
       }
     }
     for (int64_t r = 0; r < n; ++r) {
-      std::memcpy(a.dk + (bhk * p.S + j0 + r) * p.E, dKa + r * Epad, p.E * sizeof(float));
-      std::memcpy(a.dv + (bhk * p.S + j0 + r) * p.Ev, dVa + r * Evpad, p.Ev * sizeof(float));
+      std::memcpy(a.dk.row(b, hk, j0 + r), dKa + r * Epad, p.E * sizeof(float));
+      std::memcpy(a.dv.row(b, hk, j0 + r), dVa + r * Evpad, p.Ev * sizeof(float));
     }
   }
 }

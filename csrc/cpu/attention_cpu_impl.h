@@ -486,7 +486,7 @@ static void forward_item(const ForwardArgs& a, int64_t item, float* scratch) {
 
   for (int64_t r = 0; r < mq; ++r) {
     const int64_t i = i0 + r;
-    float* out = a.out + (bh * p.L + i) * p.Ev;
+    float* out = a.out.row(b, h, i);
     if (m[r] == kNegInf || l[r] == 0.f) {  // every key masked: torch gives 0
       std::fill(out, out + p.Ev, 0.f);
       a.lse[bh * p.L + i] = kNegInf;
@@ -557,7 +557,7 @@ static void backward_item(const BackwardArgs& a, int64_t item, float* scratch) {
 
   // This item's rows of dQ's partial sum (chunk, b, every head of the group), zeroed here.
   for (int64_t g = 0; g < G; ++g)
-    std::fill_n(dq_partial_rows(a.dq_partial, p, chunk, b * p.Hq + hk * G + g), p.L * Epad, 0.f);
+    zero_rows(a.dq.row0(chunk, b, hk * G + g), p.L, Epad, a.dq.rows.sl);
   for (int64_t t = chunk; t < ntiles; t += chunks) {  // round-robin: balances causal work
     const int64_t j0 = t * BK, n = std::min(BK, p.S - j0);
     std::fill(dKa, dKa + n * Epad, 0.f);
@@ -570,7 +570,8 @@ static void backward_item(const BackwardArgs& a, int64_t item, float* scratch) {
       const int64_t h = hk * G + g, bh = b * p.Hq + h;
       const float* qh = a.qb.head(b, h);
       const float* doh = a.dob.head(b, h);
-      float* dq = dq_partial_rows(a.dq_partial, p, chunk, bh);
+      float* dq = a.dq.row0(chunk, b, h);
+      const int64_t dq_sl = a.dq.rows.sl;
       for (int64_t i0 = q_start; i0 < q_end; i0 += BQ) {
         const int64_t mb = std::min(BQ, q_end - i0);
         // A block whose last row does not see the tile's last key runs in sub-blocks
@@ -588,13 +589,13 @@ static void backward_item(const BackwardArgs& a, int64_t item, float* scratch) {
           gemm(ne, p.Ev, mq, SP, 1, BK, a.dob.at(doh, s0, 0, NR), a.dob.rs, a.dob.ps, dVa, Evpad, true);
           gemm(ne, p.E, mq, DP, 1, BK, a.qb.at(qh, s0, 0, NR), a.qb.rs, a.qb.ps, dKa, Epad, true);
           // dQ += dS K
-          gemm(mq, p.E, ne, DP, BK, 1, a.k.at(kh, j0, 0, NR), a.k.rs, a.k.ps, dq + s0 * Epad, Epad, true);
+          gemm(mq, p.E, ne, DP, BK, 1, a.k.at(kh, j0, 0, NR), a.k.rs, a.k.ps, dq + s0 * dq_sl, dq_sl, true);
         });
       }
     }
     for (int64_t r = 0; r < n; ++r) {
-      std::memcpy(a.dk + (bhk * p.S + j0 + r) * p.E, dKa + r * Epad, p.E * sizeof(float));
-      std::memcpy(a.dv + (bhk * p.S + j0 + r) * p.Ev, dVa + r * Evpad, p.Ev * sizeof(float));
+      std::memcpy(a.dk.row(b, hk, j0 + r), dKa + r * Epad, p.E * sizeof(float));
+      std::memcpy(a.dv.row(b, hk, j0 + r), dVa + r * Evpad, p.Ev * sizeof(float));
     }
   }
 }

@@ -148,13 +148,23 @@ class Attention(nn.Module):
         B, N, _ = x.shape
         kv_heads = getattr(self, "num_kv_heads", None) or self.num_heads  # modules converted from timm lack it
         q_dim, kv_dim = self.num_heads * self.head_dim, kv_heads * self.head_dim
+        rotary = getattr(self, "rotary", None)
+        y = apply_linear(self.qkv, x)
+        if (cache is None and attn_mask is None and kv_heads == self.num_heads and rotary is None
+                and isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)):
+            # Self-attention straight from the projection: the packed op writes (B, N, H, hd), which
+            # proj reads as (B, N, H·hd), and (on CPU) the packed gradient of y, all without copies.
+            out = ops.attention_qkvpacked(
+                y.view(B, N, 3, self.num_heads, self.head_dim), self.attn_drop.p if self.training else 0.0,
+                softmax_scale=self.scale, causal=is_causal, **self._variant(x.device),
+            )
+            return self.proj_drop(apply_linear(self.proj, self.norm(out.reshape(B, N, self.attn_dim))))
         # One GEMM for q, k, v; each is a strided view of its output, (B, h, N, hd): no copy.
-        q, k, v = apply_linear(self.qkv, x).split([q_dim, kv_dim, kv_dim], dim=-1)
+        q, k, v = y.split([q_dim, kv_dim, kv_dim], dim=-1)
         q = _heads(q, self.num_heads, self.head_dim)
         k = _heads(k, kv_heads, self.head_dim)
         v = _heads(v, kv_heads, self.head_dim)
         q, k = self.q_norm(q), self.k_norm(k)
-        rotary = getattr(self, "rotary", None)
         start = cache.length if cache is not None else 0
         if rotary is not None:
             if positions is None:

@@ -6,6 +6,7 @@ Importing this package imports nothing of ``fastformer.nn`` or ``fastformer.mode
 from . import decode_attention as _old_decode_path  # noqa: F401  (bind the module first; the function wins below)
 from .attention import (
     attention,
+    attention_qkvpacked,
     backends,
     decode_attention,
     load_all_backends,
@@ -22,7 +23,7 @@ from .activation import gelu
 from .rope import apply_rotary
 from .sinusoidal import add_sinusoidal_positions
 
-__all__ = ["attention", "scaled_dot_product_attention", "varlen_attention", "backends", "use_backend",
+__all__ = ["attention", "attention_qkvpacked", "scaled_dot_product_attention", "varlen_attention", "backends", "use_backend",
            "decode_attention", "linear", "gelu", "softmax", "layer_norm", "rms_norm", "linear_act", "gated_linear", "feed_forward",
            "apply_rotary", "add_sinusoidal_positions"]
 

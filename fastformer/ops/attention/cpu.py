@@ -46,10 +46,13 @@ def _empty(q: Tensor, k: Tensor, v: Tensor) -> bool:
     return q.shape[0] * q.shape[1] * q.shape[2] == 0 or k.shape[2] == 0 or v.shape[3] == 0
 
 
-def cpu_forward(q, k, v, mask, rng_state, opts):
-    """Kernel contract of fused.py: ``out (B, Hq, L, Ev)`` in q's dtype, ``lse (B, Hq, L)`` float32."""
+def cpu_forward(q, k, v, mask, rng_state, opts, out: Optional[Tensor] = None):
+    """Kernel contract of fused.py: ``out (B, Hq, L, Ev)`` in q's dtype, ``lse (B, Hq, L)`` float32.
+    ``out``, when given, is written in place: any layout with unit stride along ``Ev`` and no
+    overlapping elements (``AttentionBackend.strided_outputs``)."""
     B, H, L, _ = q.shape
-    out = new_output((B, H, L, v.shape[-1]), q.dtype, q.device)
+    if out is None:
+        out = new_output((B, H, L, v.shape[-1]), q.dtype, q.device)
     lse = new_output((B, H, L), torch.float32, q.device)
     if _empty(q, k, v):  # nothing to attend: torch's zeros
         return out.zero_(), lse.fill_(float("-inf"))
@@ -60,11 +63,16 @@ def cpu_forward(q, k, v, mask, rng_state, opts):
     return out, lse
 
 
-def cpu_backward(dout, q, k, v, out, lse, mask, rng_state, opts):
-    """Kernel contract of fused.py: ``dq, dk, dv`` shaped like q, k, v."""
-    dq = new_output(q.shape, q.dtype, q.device)
-    dk = new_output(k.shape, k.dtype, k.device)
-    dv = new_output(v.shape, v.dtype, v.device)
+def cpu_backward(dout, q, k, v, out, lse, mask, rng_state, opts, grads: Optional[Tuple[Tensor, Tensor, Tensor]] = None):
+    """Kernel contract of fused.py: ``dq, dk, dv`` shaped like q, k, v. ``grads``, when given, are
+    those three written in place (layouts as ``cpu_forward``'s ``out``: e.g. slices of one packed
+    ``(B, L, 3, H, E)`` gradient)."""
+    if grads is None:
+        dq = new_output(q.shape, q.dtype, q.device)
+        dk = new_output(k.shape, k.dtype, k.device)
+        dv = new_output(v.shape, v.dtype, v.device)
+    else:
+        dq, dk, dv = grads
     if _empty(q, k, v):  # no weights or no output columns: every gradient is 0
         return dq.zero_(), dk.zero_(), dv.zero_()
     seed, offset = _seed_offset(rng_state)
@@ -211,6 +219,7 @@ register_backend(
         unsupported=_unsupported,
         forward=cpu_forward,
         backward=cpu_backward,
+        strided_outputs=True,
         auto_policy=auto_prefers_cpu,
         shape_policy=prefers_cpu_shape,
     )

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..buffers import new_output
 from ..kernel_backend import direct_calls_allowed
 from .problem import AttentionOptions
 from .registry import get_backend
@@ -315,6 +316,62 @@ class _EagerAttention(torch.autograd.Function):
             dout = dout.contiguous()
         dq, dk, dv = _kernels(ctx.backend, "backward")(dout, q, k, v, out, lse, mask, rng_state, ctx.opts)
         return dq.contiguous(), dk.contiguous(), dv.contiguous(), None, None, None, None
+
+
+def qkv_views(qkv: Tensor):
+    """q, k, v of a packed ``qkv (B, L, 3, H, E)`` as ``(B, H, L, E)`` views (no copy)."""
+    return tuple(qkv.select(2, i).transpose(1, 2) for i in range(3))
+
+
+class _PackedAttention(torch.autograd.Function):
+    """Attention over a packed ``qkv (B, L, 3, H, E)`` on a backend with ``strided_outputs``: the
+    output is written in FlashAttention's ``(B, L, H, E)`` layout and the backward writes dq, dk, dv
+    into one packed gradient of ``qkv``'s shape. The split form's autograd instead copies each
+    gradient out of its transposed view and concatenates the three (SplitBackward's cat), and the
+    output projection copies ``(B, H, L, E)`` to ``(B, L, H·E)``: four passes over L·H·E values a
+    layer that this form does not make."""
+
+    @staticmethod
+    def forward(ctx, qkv, mask, rng_state, opts, backend):
+        q, k, v = qkv_views(qkv)
+        B, L, _, H, E = qkv.shape
+        out = new_output((B, L, H, E), qkv.dtype, qkv.device)
+        _, lse = _kernels(backend, "forward")(q, k, v, mask, rng_state, opts, out=out.transpose(1, 2))
+        ctx.save_for_backward(qkv, out, lse, mask, rng_state, opts.alibi_slopes)
+        ctx.opts, ctx.backend = opts, backend
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        qkv, out, lse, mask, rng_state, _slopes = ctx.saved_tensors
+        q, k, v = qkv_views(qkv)
+        dqkv = new_output(qkv.shape, qkv.dtype, qkv.device)  # contiguous: (B, L, 3, H, E)
+        grads = qkv_views(dqkv)
+        _kernels(ctx.backend, "backward")(dout.transpose(1, 2), q, k, v, out.transpose(1, 2), lse, mask, rng_state,
+                                          ctx.opts, grads=grads)
+        return dqkv, None, None, None, None
+
+
+def run_qkvpacked(problem, backend, qkv: Tensor) -> Tensor:
+    """Run a dense self-attention problem whose q, k, v are :func:`qkv_views` of ``qkv``; returns
+    ``out (B, L, H, Ev)`` (contiguous). A backend with ``strided_outputs`` writes the output and
+    the packed gradient in place (:class:`_PackedAttention`); any other, and the traced paths
+    (torch.compile, transforms, subclasses), run :func:`run_problem` and transpose."""
+    fused = (backend.strided_outputs and backend.forward is not None and problem.head_dim > 0
+             and not (backend.run is not None and "dense" in backend.run_kinds))
+    eager = _eager(problem.q, problem.k, problem.v) if fused else None
+    if eager is None:
+        return run_problem(problem, backend).transpose(1, 2).contiguous()
+    opts = problem.options
+    rng_state = draw_rng_state(opts.dropout_p, qkv.device)
+    if eager == "grad":
+        return _PackedAttention.apply(qkv, problem.mask, rng_state, opts, backend.name)
+    B, L, _, H, _ = qkv.shape
+    out = new_output((B, L, H, problem.v.shape[-1]), qkv.dtype, qkv.device)
+    _kernels(backend.name, "forward")(problem.q, problem.k, problem.v, problem.mask, rng_state, opts,
+                                      out=out.transpose(1, 2))
+    return out
 
 
 def run_problem(problem, backend, return_lse: bool = False):

@@ -90,6 +90,9 @@ class AttentionBackend:
     varlen_backward: Optional[Callable] = None
     decode_forward: Optional[Callable] = None  # KV-cache kernel (inference only)
     run_kinds: Tuple[str, ...] = ("dense",)
+    # The dense forward takes ``out=`` and the backward ``grads=(dq, dk, dv)`` to write in place,
+    # in any layout with a unit last stride (fused.run_qkvpacked: FlashAttention's (B, L, H, E)).
+    strided_outputs: bool = False
     # Where "auto" may pick it, when it is not everywhere the fastest choice: None means
     # everywhere it supports; else True for the problems where it measured faster than
     # the fallback (the cpu backend's table from committed benchmarks, cpu.py).
