@@ -501,6 +501,30 @@ static void forward_item(const ForwardArgs& a, int64_t item, float* scratch) {
 
 // ---------------------------------------------------------------- backward
 
+// W x W transpose in registers: log2(W) stages, stage H swapping the off-diagonal H x H blocks
+// of every 2H x 2H block (two 2-source shuffles per pair of rows: vpermt2ps on AVX-512).
+template <int H, int... J>
+static inline vf swap_lo(vf a, vf b, std::integer_sequence<int, J...>) {
+  return __builtin_shufflevector(a, b, ((J & H) == 0 ? J : W + J - H)...);
+}
+template <int H, int... J>
+static inline vf swap_hi(vf a, vf b, std::integer_sequence<int, J...>) {
+  return __builtin_shufflevector(a, b, ((J & H) == 0 ? J + H : W + J)...);
+}
+template <int H>
+static inline void transpose_stage(vf* m) {
+  if constexpr (H >= 1) {
+#pragma GCC unroll 16
+    for (int i = 0; i < W; ++i)
+      if ((i & H) == 0) {
+        const vf a = m[i], b = m[i + H];
+        m[i] = swap_lo<H>(a, b, std::make_integer_sequence<int, W>{});
+        m[i + H] = swap_hi<H>(a, b, std::make_integer_sequence<int, W>{});
+      }
+    transpose_stage<H / 2>(m);
+  }
+}
+
 // Delta_i = sum_e dO[i, e] * O[i, e], accumulated in the same order and with the
 // same (contracted) multiply-adds as the micro-kernel's dO V^T, so dP - Delta is
 // exactly 0 where it should be (one visible key: O = v, dS = 0, as torch).
@@ -511,21 +535,42 @@ static void row_dots(int64_t rows, int64_t n, const float* a, int64_t a_rs, cons
   // target has it), so Delta is the very sum dP's gemm forms for a key equal to y. (A scalar
   // loop compiled apart rounded differently on AVX-512 and left single-key rows a ~1e-6
   // gradient, dP - Delta != 0; the previous fix ran the micro-kernel on a one-column panel:
-  // 32 times the work, 5 % of an L = 256 backward.) The rows are transposed into lanes first.
-  std::vector<float> at(n * W), bt(n * W);
+  // 32 times the work, 5 % of an L = 256 backward.) The rows are transposed into lanes first:
+  // W x W blocks in registers for full groups of rows (a scalar copy of each element was 7 % of
+  // an L = 256 training-layout backward), element by element for the rest.
+  std::vector<float> at, bt;
   for (int64_t r0 = 0; r0 < rows; r0 += W) {
     const int64_t m = std::min<int64_t>(W, rows - r0);
-    for (int64_t t = 0; t < W; ++t) {  // lanes past the last row repeat it (their sums are dropped)
-      const int64_t r = r0 + std::min<int64_t>(t, m - 1);
-      for (int64_t e = 0; e < n; ++e) {
-        at[e * W + t] = a[r * a_rs + e];
-        bt[e * W + t] = b[r * b_rs + e];
+    vf acc = vf{};
+    int64_t e0 = 0;
+    if (m == W) {
+      for (; e0 + W <= n; e0 += W) {
+        vf x[W], y[W];
+#pragma GCC unroll 16
+        for (int t = 0; t < W; ++t) {
+          x[t] = vload(a + (r0 + t) * a_rs + e0);
+          y[t] = vload(b + (r0 + t) * b_rs + e0);
+        }
+        transpose_stage<W / 2>(x);
+        transpose_stage<W / 2>(y);
+#pragma GCC unroll 16
+        for (int e = 0; e < W; ++e) acc += x[e] * y[e];
       }
     }
-    vf acc = vf{};
-    for (int64_t e = 0; e < n; ++e) {
-      const vf x = vload(at.data() + e * W), y = vload(bt.data() + e * W);
-      acc += x * y;
+    if (e0 < n) {
+      at.resize((n - e0) * W);
+      bt.resize((n - e0) * W);
+      for (int64_t t = 0; t < W; ++t) {  // lanes past the last row repeat it (their sums are dropped)
+        const int64_t r = r0 + std::min<int64_t>(t, m - 1);
+        for (int64_t e = e0; e < n; ++e) {
+          at[(e - e0) * W + t] = a[r * a_rs + e];
+          bt[(e - e0) * W + t] = b[r * b_rs + e];
+        }
+      }
+      for (int64_t e = e0; e < n; ++e) {
+        const vf x = vload(at.data() + (e - e0) * W), y = vload(bt.data() + (e - e0) * W);
+        acc += x * y;
+      }
     }
     float c[W];
     std::memcpy(c, &acc, sizeof(acc));
@@ -601,30 +646,6 @@ static void backward_item(const BackwardArgs& a, int64_t item, float* scratch) {
 }
 
 // ---------------------------------------------------------------- operand packing
-
-// W x W transpose in registers: log2(W) stages, stage H swapping the off-diagonal H x H blocks
-// of every 2H x 2H block (two 2-source shuffles per pair of rows: vpermt2ps on AVX-512).
-template <int H, int... J>
-static inline vf swap_lo(vf a, vf b, std::integer_sequence<int, J...>) {
-  return __builtin_shufflevector(a, b, ((J & H) == 0 ? J : W + J - H)...);
-}
-template <int H, int... J>
-static inline vf swap_hi(vf a, vf b, std::integer_sequence<int, J...>) {
-  return __builtin_shufflevector(a, b, ((J & H) == 0 ? J + H : W + J)...);
-}
-template <int H>
-static inline void transpose_stage(vf* m) {
-  if constexpr (H >= 1) {
-#pragma GCC unroll 16
-    for (int i = 0; i < W; ++i)
-      if ((i & H) == 0) {
-        const vf a = m[i], b = m[i + H];
-        m[i] = swap_lo<H>(a, b, std::make_integer_sequence<int, W>{});
-        m[i + H] = swap_hi<H>(a, b, std::make_integer_sequence<int, W>{});
-      }
-    transpose_stage<H / 2>(m);
-  }
-}
 
 // Kernels::pack_panel_t: W x W blocks transposed in registers. The scalar loop it replaces
 // stored one float per instruction with a stride of NR floats: 8 % of an fp32 forward+backward
