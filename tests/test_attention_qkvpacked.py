@@ -39,7 +39,7 @@ def _check(qkv, causal, backend, scale=None, **variant):
     qkv = qkv.detach().requires_grad_()
     out = fastformer.attention_qkvpacked(qkv, softmax_scale=scale, causal=causal, backend=backend, **variant)
     assert out.shape == qkv.shape[:2] + qkv.shape[3:] and out.is_contiguous() and out.dtype == qkv.dtype
-    g = torch.randn(out.shape).to(qkv.dtype)
+    g = torch.randn(out.shape, device=qkv.device).to(qkv.dtype)
     (dqkv,) = torch.autograd.grad(out, qkv, g)
     q64 = qkv.detach().double().requires_grad_()
     ref = _torch(q64, causal, scale, **variant)
@@ -219,3 +219,16 @@ def test_attention_module_runs_the_packed_op_and_matches_the_split_path():
     finally:
         fused_mod.run_qkvpacked = real
     assert calls == [1]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_packed_follows_the_error_rule(causal):
+    """On CUDA the packed op runs the split form on auto's backend: bf16 output and qkv gradient
+    within the error rule, the output equal to fastformer.attention's on the same views."""
+    torch.manual_seed(11)
+    qkv = torch.randn(2, 300, 3, 4, 64, device="cuda").to(torch.bfloat16)
+    _check(qkv, causal, "auto")
+    out = fastformer.attention_qkvpacked(qkv, causal=causal)
+    q, k, v = _split(qkv)
+    torch.testing.assert_close(out, fastformer.attention(q, k, v, is_causal=causal).transpose(1, 2), rtol=0, atol=0)

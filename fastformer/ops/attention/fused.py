@@ -24,6 +24,9 @@ Kernel contracts (plain functions; they allocate their outputs with
     ``lse (B, Hq, L)`` float32, the natural-log log-sum-exp of each row of scaled,
     masked scores (``-inf`` for rows where every key is masked; those rows output 0).
 ``backward(dout, q, k, v, out, lse, mask, rng_state, options)`` → ``dq, dk, dv``.
+    A backend with ``strided_outputs`` also takes ``forward(..., out=)`` and
+    ``backward(..., grads=(dq, dk, dv))``: views with a unit last stride to write in place
+    (``run_qkvpacked``: FlashAttention's ``(B, L, H, E)`` output, one packed qkv gradient).
 ``varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, rng_state, options)`` → packed
     ``out (Tq, Hq, Ev)``, ``lse (Hq, Tq)``; ``varlen_backward(dout, q, k, v, out, lse,
     cu_q, cu_k, max_q, max_k, rng_state, options)`` → ``dq, dk, dv``.
