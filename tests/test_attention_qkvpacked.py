@@ -151,6 +151,10 @@ def test_bad_input_names_qkv():
         fastformer.attention_qkvpacked(torch.randn(2, 5, 2, 2, 8))
     with pytest.raises(ValueError, match="window_size"):
         fastformer.attention_qkvpacked(torch.randn(2, 5, 3, 2, 8), window_size=(-2, 0))
+    with pytest.raises((TypeError, ValueError), match="window_size"):
+        fastformer.attention_qkvpacked(torch.randn(2, 5, 3, 2, 8), window_size=5)
+    qkv = torch.randn(2, 5, 3, 2, 8)
+    assert torch.equal(fastformer.attention_qkvpacked(qkv, window_size=None), fastformer.attention_qkvpacked(qkv))
 
 
 def test_raw_entry_points_take_row_strided_outputs_and_refuse_overlap():
@@ -178,6 +182,19 @@ def test_raw_entry_points_take_row_strided_outputs_and_refuse_overlap():
     with pytest.raises(RuntimeError, match="out must be .* no overlapping elements"):
         C.attention_cpu_forward(q, k, v, None, 0.0, 0, 0, True, False, sc, torch.empty(1, 3, 20, 16).expand(2, 3, 20, 16),
                                 torch.empty(2, 3, 20))
+    # Outputs overlapping each other (a wrong slice index, one tensor twice, an lse inside out).
+    for dq, dk, dv in ((grads_p[0], grads_p[1], grads_p[1]), (grads_c[0], grads_c[0], grads_c[2]),
+                       (grads_p[0], packed[:, :, 1:].flatten(2, 3)[:, :, 1:4].transpose(1, 2), grads_p[2])):
+        with pytest.raises(RuntimeError, match="dq, dk and dv must not share elements with each other"):
+            C.attention_cpu_backward(do, q, k, v, out_c, lse_c, None, 0.0, 0, 0, True, False, sc, dq, dk, dv)
+    buf = torch.empty(2 * 3 * 20 * 16)
+    with pytest.raises(RuntimeError, match="out and lse must not share elements"):
+        C.attention_cpu_forward(q, k, v, None, 0.0, 0, 0, True, False, sc, buf.view(2, 3, 20, 16), buf[:120].view(2, 3, 20))
+    big = torch.empty(120 + 1920)  # lse and dv in one storage: dv would be written while lse is read
+    big[:120].copy_(lse_c.flatten())
+    with pytest.raises(RuntimeError, match="must not share memory with .*lse"):
+        C.attention_cpu_backward(do, q, k, v, out_c, big[:120].view(2, 3, 20), None, 0.0, 0, 0, True, False, sc,
+                                 grads_c[0], grads_c[1], big[120:].view(2, 3, 20, 16))
     with pytest.raises(RuntimeError, match="dk must be .* unit stride"):
         C.attention_cpu_backward(do, q, k, v, out_c, lse_c, None, 0.0, 0, 0, True, False, sc, grads_c[0],
                                  torch.empty(2, 3, 16, 20).transpose(2, 3), grads_c[2])

@@ -349,6 +349,43 @@ void check_no_alias(const char* out_names, std::initializer_list<const at::Tenso
       TORCH_CHECK(!o->is_alias_of(*i), "attention_cpu: ", out_names, " must not share memory with ", in_names);
 }
 
+// Whether a and b (each without self-overlap: non_overlapping) share no element. Different
+// storages, empty tensors or disjoint address spans are disjoint. Sharing one span, they must
+// have one shape and one set of strides (else refused: no layout of ours needs more), and then
+// they are blocks of `block` contiguous elements at the points of one lattice (the remaining dims,
+// sorted by stride, each stride spanning the dims below: its smallest nonzero difference is at
+// least t1, the smallest stride); offset by d, they are disjoint when block <= d <= t1 - block:
+// dq, dk and dv as the three slices of one (B, L, 3, H, E) gradient (block H·E, t1 3·H·E).
+bool disjoint(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || !a.is_alias_of(b)) return true;
+  auto span = [](const at::Tensor& t) {
+    int64_t hi = t.storage_offset() + 1;
+    for (int64_t d = 0; d < t.dim(); ++d) hi += (t.size(d) - 1) * t.stride(d);
+    return std::make_pair(t.storage_offset(), hi);
+  };
+  const auto [alo, ahi] = span(a);
+  const auto [blo, bhi] = span(b);
+  if (ahi <= blo || bhi <= alo) return true;
+  if (a.sizes() != b.sizes() || a.strides() != b.strides() || a.scalar_type() != b.scalar_type()) return false;
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the dims with size > 1
+  for (int64_t d = 0; d < a.dim(); ++d)
+    if (a.size(d) > 1) dims.emplace_back(a.stride(d), a.size(d));
+  std::sort(dims.begin(), dims.end());
+  int64_t block = 1;
+  size_t i = 0;
+  for (; i < dims.size() && dims[i].first == block; ++i) block *= dims[i].second;
+  const int64_t d = std::abs(a.storage_offset() - b.storage_offset());
+  if (i == dims.size()) return d >= block;
+  return d >= block && d + block <= dims[i].first;
+}
+
+// Outputs must not share elements with each other either: each would overwrite the other's.
+void check_outputs_disjoint(const char* names, std::initializer_list<const at::Tensor*> outs) {
+  for (auto a = outs.begin(); a != outs.end(); ++a)
+    for (auto b = a + 1; b != outs.end(); ++b)
+      TORCH_CHECK(disjoint(**a, **b), "attention_cpu: ", names, " must not share elements with each other");
+}
+
 // Window / ALiBi / soft-cap (FlashAttention's conventions: -1 = unlimited side, causal = right 0).
 struct VariantArgs {
   int64_t window_left = -1, window_right = -1;
@@ -434,7 +471,9 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
                            {window_left, window_right, alibi_slopes, softcap}, kForwardBK);
   check_rows_output("out", out, {p.B, p.Hq, p.L, p.Ev}, q.scalar_type());
   check_output("lse", lse, {p.B, p.Hq, p.L}, at::kFloat);
-  check_no_alias("out and lse", {&out, &lse}, "q, k or v", {&q, &k, &v});
+  check_no_alias("out and lse", {&out, &lse}, "q, k, v, attn_mask or alibi_slopes",
+                 {&q, &k, &v, mask ? &*mask : &q, alibi_slopes ? &*alibi_slopes : &q});
+  check_outputs_disjoint("out and lse", {&out, &lse});
   if (p.B * p.Hq * p.L == 0) return;
   if (q.scalar_type() == at::kBFloat16 && K.bf16_forward_item != nullptr) {
     at::Tensor qb = pairs_operand(q);
@@ -566,7 +605,9 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
   check_rows_output("dq", dq, q.sizes(), q.scalar_type());
   check_rows_output("dk", dk, k.sizes(), k.scalar_type());
   check_rows_output("dv", dv, v.sizes(), v.scalar_type());
-  check_no_alias("dq, dk and dv", {&dq, &dk, &dv}, "dout, q, k, v or out", {&dout, &q, &k, &v, &out});
+  check_no_alias("dq, dk and dv", {&dq, &dk, &dv}, "dout, q, k, v, out, lse, attn_mask or alibi_slopes",
+                 {&dout, &q, &k, &v, &out, &lse, mask ? &*mask : &q, alibi_slopes ? &*alibi_slopes : &q});
+  check_outputs_disjoint("dq, dk and dv", {&dq, &dk, &dv});
   if (p.B * p.Hq * p.L == 0 || p.S == 0) {
     dq.zero_();
     dk.zero_();

@@ -66,7 +66,8 @@ def attention_qkvpacked(
     if torch.is_autocast_enabled(qkv.device.type):
         qkv = _autocast(qkv, qkv, qkv, None)[0]  # one cast for the three: the views stay packed
     q, k, v = qkv_views(qkv)
-    plain = tuple(window_size) == (-1, -1) and alibi_slopes is None and softcap == 0.0
+    no_window = window_size is None or (isinstance(window_size, (tuple, list)) and tuple(window_size) == (-1, -1))
+    plain = no_window and alibi_slopes is None and isinstance(softcap, (int, float)) and softcap == 0.0
     if plain and _plain_torch_call(q, k, v, None, dropout_p, causal, softmax_scale, False, backend):
         # auto hands these inputs to torch's SDPA: without building the problem (as the drop-in does).
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal,
