@@ -303,16 +303,21 @@ void check_output(const char* name, const at::Tensor& t, at::IntArrayRef shape, 
               t.scalar_type(), " ", t.sizes());
 }
 
+// (stride, size) of t's dims with size > 1, by increasing stride.
+std::vector<std::pair<int64_t, int64_t>> dims_by_stride(const at::Tensor& t) {
+  std::vector<std::pair<int64_t, int64_t>> dims;
+  for (int64_t d = 0; d < t.dim(); ++d)
+    if (t.size(d) > 1) dims.emplace_back(t.stride(d), t.size(d));
+  std::sort(dims.begin(), dims.end());
+  return dims;
+}
+
 // No two elements of t share memory: with its dims sorted by stride, each stride at least spans
 // the dims below it (sufficient, and true of every view of a contiguous tensor that drops or
 // permutes dims: a transposed (B, L, H, E) tensor, one slice of a (B, L, 3, H, E) one).
 bool non_overlapping(const at::Tensor& t) {
-  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the dims with size > 1
-  for (int64_t d = 0; d < t.dim(); ++d)
-    if (t.size(d) > 1) dims.emplace_back(t.stride(d), t.size(d));
-  std::sort(dims.begin(), dims.end());
   int64_t span = 1;
-  for (const auto& [stride, size] : dims) {
+  for (const auto& [stride, size] : dims_by_stride(t)) {
     if (stride < span) return false;
     span = stride * size;
   }
@@ -367,10 +372,7 @@ bool disjoint(const at::Tensor& a, const at::Tensor& b) {
   const auto [blo, bhi] = span(b);
   if (ahi <= blo || bhi <= alo) return true;
   if (a.sizes() != b.sizes() || a.strides() != b.strides() || a.scalar_type() != b.scalar_type()) return false;
-  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the dims with size > 1
-  for (int64_t d = 0; d < a.dim(); ++d)
-    if (a.size(d) > 1) dims.emplace_back(a.stride(d), a.size(d));
-  std::sort(dims.begin(), dims.end());
+  const auto dims = dims_by_stride(a);
   int64_t block = 1;
   size_t i = 0;
   for (; i < dims.size() && dims[i].first == block; ++i) block *= dims[i].second;

@@ -326,6 +326,14 @@ def qkv_views(qkv: Tensor):
     return tuple(qkv.select(2, i).transpose(1, 2) for i in range(3))
 
 
+def _packed_forward(q, k, v, mask, rng_state, opts, backend: str):
+    """``out (B, L, H, Ev)``, written by ``backend``'s forward through its ``(B, H, L, Ev)`` view, and ``lse``."""
+    B, H, L, _ = q.shape
+    out = new_output((B, L, H, v.shape[-1]), q.dtype, q.device)
+    _, lse = _kernels(backend, "forward")(q, k, v, mask, rng_state, opts, out=out.transpose(1, 2))
+    return out, lse
+
+
 class _PackedAttention(torch.autograd.Function):
     """Attention over a packed ``qkv (B, L, 3, H, E)`` on a backend with ``strided_outputs``: the
     output is written in FlashAttention's ``(B, L, H, E)`` layout and the backward writes dq, dk, dv
@@ -336,10 +344,7 @@ class _PackedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, mask, rng_state, opts, backend):
-        q, k, v = qkv_views(qkv)
-        B, L, _, H, E = qkv.shape
-        out = new_output((B, L, H, E), qkv.dtype, qkv.device)
-        _, lse = _kernels(backend, "forward")(q, k, v, mask, rng_state, opts, out=out.transpose(1, 2))
+        out, lse = _packed_forward(*qkv_views(qkv), mask, rng_state, opts, backend)
         ctx.save_for_backward(qkv, out, lse, mask, rng_state, opts.alibi_slopes)
         ctx.opts, ctx.backend = opts, backend
         return out
@@ -370,11 +375,7 @@ def run_qkvpacked(problem, backend, qkv: Tensor) -> Tensor:
     rng_state = draw_rng_state(opts.dropout_p, qkv.device)
     if eager == "grad":
         return _PackedAttention.apply(qkv, problem.mask, rng_state, opts, backend.name)
-    B, L, _, H, _ = qkv.shape
-    out = new_output((B, L, H, problem.v.shape[-1]), qkv.dtype, qkv.device)
-    _kernels(backend.name, "forward")(problem.q, problem.k, problem.v, problem.mask, rng_state, opts,
-                                      out=out.transpose(1, 2))
-    return out
+    return _packed_forward(problem.q, problem.k, problem.v, problem.mask, rng_state, opts, backend.name)[0]
 
 
 def run_problem(problem, backend, return_lse: bool = False):
