@@ -170,7 +170,7 @@ static void bf16_forward_item(const Bf16ForwardArgs& a, int64_t item, float* scr
     const float inv = 1.f / l[r];
     const float* o = O + r * Evpad;
     for (int64_t e = 0; e < p.Ev; ++e) out[e] = float_to_bf16(o[e] * inv);
-    a.lse[bh * p.L + i] = (m[r] + std::log2(l[r])) * kLn2;
+    a.lse[bh * p.L + i] = row_lse(p, m[r], l[r]);
   }
 }
 

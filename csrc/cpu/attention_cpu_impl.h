@@ -182,8 +182,12 @@ static inline bool raw_scores(const Problem& p) {
          p.scale > 0.f;
 }
 
-// The factor exp2_row applies to the scores score_row leaves: the scale for raw scores, else 1.
-static inline float exp_scale(const Problem& p) { return raw_scores(p) ? p.scale * kLog2e : 1.f; }
+// The exp pass forms a weight's exponent as (round(s * exp_scale) - shift) * exp_units from the
+// scores score_row leaves. Raw scores: the scale, then log2(e): the difference is taken in natural
+// units, as torch's exp(s - m), so the backward's round(s * scale) - lse is exact for the row's
+// largest score (row_lse). Scores already in the log2 domain: 1 and 1.
+static inline float exp_scale(const Problem& p) { return raw_scores(p) ? p.scale : 1.f; }
+static inline float exp_units(const Problem& p) { return raw_scores(p) ? kLog2e : 1.f; }
 
 // The row's scores from raw q.k, before the mask, in the log2 domain (raw scores, see
 // raw_scores, stay as they are: the exp pass scales them): scaled, or soft-capped
@@ -285,39 +289,65 @@ static inline vf vkeep(vf x) {
 #endif
 }
 
-// The exponent 2^(round(s * c) - shift) of the weights (see vkeep).
-static inline vf weight_exponent(const float* s, vf c, vf shift) { return vkeep(vload(s) * c) - shift; }
+// The exponent (round(s * c) - shift) * k of the weights (see vkeep, exp_scale).
+static inline vf weight_exponent(const float* s, vf c, vf shift, vf k) { return (vkeep(vload(s) * c) - shift) * k; }
 
-// The weights 2^(s * c - shift) of a row, handed to store(j, e0, e1) two vectors at a time
+// The weights 2^((s * c - shift) * k) of a row, handed to store(j, e0, e1) two vectors at a time
 // (columns j .. j + 2W - 1); returns their sum. Two independent exp2 chains and sums in
 // flight. npad (a multiple of W) may end with a single vector: its pair is zero, and the
 // store writes only the first when j + W = npad.
 template <int Degree, typename Store>
-static inline float exp2_row_to(const float* s, int64_t npad, float c, float shift, Store store) {
+static inline float exp2_row_to(const float* s, int64_t npad, float c, float shift, float k, Store store) {
   vf sum0{}, sum1{};
-  const vf sh = vsplat(shift), cv = vsplat(c);
+  const vf sh = vsplat(shift), cv = vsplat(c), kv = vsplat(k);
   int64_t j = 0;
   for (; j + 2 * W <= npad; j += 2 * W) {
-    const vf e0 = vexp2_weight<Degree>(weight_exponent(s + j, cv, sh));
-    const vf e1 = vexp2_weight<Degree>(weight_exponent(s + j + W, cv, sh));
+    const vf e0 = vexp2_weight<Degree>(weight_exponent(s + j, cv, sh, kv));
+    const vf e1 = vexp2_weight<Degree>(weight_exponent(s + j + W, cv, sh, kv));
     store(j, e0, e1, true);
     sum0 += e0;
     sum1 += e1;
   }
   if (j < npad) {
-    const vf e = vexp2_weight<Degree>(weight_exponent(s + j, cv, sh));
+    const vf e = vexp2_weight<Degree>(weight_exponent(s + j, cv, sh, kv));
     store(j, e, vf{}, false);
     sum0 += e;
   }
   return hsum(sum0 + sum1);
 }
 
-// s = 2^(s * c - shift) in place, the scaling folded into this pass; returns the row sum.
-static inline float exp2_row(float* s, int64_t npad, float c, float shift) {
-  return exp2_row_to<7>(s, npad, c, shift, [s](int64_t j, vf e0, vf e1, bool both) {
+// s = 2^((s * c - shift) * k) in place, the scaling folded into this pass; returns the row sum.
+static inline float exp2_row(float* s, int64_t npad, float c, float shift, float k) {
+  return exp2_row_to<7>(s, npad, c, shift, k, [s](int64_t j, vf e0, vf e1, bool both) {
     vstore(s + j, e0);
     if (both) vstore(s + j + W, e1);
   });
+}
+
+// x * c rounded once, never fused into what follows (the scalar vkeep).
+static inline float keep_product(float x, float c) {
+  float y = x * c;
+#if defined(__x86_64__)
+  asm("" : "+x"(y));
+#else
+  volatile float z = y;
+  y = z;
+#endif
+  return y;
+}
+
+// The row's natural-log log-sum-exp from the forward's running max ms (of the scores as
+// score_row leaves them) and sum l (of 2^((round(s * c) - round(ms * c)) * k), exp_scale).
+// Raw scores: round(ms * scale) + ln(l), in the units of the backward's exponent
+// round(s * scale) - lse, as torch's flash kernels keep it: for the row's largest score that is
+// -ln(l) rounded once, 0 when ln(l) is under half an ulp of lse. With the exponents taken in the
+// log2 domain (round(s * scale * log2 e) - shift), the backward's weights carried an error
+// common to the row at |scores| ~ 100 (lse through ln 2 and back, and the max's rounding at
+// 1.44x the magnitude), and dV = P^T dO with it: up to 7.6x the error rule's bound
+// (tests/test_replayed_bug_reports.py, test_large_scores_backward).
+static inline float row_lse(const Problem& p, float ms, float l) {
+  if (raw_scores(p)) return keep_product(ms, p.scale) + std::log2(l) * kLn2;
+  return (ms + std::log2(l)) * kLn2;  // scores already in the log2 domain (exp_scale 1)
 }
 
 #ifdef FF_HAS_BF16
@@ -336,8 +366,8 @@ static inline void rows_to_bf16(int64_t rows, int64_t npad, const float* X, int6
 // exp2_row writing the weights straight to bf16 (y), never to s: one pass, and the
 // degree-4 exp2, whose 2.8e-6 relative error vanishes in the rounding to bf16 (2^-9).
 // A pair of vectors is rounded by one vcvtne2ps2bf16 and stored as one 64-byte row.
-static inline float exp2_row_bf16(const float* s, int64_t npad, float c, float shift, uint16_t* y) {
-  return exp2_row_to<4>(s, npad, c, shift, [y](int64_t j, vf e0, vf e1, bool both) {
+static inline float exp2_row_bf16(const float* s, int64_t npad, float c, float shift, float k, uint16_t* y) {
+  return exp2_row_to<4>(s, npad, c, shift, k, [y](int64_t j, vf e0, vf e1, bool both) {
     if (both)
       _mm512_storeu_si512(y + j, (__m512i)_mm512_cvtne2ps_pbh((__m512)e1, (__m512)e0));
     else
@@ -361,14 +391,17 @@ static inline void forward_tile_rows(const Problem& p, int64_t b, int64_t h, int
                                      int64_t n, float* St, int64_t BK, float* m, float* l, float* O, int64_t Evpad,
                                      uint16_t* Pb = nullptr) {
   const int64_t npad = round_up(n, W), bh = b * p.Hq + h;
-  const float c = exp_scale(p);  // m stays in the log2 domain either way
+  // m holds the running max of the scores as score_row leaves them (raw, or in the log2 domain);
+  // the weights' shift is round(m * c), the same for either order of max and the (positive) c,
+  // and row_lse turns m into the lse the backward subtracts.
+  const float c = exp_scale(p), k = exp_units(p);
   for (int64_t r = 0; r < mq; ++r) {
     float* s = St + r * BK;
     const int64_t i = i0 + r;
     score_row(p, b, h, i, j0, n, npad, s, nullptr);
     mask_row(p, b, h, i, j0, n, s);
-    float m_new = std::max(m[r], row_max(s, npad) * c);
-    if (m_new == kNegInf) {
+    float ms_new = std::max(m[r], row_max(s, npad));
+    if (ms_new == kNegInf) {
       if (!any_nan(s, npad)) {  // nothing visible yet in this row
         std::fill(s, s + npad, 0.f);
         if (Pb) std::fill(Pb + r * BK, Pb + r * BK + npad, (uint16_t)0);
@@ -378,18 +411,19 @@ static inline void forward_tile_rows(const Problem& p, int64_t b, int64_t h, int
       // gives NaN weights, so the row's output and lse must be NaN, not a masked row's zeros
       // (pytorch#141128 was torch's own CPU kernel making this mistake). A NaN shift does it:
       // alpha, the weights and l become NaN, and stay so over later tiles (max(NaN, x) = NaN).
-      m_new = std::numeric_limits<float>::quiet_NaN();
+      ms_new = std::numeric_limits<float>::quiet_NaN();
     }
-    const float alpha = std::exp2(m[r] - m_new);
+    const float m_new = keep_product(ms_new, c);
+    const float alpha = std::exp2((keep_product(m[r], c) - m_new) * k);
 #ifdef FF_HAS_BF16
     const bool direct = Pb && !p.dropout.on;  // the weights straight to bf16, never to s
-    const float rs = direct ? exp2_row_bf16(s, npad, c, m_new, Pb + r * BK) : exp2_row(s, npad, c, m_new);
+    const float rs = direct ? exp2_row_bf16(s, npad, c, m_new, k, Pb + r * BK) : exp2_row(s, npad, c, m_new, k);
 #else
-    const float rs = exp2_row(s, npad, c, m_new);
+    const float rs = exp2_row(s, npad, c, m_new, k);
 #endif
     l[r] = l[r] * alpha + rs;
     if (alpha != 1.f) scale_vec(O + r * Evpad, Evpad, alpha);
-    m[r] = m_new;
+    m[r] = ms_new;
     if (p.dropout.on) {  // the normaliser l uses the undropped weights, as torch
       const DropoutSpec& d = p.dropout;
       for (int64_t j = 0; j < n; ++j)
@@ -425,7 +459,10 @@ static inline void backward_tile_rows(const Problem& p, const float* lse_all, co
     }
     score_row(p, b, h, i, j0, n, npad, s, T);
     mask_row(p, b, h, i, j0, n, s);
-    exp2_row(s, npad, c, lse * kLog2e);  // P = exp(scores - lse)
+    if (raw_scores(p))
+      exp2_row(s, npad, c, lse, kLog2e);  // P = exp(round(s * scale) - lse), see row_lse
+    else
+      exp2_row(s, npad, 1.f, lse * kLog2e, 1.f);  // log2-domain scores: P = 2^(s - lse log2(e))
     const float delta = delta_all[bh * p.L + i];
     if (p.dropout.on) {
       const DropoutSpec& dr = p.dropout;
@@ -495,7 +532,7 @@ static void forward_item(const ForwardArgs& a, int64_t item, float* scratch) {
     const float inv = 1.f / l[r];
     const float* o = O + r * Evpad;
     for (int64_t e = 0; e < p.Ev; ++e) out[e] = o[e] * inv;
-    a.lse[bh * p.L + i] = (m[r] + std::log2(l[r])) * kLn2;
+    a.lse[bh * p.L + i] = row_lse(p, m[r], l[r]);
   }
 }
 
