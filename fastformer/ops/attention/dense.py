@@ -23,7 +23,8 @@ def _autocast(query, key, value, attn_mask):
     """As torch's autocast does for SDPA: inside ``torch.autocast`` for query's device type,
     floating q, k, v and float mask (float64 excepted) are cast to the autocast dtype."""
     device = getattr(query, "device", None)
-    if device is None or not torch.is_autocast_enabled(device.type):
+    # meta tensors (shape inference): torch's autocast has no state for them and raises.
+    if device is None or device.type == "meta" or not torch.is_autocast_enabled(device.type):
         return query, key, value, attn_mask
     dtype = torch.get_autocast_dtype(device.type)
 
