@@ -148,3 +148,43 @@ def test_forced_unavailable_backend_says_why(monkeypatch):
     monkeypatch.delitem(dispatch._REGISTRY, "cuda", raising=False)
     with pytest.raises(RuntimeError, match="attention backend 'cuda' is not available: ImportError: built without CUDA"):
         sdpa(q, k, v, backend="cuda")
+
+
+# Flags are exactly bools, as torch's argument parser demands: a truthy "False" must not run causal
+# (found replaying invalid inputs against the drop-in).
+@pytest.mark.parametrize("value", ["False", 1, 0, None, torch.tensor(True)], ids=["str", "one", "zero", "none", "tensor"])
+def test_non_bool_flags_raise_naming_the_argument(value):
+    q, k, v = qkv()
+    qkv_packed = torch.randn(2, 5, 3, 4, 8)
+    calls = {
+        "is_causal": lambda: sdpa(q, q, q, is_causal=value),
+        "enable_gqa": lambda: sdpa(q, k, v, enable_gqa=value),
+        "causal_bottom_right": lambda: fastformer.attention(q, q, q, causal_bottom_right=value),
+        "causal": lambda: fastformer.attention_qkvpacked(qkv_packed, causal=value),
+    }
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match=f"argument '{name}' must be bool"):
+            call()
+    with pytest.raises(TypeError, match="argument 'is_causal' must be bool"):
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=value)  # torch's own, for the record
+
+
+def test_varlen_and_decode_causal_must_be_bool():
+    q = torch.randn(6, 2, 8)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    with pytest.raises(TypeError, match="argument 'causal' must be bool"):
+        fastformer.varlen_attention(q, q, q, cu, cu, 4, 4, causal="yes")
+    qd, cache = torch.randn(2, 2, 1, 8), torch.randn(2, 2, 5, 8)
+    with pytest.raises(TypeError, match="argument 'causal' must be bool"):
+        fastformer.decode_attention(qd, cache, cache, 3, causal=1)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "cpu"])
+def test_scale_and_dropout_as_numpy_or_0d_tensor(backend):
+    """torch takes a NumPy float or a 0-d tensor for ``scale`` and ``dropout_p``: so do we."""
+    np = pytest.importorskip("numpy")
+    q, k, v = qkv()
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.3)
+    for scale in (np.float32(0.3), np.float64(0.3), torch.tensor(0.3, dtype=torch.float64)):
+        out = sdpa(q, k, v, scale=scale, dropout_p=torch.tensor(0.0), backend=backend)
+        torch.testing.assert_close(out, expected)

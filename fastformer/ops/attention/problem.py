@@ -22,6 +22,7 @@ beside the others below (:func:`check_variant`).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
@@ -102,21 +103,37 @@ def check_variant(window_size, alibi_slopes, softcap, batch_dims: tuple, heads: 
                 alibi_slopes=check_slopes(alibi_slopes, batch_dims, heads, device))
 
 
+def _real(x, name: str, what: str) -> float:
+    """A float argument as torch's argument parser takes it: a Python or NumPy real number, or a
+    0-d real tensor (read once, as torch does); anything else (bool included) is a TypeError."""
+    if isinstance(x, numbers.Real) and not isinstance(x, bool):  # NumPy bools are not numbers.Real
+        return float(x)
+    if isinstance(x, Tensor) and x.dim() == 0 and x.dtype != torch.bool and not x.is_complex():
+        return float(x)
+    raise TypeError(f"{name} must be {what}, got {type(x).__name__}")
+
+
+def check_flag(value, name: str) -> bool:
+    """A bool argument (``is_causal``, ``enable_gqa``, ...): exactly a Python bool, as torch's
+    SDPA demands ("argument 'is_causal' must be bool, not str"): a string such as "False" is
+    truthy and would silently mean True."""
+    if type(value) is not bool:
+        raise TypeError(f"argument '{name}' must be bool, not {type(value).__name__}")
+    return value
+
+
 def check_dropout(dropout_p) -> float:
-    if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool):
-        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
-    if not (0.0 <= float(dropout_p) <= 1.0) or math.isnan(dropout_p):
+    dropout_p = _real(dropout_p, "dropout_p", "a float")
+    if not (0.0 <= dropout_p <= 1.0) or math.isnan(dropout_p):
         raise AttentionInputError(f"dropout probability has to be between 0 and 1, but got {dropout_p}")
-    return float(dropout_p)
+    return dropout_p
 
 
 def resolve_scale(scale, head_dim: int, name: str = "scale") -> float:
     """``scale`` as a float; ``None`` means ``1 / sqrt(head_dim)``."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
-        raise TypeError(f"{name} must be a float or None, got {type(scale).__name__}")
-    return float(scale)
+    return _real(scale, name, "a float or None")
 
 
 def causal_mask(L: int, S: int, bottom_right: bool, device) -> Tensor:
@@ -340,6 +357,9 @@ def validate_attention_inputs(
     _check_tensor("query", query)
     _check_tensor("key", key)
     _check_tensor("value", value)
+    check_flag(is_causal, "is_causal")
+    check_flag(enable_gqa, "enable_gqa")
+    check_flag(causal_bottom_right, "causal_bottom_right")
     if min(query.dim(), key.dim(), value.dim()) < 2:
         raise AttentionInputError(
             "Expected query, key, and value to all be at least 2 dimensional, but got "
@@ -541,7 +561,7 @@ def validate_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         raise ValueError(f"dropout_p must be a float in [0, 1], got {dropout_p!r}")
     scale = resolve_scale(softmax_scale, q.shape[2], "softmax_scale")
     variant = check_variant(window_size, alibi_slopes, softcap, (len(cq) - 1,), q.shape[1], q.device)
-    options = AttentionOptions(float(dropout_p), bool(causal), True, scale, **variant)
+    options = AttentionOptions(float(dropout_p), check_flag(causal, "causal"), True, scale, **variant)
     return VarlenProblem(q, k, v, cu_seqlens_q, cu_seqlens_k, cq, ck, int(max_seqlen_q), int(max_seqlen_k), options)
 
 
@@ -670,5 +690,5 @@ def validate_decode_inputs(q, k_cache, v_cache, cache_seqlens, scale=None, causa
     if num_splits is not None and (not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 1):
         raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
     variant = check_variant(window_size, alibi_slopes, softcap, (B,), Hq, q.device)
-    options = AttentionOptions(0.0, bool(causal), True, resolve_scale(scale, D), **variant)
+    options = AttentionOptions(0.0, check_flag(causal, "causal"), True, resolve_scale(scale, D), **variant)
     return DecodeProblem(q, k_cache, v_cache, cache_seqlens, options, num_splits, block_table)

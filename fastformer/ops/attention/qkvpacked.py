@@ -19,7 +19,7 @@ from torch import Tensor
 from ..errors import AttentionInputError
 from .dense import _autocast, _plain_torch_call
 from .fused import qkv_views, run_problem, run_qkvpacked
-from .problem import validate_attention_inputs
+from .problem import check_flag, validate_attention_inputs
 from .registry import get_backend, select_backend
 
 
@@ -65,6 +65,7 @@ def attention_qkvpacked(
             f"attention_qkvpacked: qkv must be (batch, seqlen, 3, nheads, headdim), got shape {tuple(qkv.shape)}")
     if torch.is_autocast_enabled(qkv.device.type):
         qkv = _autocast(qkv, qkv, qkv, None)[0]  # one cast for the three: the views stay packed
+    check_flag(causal, "causal")  # before the fast path, which would hand a non-bool to torch's message
     q, k, v = qkv_views(qkv)
     no_window = window_size is None or (isinstance(window_size, (tuple, list)) and tuple(window_size) == (-1, -1))
     plain = no_window and alibi_slopes is None and isinstance(softcap, (int, float)) and softcap == 0.0
