@@ -120,6 +120,8 @@ setup(
     extras_require={
         "triton": ["triton>=3.2"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "numpy<2.4"],
+        # examples/: progress bars; vit_digits.py's bundled digits
+        "examples": ["tqdm", "scikit-learn"],
     },
     zip_safe=False,
 )
