@@ -191,3 +191,18 @@ def test_vit_loads_transformers4_checkpoint_names(tmp_path):
     x = torch.randn(1, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(ViT.from_hf(str(tmp_path)).eval()(x), ViT.from_hf(hf).eval()(x))
+
+
+def test_feed_forward_width_is_the_configured_one():
+    """intermediate_size / dim_feedforward reach the MLP as given: as a ratio through timm's
+    int(dim * ratio) rule, 30 / 22 * 22 = 29.99... built a 29-wide layer that no checkpoint of
+    the configured width would load into (found reviewing the forward docstrings)."""
+    from fastformer.models import BERT, BERTConfig
+    from fastformer.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
+
+    bert = BERT(BERTConfig(vocab_size=50, hidden_size=22, intermediate_size=30, num_heads=2, num_layers=1))
+    assert tuple(bert.layers[0].mlp.fc1.weight.shape) == (30, 22)
+    s2s = Seq2SeqTransformer(Seq2SeqConfig(src_vocab_size=20, tgt_vocab_size=20, d_model=22, num_heads=2,
+                                           num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=30))
+    widths = {tuple(p.shape) for n, p in s2s.named_parameters() if n.endswith("fc1.weight")}
+    assert widths == {(30, 22)}

@@ -97,9 +97,9 @@ class BERT(nn.Module):
         self.config = c = config
         self.embeddings = Embeddings(c)
         self.layers = nn.ModuleList([
-            Block(c.hidden_size, c.num_heads, c.intermediate_size / c.hidden_size, qkv_bias=True,
-                         norm_first=False, eps=c.layer_norm_eps, act=c.activation, drop=c.dropout,
-                         attn_drop=c.attention_dropout)
+            Block(c.hidden_size, c.num_heads, qkv_bias=True, norm_first=False, eps=c.layer_norm_eps,
+                  act=c.activation, drop=c.dropout, attn_drop=c.attention_dropout,
+                  mlp_hidden_dim=c.intermediate_size)
             for _ in range(c.num_layers)
         ])
         self.pooler = nn.Linear(c.hidden_size, c.hidden_size) if c.pooler else None
@@ -115,6 +115,25 @@ class BERT(nn.Module):
 
     def forward(self, input_ids: Tensor, token_type_ids: Optional[Tensor] = None,
                 attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None) -> BERTOutput:
+        """Encode ``input_ids`` (bidirectional); with the MLM head, also token logits and the loss.
+
+        Args:
+            input_ids: token indices ``(B, S)``, ``S <= max_position_embeddings``.
+            token_type_ids: segment ids ``(B, S)``; ``None`` means all 0.
+            attention_mask: ``(B, S)``: nonzero / ``True`` for real tokens, 0 for padding. Padded
+                keys are masked out of attention (padded positions still get outputs).
+            labels: MLM targets ``(B, S)``; ``-100`` entries are ignored by the loss.
+
+        Returns:
+            :class:`BERTOutput`: ``last_hidden_state`` ``(B, S, hidden_size)``; ``pooler_output``
+            ``(B, hidden_size)``, ``tanh(pooler(h[:, 0]))`` (``None`` without the pooler); ``logits``
+            ``(B, S, vocab_size)`` (``None`` without the MLM head); ``loss``, the mean cross-entropy
+            computed in float32 (``None`` without ``labels``).
+
+        Raises:
+            ValueError: ``input_ids`` is not 2-D, ``attention_mask`` does not have its shape, ``S``
+                exceeds ``max_position_embeddings``, or ``labels`` are given without the MLM head.
+        """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, S), got shape {tuple(input_ids.shape)}")
         mask = None

@@ -174,6 +174,27 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def forward(self, ids: Tensor, targets: Optional[Tensor] = None, cache: Optional[KVCache] = None):
+        """Next-token logits of ``ids`` (causal attention).
+
+        Args:
+            ids: token indices ``(B, T)``.
+            targets: ``None`` or the next tokens ``(B, T)``; ``-1`` entries are ignored by the loss.
+            cache: a :class:`KVCache` (see :meth:`new_cache`): ``ids`` are then the tokens after the
+                ``cache.length`` already cached; their keys/values are written and the cache is
+                advanced by ``T``.
+
+        With ``config.use_checkpoint``, in training without a cache, each block is recomputed in
+        the backward pass.
+
+        Returns:
+            Logits ``(B, T, vocab_size)``, or ``(logits, loss)`` with ``targets``: the mean
+            cross-entropy over the non-ignored targets, computed in float32.
+
+        Raises:
+            ValueError: ``ids`` is not 2-D, or (learned positions) ``cache.length + T`` exceeds
+                ``block_size``.
+            RuntimeError: from :meth:`KVCache.write` when the cache cannot hold ``T`` more tokens.
+        """
         x = self.hidden_states(ids, cache)
         logits = apply_linear(self.lm_head, x)
         if targets is None:

@@ -101,8 +101,8 @@ class Seq2SeqTransformer(nn.Module):
         self.tgt_embed = nn.Embedding(c.tgt_vocab_size, c.d_model)
         self.drop = nn.Dropout(c.dropout)
         self.encoder = nn.ModuleList([
-            nnf.Block(c.d_model, c.num_heads, c.dim_feedforward / c.d_model, norm_first=c.norm_first,
-                         eps=c.layer_norm_eps, act=c.activation, drop=c.dropout, attn_drop=c.dropout)
+            nnf.Block(c.d_model, c.num_heads, norm_first=c.norm_first, eps=c.layer_norm_eps, act=c.activation,
+                      drop=c.dropout, attn_drop=c.dropout, mlp_hidden_dim=c.dim_feedforward)
             for _ in range(c.num_encoder_layers)
         ])
         self.decoder = nn.ModuleList([DecoderLayer(c) for _ in range(c.num_decoder_layers)])
@@ -146,6 +146,22 @@ class Seq2SeqTransformer(nn.Module):
         return self.out(self.dec_norm(x))
 
     def forward(self, src: Tensor, tgt_in: Tensor, tgt_out: Optional[Tensor] = None):
+        """Teacher-forced logits of the target sequence.
+
+        Args:
+            src: source token ids ``(B, S)``; tokens equal to ``pad_id`` are masked out as keys of
+                the encoder's self-attention and of the decoder's cross-attention.
+            tgt_in: decoder input ids ``(B, T)`` (e.g. ``bos_id`` then the target without its last
+                token); causal self-attention only, ``pad_id`` tokens are not masked.
+            tgt_out: ``None`` or the target ids ``(B, T)``; ``pad_id`` entries are ignored by the loss.
+
+        Returns:
+            Logits ``(B, T, tgt_vocab_size)``, or ``(logits, loss)`` with ``tgt_out``: the mean
+            cross-entropy over non-pad targets, computed in float32.
+
+        Raises:
+            ValueError: ``src`` is not 2-D, or ``S`` or ``T`` exceeds ``max_len``.
+        """
         memory, mask = self.encode(src)
         logits = self.decode(tgt_in, [layer.memory_kv(memory) for layer in self.decoder], mask)
         if tgt_out is None:

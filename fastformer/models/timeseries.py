@@ -48,6 +48,21 @@ class TimeSeriesTransformer(nn.Module):
         self.std.copy_(flat.std(0).clamp(min=1e-8))
 
     def forward(self, x: Tensor) -> Tensor:
+        """One-step-ahead predictions at every position (causal attention).
+
+        Args:
+            x: ``(B, T, n_features)`` in the data's units, ``T <= window``; standardised with the
+                ``mean`` / ``std`` buffers inside.
+
+        With ``use_checkpoint``, in training, each block is recomputed in the backward pass.
+
+        Returns:
+            ``(B, T, n_features)`` in the data's units: output ``t`` estimates ``x[:, t + 1]`` from
+            ``x[:, :t + 1]``.
+
+        Raises:
+            ValueError: ``x`` is not 3-D, or ``T`` exceeds ``window``.
+        """
         if x.dim() != 3:
             raise ValueError(f"x must be (B, T, n_features), got shape {tuple(x.shape)}")
         T = x.shape[1]

@@ -123,6 +123,21 @@ class ViT(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, images: Tensor) -> Tensor:
+        """Classify ``images``: :meth:`forward_features`, then :meth:`forward_head`.
+
+        Args:
+            images: ``(B, in_chans, H, W)``; any ``H, W`` divisible by the patch size (the grid
+                position embeddings are resampled bicubically when it differs from ``img_size``'s).
+
+        Returns:
+            Logits ``(B, num_classes)``, or the pooled features ``(B, embed_dim)`` when
+            ``num_classes=0``. With ``global_pool=""`` nothing is pooled: one row per token,
+            ``(B, prefix + N, num_classes or embed_dim)``.
+
+        Raises:
+            ValueError: ``images`` is not 4-D with ``in_chans`` channels, or ``H`` / ``W`` is not
+                divisible by the patch size.
+        """
         return self.forward_head(self.forward_features(images))
 
     def set_img_size(self, img_size: Union[int, Tuple[int, int]]) -> None:

@@ -145,6 +145,34 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False,
                 cache: Optional[KVCache] = None, layer: int = 0, positions: Optional[Tensor] = None) -> Tensor:
+        """Self-attention over ``x``, optionally with a KV cache for decoding.
+
+        Args:
+            x: ``(B, N, dim)``.
+            attn_mask: ``None``, or SDPA's convention: bool ``True`` = attend, or float added to the
+                scores; broadcastable to ``(B, H, N, N)``. Not used on a decoding step (below).
+            is_causal: causal mask, aligned top-left (query ``i`` sees keys ``j <= i``).
+            cache: a :class:`KVCache`. While it is empty (prefill), ``x`` attends within itself
+                (``attn_mask``, ``is_causal`` as given) and its keys/values are written to the cache.
+                Once it holds earlier tokens (decoding), the new keys/values are written at
+                ``cache.length`` and the ``N`` queries attend over all ``cache.length + N`` entries
+                (:func:`fastformer.decode_attention`, causal bottom-right, whatever ``attn_mask`` /
+                ``is_causal``).
+                ``cache.length`` is not advanced here: call :meth:`KVCache.advance` once every layer wrote.
+            layer: this layer's index in ``cache``.
+            positions: rotary positions ``(N,)`` or ``(B, N)``; default ``cache.length + arange(N)``
+                (``arange(N)`` without a cache). Used only when the module has ``rotary``.
+
+        The variants (``window_size``, ALiBi, ``softcap``) apply on every path. ``attn_drop`` applies
+        in training mode, except on decoding steps.
+
+        Returns:
+            ``(B, N, dim_out)``.
+
+        Raises:
+            ``RuntimeError`` from :meth:`KVCache.write` when the cache cannot hold ``N`` more tokens;
+            errors of :func:`fastformer.scaled_dot_product_attention` for an ``attn_mask`` it rejects.
+        """
         B, N, _ = x.shape
         kv_heads = getattr(self, "num_kv_heads", None) or self.num_heads  # modules converted from timm lack it
         q_dim, kv_dim = self.num_heads * self.head_dim, kv_heads * self.head_dim
@@ -220,6 +248,25 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: Tensor, memory: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
                 memory_kv: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+        """Attend from ``x`` to the encoder memory (not causal).
+
+        Args:
+            x: queries ``(B, T, dim)``.
+            memory: ``(B, S, kv_dim)``, projected by ``kv`` on this call; ignored when
+                ``memory_kv`` is given.
+            attn_mask: ``None``, or SDPA's convention: bool ``True`` = attend, or float added to the
+                scores; broadcastable to ``(B, H, T, S)`` (e.g. a ``(B, 1, 1, S)`` padding mask).
+            memory_kv: ``(k, v)``, each ``(B, H, S, dim // H)``, from :meth:`memory_kv` (computed
+                once per source when decoding).
+
+        ``attn_drop`` applies in training mode.
+
+        Returns:
+            ``(B, T, dim)``.
+
+        Raises:
+            ValueError: neither ``memory`` nor ``memory_kv`` is given.
+        """
         if memory_kv is None:
             if memory is None:
                 raise ValueError("CrossAttention needs memory or memory_kv")

@@ -31,7 +31,8 @@ class Block(nn.Module):
     ``gated=False`` (SwiGLU-style MLP), ``drop=0.0`` (after the projections and the MLP's activation),
     ``attn_drop=0.0``, ``num_kv_heads=None`` (GQA), ``rotary=None`` (a :class:`RotaryEmbedding`),
     ``attn_layer=Attention``, ``mlp_layer=Mlp``, ``norm_layer=LayerNorm`` (classes, as timm),
-    ``device``, ``dtype``.
+    ``mlp_hidden_dim=None`` (the MLP's width; ``None``: ``int(dim * mlp_ratio)``, timm's rule, which a
+    ratio given as a quotient can round down: 30 / 22 * 22 = 29.99...), ``device``, ``dtype``.
 
     Forward: ``x (B, N, dim)``, ``attn_mask``, ``is_causal``, ``cache``/``layer``/``positions``
     (see :class:`Attention`) → ``(B, N, dim)``.
@@ -42,7 +43,8 @@ class Block(nn.Module):
                  act: Union[str, type, Callable] = "gelu", gated: bool = False, drop: float = 0.0,
                  attn_drop: float = 0.0, num_kv_heads: Optional[int] = None, rotary: Optional[RotaryEmbedding] = None,
                  attn_layer: Type[nn.Module] = Attention, mlp_layer: Type[nn.Module] = Mlp,
-                 norm_layer: Type[nn.Module] = LayerNorm, device=None, dtype=None):
+                 norm_layer: Type[nn.Module] = LayerNorm, mlp_hidden_dim: Optional[int] = None, device=None,
+                 dtype=None):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.norm_first = norm_first
@@ -57,7 +59,7 @@ class Block(nn.Module):
         mlp_kw = dict(act_layer=act, bias=proj_bias, drop=drop, **dd)
         if gated:
             mlp_kw["gated"] = True
-        self.mlp = mlp_layer(dim, int(dim * mlp_ratio), **mlp_kw)
+        self.mlp = mlp_layer(dim, mlp_hidden_dim if mlp_hidden_dim is not None else int(dim * mlp_ratio), **mlp_kw)
 
     def _attend(self, x: Tensor, attn_mask, is_causal, cache, layer, positions) -> Tensor:
         if cache is None and positions is None and not is_causal:
@@ -66,6 +68,26 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False,
                 cache: Optional[KVCache] = None, layer: int = 0, positions: Optional[Tensor] = None) -> Tensor:
+        """The attention and MLP sub-layers, each with its residual.
+
+        Pre-norm (``norm_first=True``): ``x = x + attn(norm1(x))``, then ``x + mlp(norm2(x))``.
+        Post-norm: ``x = norm1(x + attn(x))``, then ``norm2(x + mlp(x))``. A residual add followed by
+        a LayerNorm is done by the fused norm op.
+
+        Args:
+            x: ``(B, N, dim)``.
+            attn_mask: ``None``, or SDPA's convention (bool ``True`` = attend, or float added to the
+                scores), broadcastable to ``(B, H, N, N)``.
+            is_causal: causal self-attention.
+            cache, layer, positions: KV cache, this block's index in it and rotary positions; see
+                :meth:`Attention.forward`.
+
+        Without ``cache``, ``positions`` and ``is_causal``, ``attn`` is called as ``attn(x)`` or
+        ``attn(x, attn_mask)``, so a timm-style ``attn_layer`` works.
+
+        Returns:
+            ``(B, N, dim)``.
+        """
         if self.norm_first:
             a = self._attend(self.norm1(x), attn_mask, is_causal, cache, layer, positions)
             h, x = add_layer_norm(a, self.norm2, residual=x, return_residual=True)  # x += a; h = norm2(x)

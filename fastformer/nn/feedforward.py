@@ -49,6 +49,19 @@ class FeedForward(nn.Module):
         return _CALLABLES.get(self.activation)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``linear2(dropout(act(linear1(x))))``; with ``gated=True``, ``act(a) * b`` replaces
+        ``act(linear1(x))``, ``[a, b]`` being the two halves of ``linear1(x)``.
+
+        A named activation or ``F.relu``/``F.gelu``/``F.silu`` runs :func:`fastformer.ops.feed_forward`
+        on ``linear1``'s and ``linear2``'s weights and biases; any other callable runs in plain torch,
+        calling the submodules. ``dropout`` applies in training mode only.
+
+        Args:
+            x: ``(..., d_model)``.
+
+        Returns:
+            ``(..., d_model)``.
+        """
         p = self.dropout.p if self.training else 0.0
         name = self._activation_name()
         if name is None:  # a custom callable: plain torch

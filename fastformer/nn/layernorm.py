@@ -22,6 +22,23 @@ class LayerNorm(nn.LayerNorm):
     """
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        """Layer normalization over the trailing ``normalized_shape`` dims, as ``torch.nn.LayerNorm``.
+
+        Args:
+            input: ``(*, *normalized_shape)``, floating point.
+            residual: fastformer's extension: ``None`` or a tensor of ``input``'s shape, added
+                before normalizing by the same op: ``norm(input + residual)``.
+
+        Returns:
+            Shaped like ``input``.
+
+        Raises:
+            :class:`~fastformer.ops.errors.InputError` (``ValueError`` and torch's ``RuntimeError``)
+            when the trailing dims of ``input`` are not ``normalized_shape`` or ``residual``'s shape is
+            not ``input``'s; :class:`~fastformer.ops.errors.DtypeError` (``TypeError`` and
+            ``RuntimeError``) for a non-floating ``input``. Under TorchScript it runs
+            ``F.layer_norm`` on ``input + residual`` (torch's errors).
+        """
         if torch.jit.is_scripting():  # TorchScript: torch's op (the fused one is a Python function)
             x = input if residual is None else input + residual
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
@@ -36,6 +53,20 @@ class RMSNorm(nn.RMSNorm):
     """
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        """RMS normalization over the trailing ``normalized_shape`` dims, as ``torch.nn.RMSNorm``:
+        ``x / sqrt(mean(x²) + eps) * weight``.
+
+        Args:
+            x: ``(*, *normalized_shape)``, floating point.
+            residual: fastformer's extension: ``None`` or a tensor of ``x``'s shape, added before
+                normalizing by the same op: ``norm(x + residual)``.
+
+        Returns:
+            Shaped like ``x``.
+
+        Raises:
+            As :meth:`LayerNorm.forward` (``x`` in place of ``input``).
+        """
         if torch.jit.is_scripting():  # TorchScript: torch's op (the fused one is a Python function)
             h = x if residual is None else x + residual
             return F.rms_norm(h, self.normalized_shape, self.weight, self.eps)

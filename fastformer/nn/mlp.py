@@ -70,6 +70,19 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, out, bias=bias, **dd)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``drop(fc2(drop(act(fc1(x)))))``; with ``gated=True``, ``act(a) * b`` replaces
+        ``act(fc1(x))``, ``[a, b]`` being the two halves of ``fc1(x)``.
+
+        Runs :func:`fastformer.ops.feed_forward` on ``fc1``'s and ``fc2``'s weights and biases
+        (the submodules are not called).
+        ``drop`` applies in training mode only.
+
+        Args:
+            x: ``(..., in_features)``.
+
+        Returns:
+            ``(..., out_features)``.
+        """
         p = self.drop.p if self.training else 0.0
         y = ops.feed_forward(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.act_name,
                              dropout_p=p, gated=self.gated)

@@ -68,6 +68,19 @@ class PatchEmbedding(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        """Embed each non-overlapping patch: ``proj`` (a stride-``p`` convolution) computed as one GEMM.
+
+        Args:
+            x: images ``(B, in_chans, H, W)``; ``(H, W)`` must be ``img_size``, or, with
+                ``dynamic_img_size``, any size divisible by the patch size.
+
+        Returns:
+            ``(B, N, embed_dim)`` with ``N = (H/ph)·(W/pw)`` patches in row-major order.
+
+        Raises:
+            ValueError: ``x`` is not 4-D with ``in_chans`` channels, or its size is one the module
+                does not take (see :meth:`grid`).
+        """
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"expected x of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
         b, c, h, w = x.shape

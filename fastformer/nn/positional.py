@@ -31,6 +31,23 @@ class SinusoidalPositionalEncoding(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+        """``dropout(x + PE[offset : offset + L])``, the encoding computed on the fly (nothing stored).
+
+        ``PE[pos, 2i] = sin(pos / 10000^(2i/d_model))``, ``PE[pos, 2i+1] = cos(pos / 10000^(2i/d_model))``,
+        in float32.
+
+        Args:
+            x: ``(..., L, d_model)``, floating point (the sequence is the second-to-last dim).
+            offset: position of the first row, an int ``>= 0`` (e.g. the tokens already decoded).
+
+        Returns:
+            A new tensor shaped like ``x``, in ``x``'s dtype.
+
+        Raises:
+            ValueError: ``x``'s last dim is not ``d_model``, ``offset + L`` exceeds ``max_len``, or
+                ``offset`` is not an int ``>= 0``.
+            TypeError: ``x`` is not floating point.
+        """
         if x.shape[-1] != self.d_model:
             raise ValueError(f"SinusoidalPositionalEncoding: x's last dim {x.shape[-1]} != d_model {self.d_model}")
         if self.max_len is not None and offset + x.shape[-2] > self.max_len:
@@ -58,6 +75,23 @@ class RotaryEmbedding(nn.Module):
         self.interleaved = interleaved
 
     def forward(self, q: Tensor, k: Tensor, positions: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """Rotate ``q`` and ``k`` by their positions (RoPE) with :func:`fastformer.ops.apply_rotary`.
+
+        Pairs dims ``(i, i + head_dim/2)`` (rotate-half, HF Llama), or ``(2i, 2i+1)`` with
+        ``interleaved=True``; the angle of pair ``i`` is ``pos * base^(-2i/head_dim)``.
+
+        Args:
+            q: ``(B, Hq, L, head_dim)``, floating point.
+            k: ``(B, Hk, L, head_dim)``, with ``q``'s ``B``, ``L``, dtype and device.
+            positions: ``None`` (``0 .. L-1``), or integer/float ``(L,)`` or ``(B, L)``.
+
+        Returns:
+            ``(q_rot, k_rot)``: new tensors shaped like ``q`` and ``k``.
+
+        Raises:
+            ValueError: ``q``'s last dim is not ``head_dim``, or shapes / ``positions`` that
+                :func:`fastformer.ops.apply_rotary` rejects (``TypeError`` for dtype/device mismatches).
+        """
         if q.shape[-1] != self.head_dim:
             raise ValueError(f"RotaryEmbedding: q's head dim {q.shape[-1]} != head_dim {self.head_dim}")
         return ops.apply_rotary(q, k, positions, self.base, self.interleaved)

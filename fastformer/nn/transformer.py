@@ -149,6 +149,29 @@ class TransformerEncoderLayer(nn.Module):
         src_key_padding_mask: Optional[Tensor] = None,
         is_causal: bool = False,
     ) -> Tensor:
+        r"""Pass the input through the encoder layer, as ``torch.nn.TransformerEncoderLayer``.
+
+        Args:
+            src: the sequence to the encoder layer: ``(S, B, E)``, ``(B, S, E)`` if ``batch_first``,
+                or unbatched ``(S, E)``.
+            src_mask: the mask for the src sequence, ``(S, S)`` or ``(B·nhead, S, S)``: bool ``True`` =
+                *not* allowed to attend, or float added to the attention scores. Also a
+                :class:`torch.nn.attention.bias.CausalBias` (fastformer's extension, see
+                :meth:`MultiheadAttention.forward`).
+            src_key_padding_mask: the mask for the src keys per batch, ``(B, S)`` (``(S,)`` unbatched):
+                bool ``True`` = ignore that key (padding), or float added to the scores.
+            is_causal: hint that ``src_mask`` is the causal mask; a wrong hint gives wrong results.
+                Without ``src_key_padding_mask``, the kernel's causal mode then replaces ``src_mask``.
+
+        Dropout follows each submodule's own training mode (see the class docstring).
+
+        Returns:
+            ``src``'s shape.
+
+        Raises:
+            ``RuntimeError`` when ``is_causal`` is set without ``src_mask``; shape and dtype errors as
+            :meth:`MultiheadAttention.forward`.
+        """
         if torch.jit.is_scripting():
             return self._forward_unfused(src, src_mask, src_key_padding_mask, is_causal)
         x = src
@@ -249,6 +272,32 @@ class TransformerDecoderLayer(nn.Module):
         tgt_is_causal: bool = False,
         memory_is_causal: bool = False,
     ) -> Tensor:
+        r"""Pass the inputs (and masks) through the decoder layer, as ``torch.nn.TransformerDecoderLayer``.
+
+        Args:
+            tgt: the sequence to the decoder layer: ``(T, B, E)``, ``(B, T, E)`` if ``batch_first``,
+                or unbatched ``(T, E)``.
+            memory: the sequence from the last layer of the encoder: ``(S, B, E)``, ``(B, S, E)``
+                if ``batch_first``, or unbatched ``(S, E)``.
+            tgt_mask: the mask for the tgt sequence, ``(T, T)`` or ``(B·nhead, T, T)``.
+            memory_mask: the mask for the memory sequence, ``(T, S)`` or ``(B·nhead, T, S)``.
+            tgt_key_padding_mask: the mask for the tgt keys per batch, ``(B, T)`` (``(T,)`` unbatched).
+            memory_key_padding_mask: the mask for the memory keys per batch, ``(B, S)`` (``(S,)`` unbatched).
+            tgt_is_causal: hint that ``tgt_mask`` is the causal mask; a wrong hint gives wrong results.
+            memory_is_causal: hint that ``memory_mask`` is the causal mask.
+
+        Masks as torch's: bool ``True`` = *not* allowed to attend (attention masks) or ignore that key
+        (padding masks), or float added to the scores; ``tgt_mask`` and ``memory_mask`` may also be a
+        ``CausalBias`` (see :meth:`MultiheadAttention.forward`). Dropout: as
+        :meth:`TransformerEncoderLayer.forward`.
+
+        Returns:
+            ``tgt``'s shape.
+
+        Raises:
+            ``RuntimeError`` when a causal hint is set without its mask; shape and dtype errors as
+            :meth:`MultiheadAttention.forward`.
+        """
         if torch.jit.is_scripting():
             return self._forward_unfused(
                 tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask, memory_key_padding_mask, tgt_is_causal,
@@ -415,6 +464,28 @@ class TransformerEncoder(nn.Module):
         src_key_padding_mask: Optional[Tensor] = None,
         is_causal: Optional[bool] = None,
     ) -> Tensor:
+        r"""Pass the input through the encoder layers in turn, then ``norm`` (if any).
+
+        Args:
+            src: the sequence to the encoder: ``(S, B, E)``, ``(B, S, E)`` if ``batch_first``, or
+                unbatched ``(S, E)``.
+            mask: the mask for the src sequence, ``(S, S)`` or ``(B·nhead, S, S)``: bool ``True`` =
+                *not* allowed to attend, or float added to the scores.
+            src_key_padding_mask: the mask for the src keys per batch, ``(B, S)`` (``(S,)`` unbatched):
+                bool ``True`` = ignore that key (padding), or float added to the scores.
+            is_causal: hint that ``mask`` is the causal mask; ``None`` (default) detects it, as torch.
+
+        Where torch would take its nested-tensor path (see the class docstring), keys whose
+        ``src_key_padding_mask`` entry is nonzero are dropped and the output is ``0`` at those
+        positions before ``norm``, as torch's; they are still computed (a ``UserWarning`` once).
+
+        Returns:
+            ``src``'s shape.
+
+        Raises:
+            :class:`~fastformer.ops.errors.MultiheadAttentionDtypeError` for a mask that is neither
+            bool nor floating; otherwise as :meth:`TransformerEncoderLayer.forward`.
+        """
         _check_mask_dtype(mask, "mask")  # torch's encoder asserts this before anything else
         _check_mask_dtype(src_key_padding_mask, "src_key_padding_mask")
         first = self.layers[0]
@@ -499,6 +570,23 @@ class TransformerDecoder(nn.Module):
         tgt_is_causal: Optional[bool] = None,
         memory_is_causal: bool = False,
     ) -> Tensor:
+        r"""Pass the inputs (and masks) through the decoder layers in turn, then ``norm`` (if any).
+
+        Args:
+            tgt: the sequence to the decoder: ``(T, B, E)``, ``(B, T, E)`` if ``batch_first``, or
+                unbatched ``(T, E)``.
+            memory: the sequence from the last layer of the encoder: ``(S, B, E)``, ``(B, S, E)`` or ``(S, E)``.
+            tgt_mask, memory_mask, tgt_key_padding_mask, memory_key_padding_mask, memory_is_causal:
+                as :meth:`TransformerDecoderLayer.forward`.
+            tgt_is_causal: hint that ``tgt_mask`` is the causal mask; ``None`` (default) detects it, as torch.
+
+        Returns:
+            ``tgt``'s shape.
+
+        Raises:
+            :class:`~fastformer.ops.errors.MultiheadAttentionDtypeError` for a ``tgt_mask`` that is
+            neither bool nor floating; otherwise as :meth:`TransformerDecoderLayer.forward`.
+        """
         _check_mask_dtype(tgt_mask, "tgt_mask")
         output = tgt
         tgt_is_causal = _detect_is_causal_mask(tgt_mask, tgt_is_causal, _seq_len(tgt, self.layers[0].self_attn.batch_first))
@@ -582,6 +670,33 @@ class Transformer(nn.Module):
         tgt_is_causal: Optional[bool] = None,
         memory_is_causal: bool = False,
     ) -> Tensor:
+        r"""Encode ``src``, then decode ``tgt`` against the encoder's output, as ``torch.nn.Transformer``.
+
+        Args:
+            src: the sequence to the encoder: ``(S, B, E)``, ``(B, S, E)`` if ``batch_first``, or
+                unbatched ``(S, E)``.
+            tgt: the sequence to the decoder: ``(T, B, E)``, ``(B, T, E)`` if ``batch_first``, or
+                unbatched ``(T, E)``.
+            src_mask: ``(S, S)`` or ``(B·nhead, S, S)``.
+            tgt_mask: ``(T, T)`` or ``(B·nhead, T, T)``.
+            memory_mask: ``(T, S)`` or ``(B·nhead, T, S)``.
+            src_key_padding_mask: ``(B, S)`` (``(S,)`` unbatched).
+            tgt_key_padding_mask: ``(B, T)`` (``(T,)`` unbatched).
+            memory_key_padding_mask: ``(B, S)`` (``(S,)`` unbatched).
+            src_is_causal, tgt_is_causal: hints that ``src_mask`` / ``tgt_mask`` is the causal mask;
+                ``None`` (default) detects it.
+            memory_is_causal: hint that ``memory_mask`` is the causal mask.
+
+        Masks as torch's: bool ``True`` = *not* allowed to attend (the opposite of SDPA's
+        ``attn_mask``) or, for padding masks, ignore that key; a float mask is added to the scores.
+
+        Returns:
+            ``(T, B, E)``, ``(B, T, E)`` if ``batch_first``, or ``(T, E)``.
+
+        Raises:
+            ``RuntimeError`` when ``src`` and ``tgt`` differ in batch size or their last dim is not
+            ``d_model``; otherwise as the encoder's and decoder's ``forward``.
+        """
         is_batched = src.dim() == 3
         batch_dim = 0 if self.batch_first else 1
         if is_batched and src.size(batch_dim) != tgt.size(batch_dim):
