@@ -184,3 +184,16 @@ def test_feedforward_module_gpu_bf16():
                   lambda x, w1, b1, w2, b2: F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2),
                   [x, *(p.detach().float() for p in (ff.linear1.weight, ff.linear1.bias, ff.linear2.weight,
                                                        ff.linear2.bias))], torch.bfloat16)
+
+
+def test_dropout_one_drops_everything():
+    """dropout_p = 1 is legal in torch (F.dropout gives zeros): Mlp(drop=1.0) in training gives
+    timm's answer, zeros, with zero gradients (it raised "must be in [0, 1)")."""
+    m = fnn.Mlp(8, 16, drop=1.0).train()
+    x = torch.randn(2, 8, requires_grad=True)
+    y = m(x)
+    assert torch.equal(y, torch.zeros_like(y))
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        ops.feed_forward(x, m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias, dropout_p=1.5)

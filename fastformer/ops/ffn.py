@@ -297,8 +297,8 @@ def feed_forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Op
     (``F.linear``: cuBLAS with its bias epilogue, nothing left to fuse; on CPU at decoding row
     counts, the C++ decoding kernel). ``dropout_p`` is applied when > 0 (pass 0 in eval).
     """
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"feed_forward: dropout_p must be in [0, 1), got {dropout_p}")
+    if not 0.0 <= dropout_p <= 1.0:  # 1 drops everything, as F.dropout (NaN fails here too)
+        raise ValueError(f"feed_forward: dropout_p must be in [0, 1], got {dropout_p}")
     if gated:
         h = gated_linear(x, w1, b1, activation, backend=backend)
     else:
