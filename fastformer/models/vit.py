@@ -37,7 +37,8 @@ def _pair(x: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
 
 class ViT(nn.Module):
     """``forward(images (B, in_chans, H, W))`` → logits ``(B, num_classes)`` (or the pooled
-    features ``(B, embed_dim)`` when ``num_classes=0``).
+    features ``(B, embed_dim)`` when ``num_classes=0``); with ``global_pool=""`` (no pooling, as
+    timm) one row per token, ``(B, prefix + N, num_classes)``.
 
     Args (as timm): img_size, patch_size, in_chans, num_classes, embed_dim, depth,
     num_heads, mlp_ratio, qkv_bias, global_pool (``"token"``, ``"avg"`` or ``""``),
