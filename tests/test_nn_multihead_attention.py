@@ -243,3 +243,17 @@ def test_parity_bf16_cuda(cfg, masks, weights):
     t, ours = make_pair(CONFIGS[cfg], device="cuda")
     kw = {**mask_kwargs(masks, device="cuda"), **WEIGHTS[weights]}
     check_parity(t, ours, make_inputs(CONFIGS[cfg], device="cuda"), kw, dtype=torch.bfloat16)
+
+
+def test_embed_dim_not_divisible_is_torchs_assertion_error():
+    """torch asserts embed_dim % num_heads == 0 (AssertionError), here and in the transformer
+    layers that build one: ``except AssertionError`` must catch ours too (it was a plain
+    ValueError; found by a newcomer trial)."""
+    import fastformer.nn as fnn
+
+    for build in (lambda: fnn.MultiheadAttention(65, 4), lambda: fnn.TransformerEncoderLayer(65, 4),
+                  lambda: fnn.TransformerDecoderLayer(65, 4)):
+        with pytest.raises(AssertionError, match="divisible by num_heads"):
+            build()
+        with pytest.raises(ValueError, match="divisible by num_heads"):
+            build()

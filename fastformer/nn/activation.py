@@ -83,7 +83,8 @@ class MultiheadAttention(nn.Module):
                 f"num_heads={num_heads} instead"
             )
         if embed_dim % num_heads != 0:
-            raise ValueError(f"embed_dim must be divisible by num_heads, got embed_dim={embed_dim}, num_heads={num_heads}")
+            raise MultiheadAttentionShapeError(  # torch: an AssertionError; ours is both
+                f"embed_dim must be divisible by num_heads, got embed_dim={embed_dim}, num_heads={num_heads}")
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
         self.embed_dim = embed_dim
