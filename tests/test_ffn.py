@@ -197,3 +197,55 @@ def test_dropout_one_drops_everything():
     assert torch.equal(x.grad, torch.zeros_like(x))
     with pytest.raises(ValueError, match="dropout_p must be in"):
         ops.feed_forward(x, m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias, dropout_p=1.5)
+
+
+class _LoraLinear(torch.nn.Module):
+    """A stand-in for peft's LoRA wrapper: the base linear plus a low-rank update; its ``weight``
+    is the base's, so a fused op reading ``.weight`` would silently drop the update."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 2):
+        super().__init__()
+        self.base = base
+        self.a = torch.nn.Parameter(torch.randn(rank, base.in_features) * 0.5)
+        self.b = torch.nn.Parameter(torch.randn(base.out_features, rank) * 0.5)
+
+    @property
+    def weight(self):
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return self.base.bias
+
+    def forward(self, x):
+        return self.base(x) + F.linear(F.linear(x, self.a), self.b)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_replaced_or_hooked_linears_are_called(gated):
+    """LoRA-style replaced or hooked linears inside Mlp / FeedForward are called as modules, as in
+    timm's Mlp and torch (they were read as ``.weight``/``.bias``: the update and the hooks were
+    silently skipped; found reviewing the forward docstrings)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 8)
+    for make, first, second in ((lambda: fnn.Mlp(8, 16, act_layer="gelu", gated=gated), "fc1", "fc2"),
+                                (lambda: fnn.FeedForward(8, 16, "gelu", gated=gated), "linear1", "linear2")):
+        m = make().eval()
+        lin1, lin2 = getattr(m, first), getattr(m, second)
+
+        def expected():
+            h = lin1(x) if not isinstance(getattr(m, first), _LoraLinear) else getattr(m, first)(x)
+            if gated:
+                a, b = h.chunk(2, dim=-1)
+                h = F.gelu(a) * b
+            else:
+                h = F.gelu(h)
+            return getattr(m, second)(h)
+
+        setattr(m, first, _LoraLinear(lin1))
+        torch.testing.assert_close(m(x), expected())
+        setattr(m, first, lin1)
+        plain = m(x)
+        handle = lin2.register_forward_hook(lambda mod, inp, out: out * 2)
+        torch.testing.assert_close(m(x), 2 * plain)
+        handle.remove()

@@ -97,13 +97,19 @@ def linear_act(x: Tensor, linear: nn.Linear, activation: Union[str, Callable]) -
     return activation(h)
 
 
-def apply_linear(module: nn.Module, x: Tensor) -> Tensor:
-    """``module(x)``; a plain ``nn.Linear`` with no forward hooks runs :func:`fastformer.ops.linear`
-    instead (the same math; a CPU decoding step takes the C++ kernel). A replaced module (LoRA, a
-    quantized linear) or a hooked one is called as a module, so it behaves as it would in torch."""
-    if (type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
+def plain_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a plain ``nn.Linear`` that no hook watches, so its weight and bias may
+    be read directly by a fused op; a replaced module (LoRA, a quantized linear) or a hooked one
+    must be called as a module to behave as it would in torch."""
+    return (type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
             and not module._backward_hooks and not module._backward_pre_hooks
             and not _global_forward_hooks and not _global_forward_pre_hooks and not _global_backward_hooks
-            and not _global_backward_pre_hooks):
+            and not _global_backward_pre_hooks)
+
+
+def apply_linear(module: nn.Module, x: Tensor) -> Tensor:
+    """``module(x)``; a :func:`plain_linear` runs :func:`fastformer.ops.linear` instead (the same
+    math; a CPU decoding step takes the C++ kernel)."""
+    if plain_linear(module):
         return _ops.linear(x, module.weight, module.bias)
     return module(x)

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops.ffn import ACTIVATIONS
+from ..ops.ffn import ACTIVATIONS, _act_torch
+from ._fused import plain_linear
 
 # torch callables the fused epilogue reproduces exactly.
 _CALLABLES = {F.relu: "relu", F.gelu: "gelu", F.silu: "silu"}
@@ -53,8 +54,8 @@ class FeedForward(nn.Module):
         ``act(linear1(x))``, ``[a, b]`` being the two halves of ``linear1(x)``.
 
         A named activation or ``F.relu``/``F.gelu``/``F.silu`` runs :func:`fastformer.ops.feed_forward`
-        on ``linear1``'s and ``linear2``'s weights and biases; any other callable runs in plain torch,
-        calling the submodules. ``dropout`` applies in training mode only.
+        on ``linear1``'s and ``linear2``'s weights and biases; any other callable, or a replaced (LoRA,
+        quantized) or hooked ``linear1``/``linear2``, runs in plain torch, calling the submodules. ``dropout`` applies in training mode only.
 
         Args:
             x: ``(..., d_model)``.
@@ -64,13 +65,15 @@ class FeedForward(nn.Module):
         """
         p = self.dropout.p if self.training else 0.0
         name = self._activation_name()
-        if name is None:  # a custom callable: plain torch
+        if name is None or not (plain_linear(self.linear1) and plain_linear(self.linear2)):
+            # a custom callable, or a replaced (LoRA, quantized) or hooked linear: plain torch
+            act = self.activation if name is None else (lambda t: _act_torch(t, name))
             h = self.linear1(x)
             if self.gated:
                 a, b = h.chunk(2, dim=-1)
-                h = self.activation(a) * b
+                h = act(a) * b
             else:
-                h = self.activation(h)
+                h = act(h)
             return self.linear2(self.dropout(h))
         return ops.feed_forward(x, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
                                 name, dropout_p=p, gated=self.gated)

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops.ffn import ACTIVATIONS
+from ..ops.ffn import ACTIVATIONS, _act_torch
+from ._fused import plain_linear
 
 # Activation classes and callables the fused epilogue reproduces exactly, by the name it takes.
 _BY_CALLABLE = {F.relu: "relu", F.gelu: "gelu", F.silu: "silu"}
@@ -74,7 +75,8 @@ class Mlp(nn.Module):
         ``act(fc1(x))``, ``[a, b]`` being the two halves of ``fc1(x)``.
 
         Runs :func:`fastformer.ops.feed_forward` on ``fc1``'s and ``fc2``'s weights and biases
-        (the submodules are not called).
+        when both are plain ``nn.Linear`` without hooks; a replaced (LoRA, quantized) or hooked
+        ``fc1``/``fc2`` is called as a module, as in timm's ``Mlp``.
         ``drop`` applies in training mode only.
 
         Args:
@@ -83,6 +85,14 @@ class Mlp(nn.Module):
         Returns:
             ``(..., out_features)``.
         """
+        if not (plain_linear(self.fc1) and plain_linear(self.fc2)):
+            h = self.fc1(x)
+            if self.gated:
+                a, b = h.chunk(2, dim=-1)
+                h = _act_torch(a, self.act_name) * b
+            else:
+                h = _act_torch(h, self.act_name)
+            return self.drop(self.fc2(self.drop(h)))
         p = self.drop.p if self.training else 0.0
         y = ops.feed_forward(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.act_name,
                              dropout_p=p, gated=self.gated)
