@@ -133,3 +133,18 @@ def test_bad_arguments():
         ffnn.Attention(DIM, HEADS, alibi=True, alibi_slopes=torch.ones(HEADS))
     with pytest.raises(TypeError, match="alibi_slopes"):
         ffnn.Attention(DIM, HEADS, alibi_slopes=[1.0] * HEADS)
+
+
+def test_attn_mask_on_a_decoding_step_is_refused():
+    """A decoding step runs decode_attention, which takes no mask: an attn_mask there (say a
+    padding mask for batched generation) was silently ignored; it now raises, naming it. The
+    prefill still takes one."""
+    m = ffnn.Attention(DIM, HEADS).eval()
+    x = torch.randn(2, 6, DIM)
+    cache = ffnn.KVCache(1, 2, m.num_kv_heads, 10, m.head_dim)
+    with torch.no_grad():
+        m(x[:, :5], attn_mask=torch.ones(5, 5, dtype=torch.bool).tril(), cache=cache)
+        cache.advance(5)
+        with pytest.raises(ValueError, match="attn_mask"):
+            m(x[:, 5:], attn_mask=torch.ones(1, 6, dtype=torch.bool), cache=cache)
+        m(x[:, 5:], is_causal=True, cache=cache)  # without one, the step runs

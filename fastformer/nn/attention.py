@@ -156,8 +156,8 @@ class Attention(nn.Module):
                 (``attn_mask``, ``is_causal`` as given) and its keys/values are written to the cache.
                 Once it holds earlier tokens (decoding), the new keys/values are written at
                 ``cache.length`` and the ``N`` queries attend over all ``cache.length + N`` entries
-                (:func:`fastformer.decode_attention`, causal bottom-right, whatever ``attn_mask`` /
-                ``is_causal``).
+                (:func:`fastformer.decode_attention`, causal bottom-right, whatever ``is_causal``;
+                an ``attn_mask`` there is refused, as it cannot be applied).
                 ``cache.length`` is not advanced here: call :meth:`KVCache.advance` once every layer wrote.
             layer: this layer's index in ``cache``.
             positions: rotary positions ``(N,)`` or ``(B, N)``; default ``cache.length + arange(N)``
@@ -171,6 +171,7 @@ class Attention(nn.Module):
 
         Raises:
             ``RuntimeError`` from :meth:`KVCache.write` when the cache cannot hold ``N`` more tokens;
+            ``ValueError`` naming ``attn_mask`` when one is given on a decoding step;
             errors of :func:`fastformer.scaled_dot_product_attention` for an ``attn_mask`` it rejects.
         """
         B, N, _ = x.shape
@@ -200,6 +201,10 @@ class Attention(nn.Module):
             q, k = rotary(q, k, positions)
         variant = self._variant(x.device)
         if cache is not None and cache.length > 0:  # decoding: the new tokens attend over the cache
+            if attn_mask is not None:  # decode_attention takes no mask: ignoring it would be silently wrong
+                raise ValueError("Attention: attn_mask cannot be applied on a decoding step (a cache that already "
+                                 "holds tokens): the new tokens attend over every cached entry, causal "
+                                 "bottom-right; pass attn_mask=None (e.g. trim padding instead)")
             k_all, v_all = cache.write(layer, k, v)
             # Bottom-right aligned: the window and ALiBi's distances count from each new token's position.
             out = ops.decode_attention(q, k_all, v_all, cache.length + N, self.scale, **variant)
