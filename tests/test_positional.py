@@ -108,6 +108,8 @@ def test_sinusoidal_torch_path_and_module():
         enc(x, offset=15)
     with pytest.raises(ValueError, match="d_model"):
         enc(torch.randn(2, 9, 8))
+    with pytest.raises(ValueError, match=r"\(\.\.\., L, d_model\)"):  # was a bare IndexError from shape[-2]
+        enc(torch.randn(16))
     with pytest.raises(ValueError, match="offset"):
         ops.add_sinusoidal_positions(x, -1)
 

@@ -44,10 +44,12 @@ class SinusoidalPositionalEncoding(nn.Module):
             A new tensor shaped like ``x``, in ``x``'s dtype.
 
         Raises:
-            ValueError: ``x``'s last dim is not ``d_model``, ``offset + L`` exceeds ``max_len``, or
-                ``offset`` is not an int ``>= 0``.
+            ValueError: ``x`` has fewer than 2 dims, its last dim is not ``d_model``, ``offset + L``
+                exceeds ``max_len``, or ``offset`` is not an int ``>= 0``.
             TypeError: ``x`` is not floating point.
         """
+        if x.dim() < 2:  # (L, d_model) at least: a bare (d_model,) has no sequence dim
+            raise ValueError(f"SinusoidalPositionalEncoding: x must be (..., L, d_model), got shape {tuple(x.shape)}")
         if x.shape[-1] != self.d_model:
             raise ValueError(f"SinusoidalPositionalEncoding: x's last dim {x.shape[-1]} != d_model {self.d_model}")
         if self.max_len is not None and offset + x.shape[-2] > self.max_len:
