@@ -344,11 +344,15 @@ static inline float keep_product(float x, float c) {
 // log2 domain (round(s * scale * log2 e) - shift), the backward's weights carried an error
 // common to the row at |scores| ~ 100 (lse through ln 2 and back, and the max's rounding at
 // 1.44x the magnitude), and dV = P^T dO with it: up to 7.6x the error rule's bound
-// (tests/test_replayed_bug_reports.py, test_large_scores_backward).
+// (tests/test_replayed_bug_reports.py, test_large_scores_dv).
 static inline float row_lse(const Problem& p, float ms, float l) {
   if (raw_scores(p)) return keep_product(ms, p.scale) + std::log2(l) * kLn2;
   return (ms + std::log2(l)) * kLn2;  // scores already in the log2 domain (exp_scale 1)
 }
+
+// row_lse's inverse for the backward's exp pass: the shift it subtracts, in the units of
+// round(s * exp_scale): lse itself for raw scores, lse * log2(e) for log2-domain ones.
+static inline float lse_shift(const Problem& p, float lse) { return raw_scores(p) ? lse : lse * kLog2e; }
 
 #ifdef FF_HAS_BF16
 // The bf16 kernels' operands: 16 floats rounded to bf16 (nearest even) at y.
@@ -446,7 +450,7 @@ static inline void backward_tile_rows(const Problem& p, const float* lse_all, co
   thread_local std::vector<float> cap_deriv;  // one row's 1 - tanh(scale * qk / softcap)^2
   if (p.softcap && (int64_t)cap_deriv.size() < npad) cap_deriv.resize(npad);
   float* T = p.softcap ? cap_deriv.data() : nullptr;
-  const float c = exp_scale(p);
+  const float c = exp_scale(p), k = exp_units(p);
   for (int64_t r = 0; r < mq; ++r) {
     const int64_t i = i0 + r;
     float* s = SP + r * BK;
@@ -459,10 +463,7 @@ static inline void backward_tile_rows(const Problem& p, const float* lse_all, co
     }
     score_row(p, b, h, i, j0, n, npad, s, T);
     mask_row(p, b, h, i, j0, n, s);
-    if (raw_scores(p))
-      exp2_row(s, npad, c, lse, kLog2e);  // P = exp(round(s * scale) - lse), see row_lse
-    else
-      exp2_row(s, npad, 1.f, lse * kLog2e, 1.f);  // log2-domain scores: P = 2^(s - lse log2(e))
+    exp2_row(s, npad, c, lse_shift(p, lse), k);  // P = exp(scores - lse), see row_lse
     const float delta = delta_all[bh * p.L + i];
     if (p.dropout.on) {
       const DropoutSpec& dr = p.dropout;
