@@ -311,3 +311,22 @@ def test_compiles_without_graph_breaks():
         q = torch.randn(S, B, D)
         compiled_mha = torch.compile(mha, backend="aot_eager", fullgraph=True)
         torch.testing.assert_close(compiled_mha(q, q, q)[0], mha(q, q, q)[0])
+
+
+def test_replaced_linear1_is_called_in_training():
+    """The layers' feed-forward (``nn._fused.linear_act``) calls a replaced or hooked ``linear1``
+    as a module, as torch's ``_ff_block`` does (it read ``linear1.weight``, skipping both)."""
+    import fastformer.nn as fnn
+
+    torch.manual_seed(0)
+    layer = fnn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True).train()
+    x = torch.randn(2, 5, 16)
+    plain = layer(x)
+    handle = layer.linear1.register_forward_hook(lambda mod, inp, out: out + 1.0)
+    hooked = layer(x)
+    handle.remove()
+    ref = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True).train()
+    ref.load_state_dict(layer.state_dict())
+    ref.linear1.register_forward_hook(lambda mod, inp, out: out + 1.0)
+    torch.testing.assert_close(hooked, ref(x))
+    assert not torch.allclose(hooked, plain)

@@ -86,17 +86,6 @@ def add_layer_norm(
     return (out, total) if return_residual else out
 
 
-def linear_act(x: Tensor, linear: nn.Linear, activation: Union[str, Callable]) -> Tensor:
-    """``activation(linear(x))``, fused into the GEMM when the activation is relu/gelu."""
-    name = activation_name(activation)
-    if name is not None and _fused_linear_act is not None:
-        return _fused_linear_act(x, linear.weight, linear.bias, name)
-    h = _ops.linear(x, linear.weight, linear.bias)
-    if name is not None:
-        return F.relu(h) if name == "relu" else F.gelu(h)
-    return activation(h)
-
-
 def plain_linear(module: nn.Module) -> bool:
     """Whether ``module`` is a plain ``nn.Linear`` that no hook watches, so its weight and bias may
     be read directly by a fused op; a replaced module (LoRA, a quantized linear) or a hooked one
@@ -113,3 +102,31 @@ def apply_linear(module: nn.Module, x: Tensor) -> Tensor:
     if plain_linear(module):
         return _ops.linear(x, module.weight, module.bias)
     return module(x)
+
+
+def linear_act(x: Tensor, linear: nn.Module, activation: Union[str, Callable]) -> Tensor:
+    """``activation(linear(x))``, fused into the GEMM when the activation is relu/gelu and ``linear``
+    is a :func:`plain_linear` (a replaced or hooked one is called as a module, as torch's layers do)."""
+    name = activation_name(activation)
+    if name is not None and _fused_linear_act is not None and plain_linear(linear):
+        return _fused_linear_act(x, linear.weight, linear.bias, name)
+    h = apply_linear(linear, x)
+    if name is not None:
+        return F.relu(h) if name == "relu" else F.gelu(h)
+    return activation(h)
+
+
+def mlp_modules(x: Tensor, first: nn.Module, second: nn.Module, act: Callable, gated: bool,
+                dropout: nn.Module) -> Tensor:
+    """``second(dropout(act(first(x))))`` with the linears called as modules (gated: ``act(a) * b``
+    of ``first(x)``'s two halves): the MLPs' unfused form, for a custom activation or a replaced
+    (LoRA, quantized) or hooked linear that the fused op, reading ``.weight``, would bypass."""
+    h = first(x)
+    if gated:
+        a, b = h.chunk(2, dim=-1)
+        h = act(a) * b
+    else:
+        h = act(h)
+    return second(dropout(h))
+
+

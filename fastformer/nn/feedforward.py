@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops.ffn import ACTIVATIONS, _act_torch
-from ._fused import plain_linear
+from ._fused import mlp_modules, plain_linear
 
 # torch callables the fused epilogue reproduces exactly.
 _CALLABLES = {F.relu: "relu", F.gelu: "gelu", F.silu: "silu"}
@@ -68,13 +68,7 @@ class FeedForward(nn.Module):
         if name is None or not (plain_linear(self.linear1) and plain_linear(self.linear2)):
             # a custom callable, or a replaced (LoRA, quantized) or hooked linear: plain torch
             act = self.activation if name is None else (lambda t: _act_torch(t, name))
-            h = self.linear1(x)
-            if self.gated:
-                a, b = h.chunk(2, dim=-1)
-                h = act(a) * b
-            else:
-                h = act(h)
-            return self.linear2(self.dropout(h))
+            return mlp_modules(x, self.linear1, self.linear2, act, self.gated, self.dropout)
         return ops.feed_forward(x, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
                                 name, dropout_p=p, gated=self.gated)
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops.ffn import ACTIVATIONS, _act_torch
-from ._fused import plain_linear
+from ._fused import mlp_modules, plain_linear
 
 # Activation classes and callables the fused epilogue reproduces exactly, by the name it takes.
 _BY_CALLABLE = {F.relu: "relu", F.gelu: "gelu", F.silu: "silu"}
@@ -86,13 +86,8 @@ class Mlp(nn.Module):
             ``(..., out_features)``.
         """
         if not (plain_linear(self.fc1) and plain_linear(self.fc2)):
-            h = self.fc1(x)
-            if self.gated:
-                a, b = h.chunk(2, dim=-1)
-                h = _act_torch(a, self.act_name) * b
-            else:
-                h = _act_torch(h, self.act_name)
-            return self.drop(self.fc2(self.drop(h)))
+            act = lambda t: _act_torch(t, self.act_name)  # noqa: E731
+            return self.drop(mlp_modules(x, self.fc1, self.fc2, act, self.gated, self.drop))
         p = self.drop.p if self.training else 0.0
         y = ops.feed_forward(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.act_name,
                              dropout_p=p, gated=self.gated)
